@@ -1,0 +1,156 @@
+"""Settings: one class, read from CLIPDEX_* environment variables, validated at start.
+
+Nothing else in clipdex reads os.environ. The CLI builds one `Settings` (flags override the environment)
+and passes it down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "CLIPDEX_"
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a list, or a string separated by commas (and, for paths, the OS path separator)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace(os.pathsep, ",").split(",")]
+        return [p for p in parts if p]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of clipdex. The field descriptions are the documentation (README's table)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    # Storage
+    data_dir: Path = Field(Path("./clipdex-data"), description="Where the SQLite store and FAISS files live.")
+
+    # Model
+    model: str = Field("ViT-B-32", description="open_clip architecture name (`clipdex models` lists them).")
+    pretrained: str = Field(
+        "laion2b_s34b_b79k",
+        description="open_clip pretrained tag (downloaded once), a local checkpoint path, or `none` "
+        "for random weights (testing only).",
+    )
+    model_configs: Path | None = Field(None, description="A directory of extra open_clip model config JSONs.")
+    model_cache_dir: Path | None = Field(None, description="Where downloaded weights are cached.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses CUDA when present.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Model precision; `auto` is fp16 on CUDA and fp32 on the CPU."
+    )
+    query_cache_size: int = Field(1024, ge=0, description="Recent text queries whose embeddings are cached.")
+
+    # Indexer
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per micro-batch.")
+    max_batch_wait_ms: int = Field(
+        200, ge=0, le=60_000, description="How long a micro-batch waits to fill before it is embedded."
+    )
+    decode_workers: int = Field(
+        0, ge=0, le=256, description="Threads that fetch and decode images; 0 means one per CPU core."
+    )
+    fetch_retries: int = Field(3, ge=0, le=20, description="Retries of a transient fetch failure.")
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories that image paths may resolve under (comma-separated). The watched folder "
+        "is always allowed.",
+    )
+    allowed_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs may be fetched (comma-separated); empty means none.",
+    )
+    max_image_bytes: int = Field(50 * 2**20, ge=1024, description="Largest image file or download, in bytes.")
+    max_pixels: int = Field(
+        64_000_000, ge=1024, description="Largest image, in pixels; larger ones are refused before decoding."
+    )
+    kafka_bootstrap_servers: str | None = Field(None, description="Kafka bootstrap servers, host:port.")
+    kafka_topic: str | None = Field(None, description="Topic of catalog change events.")
+    kafka_group: str = Field("clipdex-indexer", description="Kafka consumer group.")
+    kafka_dlq_topic: str | None = Field(None, description="Topic that dead letters are also published to.")
+
+    # Index
+    index_kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="Main index type; `auto` is flat below ann_threshold vectors, else IVF."
+    )
+    ann_threshold: int = Field(200_000, ge=1, description="Vectors at which `auto` switches to an ANN index.")
+    ivf_nlist: int | None = Field(None, ge=1, description="IVF lists; default about 4*sqrt(n).")
+    ivf_nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query; default nlist/16.")
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth.")
+    compact_delta_size: int = Field(20_000, ge=1, description="Compact when the delta index holds this many vectors.")
+    compact_max_age_s: float = Field(
+        600.0, gt=0, description="Compact when the oldest uncompacted vector is this old (seconds)."
+    )
+    refresh_interval_ms: int = Field(
+        250, ge=10, le=60_000, description="How often a query process reads new vectors from the store."
+    )
+    faiss_gpu: bool = Field(False, description="Search a GPU copy of the index (needs faiss-gpu and a GPU).")
+    vector_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="How embeddings are stored in SQLite; float16 halves the disk use."
+    )
+
+    # Server
+    host: str = Field("127.0.0.1", description="Address the HTTP/MCP server binds.")
+    port: int = Field(8765, ge=0, le=65535, description="Port of the HTTP/MCP server.")
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token for /mcp and the HTTP API; required to bind a non-loopback address."
+    )
+    max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="Largest HTTP request body, in bytes.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @field_validator("allowed_roots", "allowed_url_hosts", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("allowed_url_hosts")
+    @classmethod
+    def _hosts_lower(cls, value: list[str]) -> list[str]:
+        return [h.lower() for h in value]
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a pretrained tag, a checkpoint path, or `none`")
+        return value.strip()
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained.lower() == "none"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "clipdex.sqlite3"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment, apply overrides (CLI flags; None means 'not given'), validate.
+
+    Raises ConfigError naming every invalid CLIPDEX_* variable.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"{env_name(field)}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from exc

@@ -1,0 +1,95 @@
+"""The one exception tree of clipdex.
+
+    ClipdexError
+    ├── ConfigError              a setting is invalid; raised at start, names the variable
+    ├── ModelError               the CLIP model cannot be loaded
+    │   ├── UnknownModelError    no such open_clip architecture
+    │   ├── CheckpointNotFound   CLIPDEX_PRETRAINED names a file that does not exist
+    │   └── ModelDownloadError   a hub download failed (offline?)
+    ├── StoreError               the SQLite store itself failed (disk full, locked): stop, do not commit
+    │   └── ModelMismatchError   the store was built with another model
+    ├── ItemError                one item cannot be indexed or used; the others go on
+    │   ├── InvalidEvent         a catalog event that does not match the schema
+    │   ├── ImageRejected        not an image, corrupt, truncated, too many bytes or pixels
+    │   ├── PathNotAllowed       a path outside the allowed roots (traversal, symlink escape)
+    │   ├── HostNotAllowed       a URL whose host is not allowlisted
+    │   ├── SourceNotFound       the file or URL does not exist
+    │   └── FetchFailed          a transient fetch failure (timeout, HTTP 5xx): retriable
+    ├── NotFound                 an unknown item id
+    └── InvalidRequest           a search argument out of range or missing
+
+Each class says whether retrying the same operation may succeed (`retriable`), in the manner of aiokafka's
+errors. Third-party errors are wrapped where they enter clipdex, with `raise ... from exc`.
+"""
+
+from __future__ import annotations
+
+
+class ClipdexError(Exception):
+    """Base of every error clipdex raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(ClipdexError):
+    """A setting is invalid. The message names the CLIPDEX_* variable to fix."""
+
+
+class ModelError(ClipdexError):
+    """The CLIP model cannot be loaded."""
+
+
+class UnknownModelError(ModelError):
+    pass
+
+
+class CheckpointNotFound(ModelError):
+    pass
+
+
+class ModelDownloadError(ModelError):
+    pass
+
+
+class StoreError(ClipdexError):
+    """The store itself failed. The indexer stops without committing its source position."""
+
+
+class ModelMismatchError(StoreError):
+    pass
+
+
+class ItemError(ClipdexError):
+    """One item cannot be processed. It is dead-lettered; the rest of its batch goes on."""
+
+
+class InvalidEvent(ItemError):
+    pass
+
+
+class ImageRejected(ItemError):
+    pass
+
+
+class PathNotAllowed(ItemError):
+    pass
+
+
+class HostNotAllowed(ItemError):
+    pass
+
+
+class SourceNotFound(ItemError):
+    pass
+
+
+class FetchFailed(ItemError):
+    retriable = True
+
+
+class NotFound(ClipdexError):
+    """An item id that the store does not hold."""
+
+
+class InvalidRequest(ClipdexError):
+    """A search request with a bad argument (top_k out of range, an empty query, ...)."""

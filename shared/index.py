@@ -1,0 +1,422 @@
+"""FAISS main + delta indexes, derived from the store (like Milvus sealed and growing segments).
+
+- main: built from the live vectors up to a high-water mark, saved as `index/main-<generation>.faiss`
+  (temporary file, fsync, atomic rename, then the generation is recorded in SQLite). Flat below a size
+  threshold, IVF (or HNSW) above it.
+- delta: an in-memory flat index of the live vectors above the high-water mark, which every query process
+  keeps current by following the store's change counter (`LiveIndex.refresh`).
+- tombstones: vector ids deleted since main was built, dropped at search time (oversample, then drop) and
+  purged from main by the next compaction (`compact`).
+
+Searches run while a refresh or a compaction runs: a new main is built aside and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from shared.config import Settings
+from shared.errors import StoreError
+from shared.store import Store
+from shared.types import Embedding
+
+logger = logging.getLogger(__name__)
+
+Candidates = list[tuple[int, float]]  # (vector_id, score), best first
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    kind: str  # auto | flat | ivf | hnsw
+    ann_threshold: int
+    ivf_nlist: int | None
+    ivf_nprobe: int | None
+    hnsw_m: int
+    hnsw_ef_search: int
+    compact_delta_size: int
+    compact_max_age_s: float
+    use_gpu: bool = False
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> IndexParams:
+        return cls(
+            s.index_kind,
+            s.ann_threshold,
+            s.ivf_nlist,
+            s.ivf_nprobe,
+            s.hnsw_m,
+            s.hnsw_ef_search,
+            s.compact_delta_size,
+            s.compact_max_age_s,
+            s.faiss_gpu,
+        )
+
+    def choose_kind(self, n: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if n < self.ann_threshold else "ivf"
+
+    def nlist(self, n: int) -> int:
+        if self.ivf_nlist:
+            return self.ivf_nlist
+        # ~4*sqrt(n), and at least 39 training points per list so k-means is meaningful
+        return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+    def nprobe(self, nlist: int) -> int:
+        return self.ivf_nprobe or max(8, nlist // 32)
+
+
+# -- building, saving and loading a main index ----------------------------------------------------------------
+
+
+def new_index(kind: str, dim: int, params: IndexParams, train: Embedding | None = None) -> Any:
+    """An empty index that takes explicit ids and scores by inner product (cosine on unit vectors)."""
+    if kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = max(40, 2 * params.hnsw_m)
+        hnsw.hnsw.efSearch = params.hnsw_ef_search
+        return faiss.IndexIDMap2(hnsw)
+    if kind == "ivf":
+        assert train is not None and len(train) > 0, "an IVF index needs training vectors"
+        nlist = params.nlist(len(train))
+        quantizer = faiss.IndexFlatIP(dim)
+        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(np.ascontiguousarray(train))
+        ivf.nprobe = params.nprobe(nlist)
+        ivf.own_fields = True
+        ivf.quantizer_ref = quantizer  # type: ignore[attr-defined]  # keeps the quantizer alive
+        return ivf
+    raise ValueError(f"unknown index kind {kind!r}")
+
+
+def index_kind(index: Any) -> str:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivf"
+    return "flat"
+
+
+def tune(index: Any, params: IndexParams) -> None:
+    """Apply search-time parameters after a load."""
+    kind = index_kind(index)
+    if kind == "ivf":
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = params.nprobe(ivf.nlist)
+    elif kind == "hnsw":
+        hnsw: Any = faiss.downcast_index(index.index)
+        hnsw.hnsw.efSearch = params.hnsw_ef_search
+
+
+def main_path(index_dir: Path, generation: int) -> Path:
+    return index_dir / f"main-{generation}.faiss"
+
+
+def write_main(index: Any, index_dir: Path, generation: int) -> Path:
+    """Write atomically: a reader sees the old file or the whole new one, never a half-written one."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    final = main_path(index_dir, generation)
+    tmp = final.with_suffix(".faiss.tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(index_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def read_main(index_dir: Path, generation: int) -> Any:
+    return faiss.read_index(str(main_path(index_dir, generation)))
+
+
+def build_from_store(store: Store, params: IndexParams, dim: int, upto: int) -> Any:
+    """A main index of every live vector up to `upto`, read from the store (the truth)."""
+    ids_parts, vec_parts = [], []
+    for ids, vecs in store.live_vectors(upto=upto):
+        ids_parts.append(ids)
+        vec_parts.append(vecs)
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+    vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, dim), np.float32)
+    kind = params.choose_kind(len(ids))
+    if kind == "ivf" and len(ids) == 0:
+        kind = "flat"
+    index = new_index(kind, dim, params, train=_training_sample(vecs) if kind == "ivf" else None)
+    if len(ids):
+        index.add_with_ids(vecs, ids)
+    return index
+
+
+def _training_sample(vecs: Embedding, per_list: int = 64, max_points: int = 262_144) -> Embedding:
+    if len(vecs) <= max_points:
+        return vecs
+    rng = np.random.default_rng(0)
+    return vecs[rng.choice(len(vecs), size=max_points, replace=False)]
+
+
+# -- the live index of one query process --------------------------------------------------------------------
+
+
+@dataclass
+class _Main:
+    index: Any
+    generation: int
+    high_water: int
+
+
+class LiveIndex:
+    """Main + delta + tombstones, kept current from the store. Thread-safe: `search` may run in many
+    threads while `refresh` runs in another."""
+
+    def __init__(self, store: Store, dim: int, params: IndexParams, index_dir: Path) -> None:
+        self.store = store
+        self.dim = dim
+        self.params = params
+        self.index_dir = index_dir
+        self._lock = threading.Lock()  # guards delta, tombstones and the swap of main
+        self._main = _Main(new_index("flat", dim, params), -1, 0)
+        self._delta: Any = new_index("flat", dim, params)
+        self._tombstones: set[int] = set()
+        self._seq = -1
+        self.refreshed_at = 0.0
+
+    # -- keeping current ------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Pick up a new main generation, new vectors and tombstones. Cheap when nothing changed."""
+        meta = self.store.index_meta()
+        if meta.generation != self._main.generation:
+            self._reload(meta.generation, meta.high_water, meta.main_seq)
+        elif meta.seq != self._seq:
+            changes = self.store.changes_since(self._seq)
+            with self._lock:
+                if len(changes.tombstoned_ids):
+                    self._tombstones.update(int(v) for v in changes.tombstoned_ids)
+                    self._delta.remove_ids(changes.tombstoned_ids)
+                fresh = changes.added_ids > self._main.high_water
+                if fresh.any():
+                    self._delta.add_with_ids(changes.added[fresh], changes.added_ids[fresh])
+                self._seq = changes.seq
+        self.refreshed_at = time.time()
+
+    def _reload(self, generation: int, high_water: int, main_seq: int) -> None:
+        """Load main (or rebuild it from the store), then a fresh delta and tombstones, and swap."""
+        index = self._load_main(generation, high_water)
+        tune(index, self.params)
+        if self.params.use_gpu:
+            index = to_gpu(index)
+        delta = new_index("flat", self.dim, self.params)
+        with self.store.read():  # one snapshot, so the next refresh neither misses nor repeats a change
+            seq = self.store.index_meta().seq
+            for ids, vecs in self.store.live_vectors(above=high_water):
+                delta.add_with_ids(vecs, ids)
+            tombstones = {int(v) for v in self.store.tombstoned_ids(upto=high_water, after_seq=main_seq)}
+        with self._lock:
+            self._main = _Main(index, generation, high_water)
+            self._delta = delta
+            self._tombstones = tombstones
+            self._seq = seq
+        logger.info(
+            "loaded main generation %d (%d vectors, %s); delta %d",
+            generation,
+            index.ntotal,
+            index_kind(index),
+            delta.ntotal,
+        )
+
+    def _load_main(self, generation: int, high_water: int) -> Any:
+        if generation == 0:
+            return new_index("flat", self.dim, self.params)
+        try:
+            index = read_main(self.index_dir, generation)
+            if index.d != self.dim:
+                raise ValueError(f"dimension {index.d}, expected {self.dim}")
+            return index
+        except (RuntimeError, ValueError, OSError) as exc:
+            logger.warning(
+                "main index generation %d at %s is missing or corrupt (%s); rebuilding it from the store",
+                generation,
+                main_path(self.index_dir, generation),
+                exc,
+            )
+            return build_from_store(self.store, self.params, self.dim, upto=high_water)
+
+    # -- searching ------------------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        with self._lock:
+            return int(self._main.index.ntotal + self._delta.ntotal - len(self._tombstones))
+
+    @property
+    def delta_size(self) -> int:
+        with self._lock:
+            return int(self._delta.ntotal)
+
+    @property
+    def generation(self) -> int:
+        return self._main.generation
+
+    def search(self, query: Embedding, k: int) -> Candidates:
+        """The k best live vectors for one query, best first."""
+        query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        with self._lock:
+            main, tombstones = self._main, frozenset(self._tombstones)
+            found = _search(self._delta, query, k)
+        total = int(main.index.ntotal)
+        fetch = k + min(len(tombstones), 4 * k)
+        while True:  # oversample, drop tombstones; widen until k survive or main is exhausted
+            fetch = min(fetch, total)
+            live = [c for c in _search(main.index, query, fetch) if c[0] not in tombstones]
+            if len(live) >= k or fetch >= total:
+                break
+            fetch *= 4
+        found += live
+        found.sort(key=lambda c: -c[1])
+        return found[:k]
+
+
+def _search(index: Any, query: Embedding, k: int) -> Candidates:
+    k = min(k, int(index.ntotal))
+    if k <= 0:
+        return []
+    scores, ids = index.search(query, k)
+    return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+
+def to_gpu(index: Any) -> Any:
+    """A GPU copy for searching, when faiss-gpu and a GPU are present; otherwise the index itself."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        logger.warning("CLIPDEX_FAISS_GPU is set but faiss has no GPU here; searching on the CPU")
+        return index
+    resources = faiss.StandardGpuResources()
+    gpu: Any = faiss.index_cpu_to_gpu(resources, 0, index)
+    gpu.referenced_resources = resources
+    return gpu
+
+
+# -- compaction (the writer's side) --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    generation: int
+    vectors: int
+    kind: str
+    rebuilt: bool
+    purged: int
+    seconds: float
+
+
+def needs_compaction(store: Store, params: IndexParams) -> bool:
+    meta = store.index_meta()
+    delta = store.delta_size(meta.high_water)
+    if delta >= params.compact_delta_size:
+        return True
+    age = store.oldest_uncompacted_age_s(meta.high_water)
+    return age is not None and age >= params.compact_max_age_s
+
+
+def compact(
+    store: Store,
+    params: IndexParams,
+    dim: int,
+    index_dir: Path,
+    *,
+    before_swap: Callable[[], None] | None = None,
+) -> CompactionResult:
+    """Fold the delta into a new main generation and purge tombstones.
+
+    A crash anywhere before the generation is recorded leaves the previous generation in force. A file
+    lock keeps two writers (the indexer and `clipdex compact`) from compacting at once.
+    """
+    started = time.monotonic()
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with open(index_dir / "compact.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        meta = store.index_meta()
+        upto, seq = store.snapshot_for_compaction()
+        base = _current_main(store, index_dir, dim, meta.generation)
+        if base is not None:
+            dead = store.tombstoned_ids(upto=meta.high_water)
+            if len(dead):
+                base.remove_ids(dead)
+            for ids, vecs in store.live_vectors(above=meta.high_water, upto=upto):
+                base.add_with_ids(vecs, ids)
+            if params.choose_kind(base.ntotal) != index_kind(base) or _ivf_outgrown(base, params):
+                base = None
+        rebuilt = base is None
+        if base is None:
+            base = build_from_store(store, params, dim, upto=upto)
+        generation = meta.generation + 1
+        write_main(base, index_dir, generation)
+        if before_swap is not None:
+            before_swap()
+        purged = store.record_generation(generation, upto, seq, index_kind(base))
+        _remove_old_generations(index_dir, keep={generation, meta.generation})
+    result = CompactionResult(
+        generation, int(base.ntotal), index_kind(base), rebuilt, purged, time.monotonic() - started
+    )
+    logger.info(
+        "compacted: generation %d, %d vectors (%s%s), %d tombstones purged, %.2f s",
+        result.generation,
+        result.vectors,
+        result.kind,
+        ", rebuilt" if rebuilt else "",
+        purged,
+        result.seconds,
+    )
+    return result
+
+
+def _current_main(store: Store, index_dir: Path, dim: int, generation: int) -> Any | None:
+    """The current main to extend in place, or None when it must be rebuilt from the store."""
+    if generation == 0:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    try:
+        index = read_main(index_dir, generation)
+    except (RuntimeError, OSError) as exc:
+        logger.warning("main generation %d unreadable (%s); rebuilding it from the store", generation, exc)
+        return None
+    if index_kind(index) == "hnsw" or index.d != dim:
+        return None  # HNSW cannot remove vectors
+    return index
+
+
+def _ivf_outgrown(index: Any, params: IndexParams) -> bool:
+    """An IVF trained when the collection was a quarter of its size has lists too long: retrain."""
+    if index_kind(index) != "ivf":
+        return False
+    return bool(params.nlist(int(index.ntotal)) > 2 * faiss.extract_index_ivf(index).nlist)
+
+
+def _remove_old_generations(index_dir: Path, keep: set[int]) -> None:
+    for path in index_dir.glob("main-*.faiss*"):
+        stem = path.name.split(".")[0]
+        try:
+            generation = int(stem.removeprefix("main-"))
+        except ValueError:
+            continue
+        if generation not in keep or path.name.endswith(".tmp"):
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise StoreError(f"cannot remove old index file {path}: {exc}") from exc

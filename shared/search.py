@@ -1,0 +1,105 @@
+"""Search by text, by image, or by a stored item's vector; results carry id, uri, score and metadata."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Set
+
+import numpy as np
+from PIL import Image
+
+from shared.embedder import Embedder
+from shared.errors import InvalidRequest, NotFound
+from shared.index import LiveIndex
+from shared.store import Store
+from shared.types import Embedding, Filters, Hit, IndexInfo, SearchResult
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 100
+
+
+class SearchService:
+    def __init__(self, store: Store, index: LiveIndex, embedder: Embedder) -> None:
+        self.store = store
+        self.index = index
+        self.embedder = embedder
+
+    def search_text(
+        self, query: str, top_k: int = 10, filters: Filters | None = None, min_score: float | None = None
+    ) -> SearchResult:
+        if not query or not query.strip():
+            raise InvalidRequest("the query is empty: describe the images you are looking for")
+        _check_top_k(top_k)
+        text = self.embedder.encode_text(query.strip())
+        hits = self.search_vector(text.vector, top_k, filters, min_score)
+        return SearchResult(hits, self.info(), query_truncated=text.truncated)
+
+    def search_image(
+        self, image: Image.Image, top_k: int = 10, filters: Filters | None = None, min_score: float | None = None
+    ) -> SearchResult:
+        _check_top_k(top_k)
+        vector = self.embedder.encode_images([image])[0]
+        return SearchResult(self.search_vector(vector, top_k, filters, min_score), self.info())
+
+    def similar_to_item(
+        self, item_id: str, top_k: int = 10, filters: Filters | None = None, min_score: float | None = None
+    ) -> SearchResult:
+        """Items like a stored one, by its stored vector (no model call), without the item itself."""
+        _check_top_k(top_k)
+        stored = self.store.item_vector(item_id)
+        if stored is None:
+            item = self.store.get_item(item_id)
+            if item is None:
+                raise NotFound(f"no item with id {item_id!r}")
+            raise NotFound(f"item {item_id!r} has no vector (status {item.status}: {item.reason})")
+        _, vector = stored
+        hits = self.search_vector(vector, top_k, filters, min_score, exclude={item_id})
+        return SearchResult(hits, self.info())
+
+    def search_vector(
+        self,
+        vector: Embedding,
+        top_k: int,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+        exclude: Set[str] = frozenset(),
+    ) -> list[Hit]:
+        """The top_k live items by cosine similarity that pass the filters, best first."""
+        filters = filters or Filters()
+        selective = not filters.empty or bool(exclude)
+        fetch = top_k * 4 + len(exclude) if selective else top_k
+        vector = np.asarray(vector, dtype=np.float32)
+        while True:  # widen the candidate list until top_k pass the filters or candidates run out
+            candidates = self.index.search(vector, fetch)
+            items = self.store.items_for_vectors([vid for vid, _ in candidates])
+            hits: list[Hit] = []
+            below_min = False
+            for vid, score in candidates:
+                if min_score is not None and score < min_score:
+                    below_min = True
+                    break
+                item = items.get(vid)
+                if item is None or item.id in exclude or not filters.matches(item):
+                    continue  # deleted since the index last refreshed, or filtered out
+                hits.append(Hit(item.id, item.uri, score, item.metadata))
+                if len(hits) == top_k:
+                    return hits
+            if below_min or len(candidates) < fetch:
+                return hits
+            fetch *= 4
+
+    def info(self) -> IndexInfo:
+        stats = self.store.stats()
+        return IndexInfo(
+            items=stats.items,
+            vectors=self.index.size,
+            delta_size=self.index.delta_size,
+            generation=self.index.generation,
+            newest_indexed_at=stats.newest_indexed_at,
+        )
+
+
+def _check_top_k(top_k: int) -> None:
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidRequest(f"top_k must be between 1 and {MAX_TOP_K} (got {top_k})")

@@ -1,0 +1,597 @@
+"""The SQLite store: the source of truth. FAISS files are derived from it and can be rebuilt from it.
+
+Tables: `items` (one row per live or failed item), `vectors` (embeddings, with a tombstone flag and a
+change counter `seq` bumped on insert and on tombstone), `dead_letters`, and `meta` (model identity,
+main-index generation and high-water mark, the change counter).
+
+One writer (the indexer) applies each micro-batch in ONE transaction with `apply()`. Any number of
+readers, in this or other processes, follow `seq` to keep their delta index current (WAL mode lets them
+read while the writer writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import ModelMismatchError, StoreError
+from shared.types import Embedding, Item, Metadata, ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    sha256 TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL CHECK (status IN ('indexed', 'failed')),
+    reason TEXT,
+    version INTEGER,
+    vector_id INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_vector_id ON items(vector_id);
+CREATE TABLE IF NOT EXISTS vectors (
+    vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id TEXT NOT NULL,
+    sha256 TEXT,
+    embedding BLOB NOT NULL,
+    tombstoned INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vectors_seq ON vectors(seq);
+CREATE INDEX IF NOT EXISTS vectors_sha256 ON vectors(sha256);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    item_id TEXT,
+    payload TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL
+);
+"""
+
+
+# -- what a batch writes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """Index or update one item. `embedding=None` is a metadata-only update of an unchanged image."""
+
+    id: str
+    source: str
+    uri: str
+    sha256: str
+    metadata: Metadata
+    embedding: Embedding | None
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    id: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An item that could not be indexed. It is marked failed (an older good vector stays searchable)
+    and a dead letter keeps the raw event or path and the reason."""
+
+    source: str
+    payload: str
+    reason: str
+    id: str | None = None
+    uri: str | None = None
+    tries: int = 1
+
+
+@dataclass
+class ApplyResult:
+    indexed: int = 0
+    updated: int = 0  # metadata-only
+    deleted: int = 0
+    failed: int = 0
+    vector_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What the resolver needs to know about an item already stored."""
+
+    sha256: str | None
+    version: int | None
+    status: str
+    has_vector: bool
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    generation: int  # 0: no main index yet
+    high_water: int  # highest vector_id contained in main
+    main_seq: int  # the change counter when main was built
+    seq: int  # the change counter now
+
+
+@dataclass(frozen=True)
+class Changes:
+    seq: int
+    added_ids: np.ndarray  # int64
+    added: Embedding
+    tombstoned_ids: np.ndarray  # int64
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    source: str
+    item_id: str | None
+    payload: str
+    reason: str
+    tries: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    items: int
+    failed: int
+    vectors: int
+    dead_letters: int
+    tombstones: int
+    newest_indexed_at: datetime | None
+    last_compaction_at: datetime | None
+    meta: IndexMeta
+
+
+# -- the store ----------------------------------------------------------------------------------------------
+
+
+class Store:
+    """One connection, guarded by a lock, so one Store may be shared by the threads of a process."""
+
+    def __init__(self, path: Path, *, vector_dtype: str = "float32", readonly: bool = False) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            if not readonly:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                str(path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            with self._write():
+                self._create_schema()
+                self._set_default("schema_version", str(SCHEMA_VERSION))
+                self._set_default("vector_dtype", vector_dtype)
+                self._set_default("seq", "0")
+                self._set_default("generation", "0")
+                self._set_default("high_water", "0")
+                self._set_default("main_seq", "0")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store at {path}: {exc}") from exc
+        self.vector_dtype = np.dtype(self._meta("vector_dtype"))
+        if int(self._meta("schema_version")) != SCHEMA_VERSION:
+            raise StoreError(f"{path}: schema version {self._meta('schema_version')}, expected {SCHEMA_VERSION}")
+
+    def _create_schema(self) -> None:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store write failed ({self.path}): {exc}") from exc
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for several reads (WAL readers do not block the writer)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    yield self._db
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed ({self.path}): {exc}") from exc
+
+    def _meta(self, key: str) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise StoreError(f"store meta key {key!r} missing")
+        return str(row[0])
+
+    def _meta_opt(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def _set_default(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- model identity -------------------------------------------------------------------------------
+
+    def bind_model(self, identity: ModelIdentity) -> None:
+        """Record the model on first use; refuse any other model afterwards."""
+        with self._write():
+            stored = self._meta_opt("model")
+            if stored is None:
+                self._set_meta("model", json.dumps(identity.__dict__))
+                return
+        have = ModelIdentity(**json.loads(stored))
+        if have != identity:
+            raise ModelMismatchError(
+                f"the store at {self.path} was built with model {have.name} / {have.pretrained} "
+                f"(dim {have.dim}, weights {have.checksum[:12]}), but the configured model is "
+                f"{identity.name} / {identity.pretrained} (dim {identity.dim}, weights {identity.checksum[:12]}). "
+                "Embeddings of two models cannot be mixed: use another CLIPDEX_DATA_DIR, or the model "
+                "the store was built with."
+            )
+
+    def model_identity(self) -> ModelIdentity | None:
+        with self._lock:
+            stored = self._meta_opt("model")
+        return None if stored is None else ModelIdentity(**json.loads(stored))
+
+    # -- the write path -------------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        upserts: Sequence[Upsert] = (),
+        deletes: Sequence[Delete] = (),
+        failures: Sequence[Failure] = (),
+    ) -> ApplyResult:
+        """Write one micro-batch in one transaction: all of it is durable, or none of it."""
+        result = ApplyResult()
+        now = time.time()
+        with self._write() as db:
+            seq = int(self._meta("seq"))
+            for up in upserts:
+                row = db.execute("SELECT vector_id, sha256 FROM items WHERE id = ?", (up.id,)).fetchone()
+                old_vector = row[0] if row else None
+                if up.embedding is None:
+                    if old_vector is None or row[1] != up.sha256:
+                        raise StoreError(f"metadata-only update of {up.id!r}, which has no vector for that hash")
+                    vector_id = old_vector
+                    result.updated += 1
+                else:
+                    if old_vector is not None:
+                        seq += 1
+                        db.execute(
+                            "UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?",
+                            (seq, old_vector),
+                        )
+                    seq += 1
+                    cur = db.execute(
+                        "INSERT INTO vectors(item_id, sha256, embedding, seq, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (up.id, up.sha256, self._blob(up.embedding), seq, now),
+                    )
+                    vector_id = cur.lastrowid
+                    result.indexed += 1
+                    result.vector_ids.append(int(vector_id or 0))
+                db.execute(
+                    """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, vector_id,
+                                         created_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?, 'indexed', NULL, ?, ?, ?, ?)
+                       ON CONFLICT(id) DO UPDATE SET source = excluded.source, uri = excluded.uri,
+                           sha256 = excluded.sha256, metadata = excluded.metadata, status = 'indexed',
+                           reason = NULL, version = excluded.version, vector_id = excluded.vector_id,
+                           updated_at = excluded.updated_at""",
+                    (
+                        up.id,
+                        up.source,
+                        up.uri,
+                        up.sha256,
+                        json.dumps(up.metadata),
+                        up.version,
+                        vector_id,
+                        now,
+                        now,
+                    ),
+                )
+            for de in deletes:
+                row = db.execute("SELECT vector_id FROM items WHERE id = ?", (de.id,)).fetchone()
+                if row is None:
+                    continue
+                if row[0] is not None:
+                    seq += 1
+                    db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                db.execute("DELETE FROM items WHERE id = ?", (de.id,))
+                result.deleted += 1
+            for fail in failures:
+                self._record_failure(db, fail, now)
+                result.failed += 1
+            self._set_meta("seq", str(seq))
+        return result
+
+    def _record_failure(self, db: sqlite3.Connection, fail: Failure, now: float) -> None:
+        db.execute(
+            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (fail.source, fail.id, fail.payload, fail.reason, fail.tries, now),
+        )
+        if fail.id is None:
+            return
+        # A failed update keeps the item's older good vector live: nothing that was searchable is lost.
+        db.execute(
+            """INSERT INTO items(id, source, uri, status, reason, created_at, updated_at)
+               VALUES (?, ?, ?, 'failed', ?, ?, ?)
+               ON CONFLICT(id) DO UPDATE SET reason = excluded.reason, updated_at = excluded.updated_at,
+                   status = CASE WHEN items.vector_id IS NULL THEN 'failed' ELSE items.status END""",
+            (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now),
+        )
+
+    def _blob(self, embedding: Embedding) -> bytes:
+        return np.ascontiguousarray(embedding, dtype=self.vector_dtype).tobytes()
+
+    def _decode(self, blobs: Sequence[bytes]) -> Embedding:
+        if not blobs:
+            return np.zeros((0, 0), np.float32)
+        arr = np.frombuffer(b"".join(blobs), dtype=self.vector_dtype).reshape(len(blobs), -1)
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    # -- what the resolver asks --------------------------------------------------------------------------
+
+    def states(self, ids: Sequence[str]) -> dict[str, StoredState]:
+        out: dict[str, StoredState] = {}
+        with self.read() as db:
+            for chunk in _chunks(list(ids), 500):
+                marks = ",".join("?" * len(chunk))
+                for row in db.execute(
+                    f"SELECT id, sha256, version, status, vector_id FROM items WHERE id IN ({marks})", chunk
+                ):
+                    out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
+        return out
+
+    def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
+        """Stored embeddings of these contents (a renamed or copied file needs no model call)."""
+        out: dict[str, Embedding] = {}
+        with self.read() as db:
+            for chunk in _chunks(list(set(hashes)), 500):
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT sha256, embedding FROM vectors WHERE sha256 IN ({marks}) ORDER BY tombstoned",
+                    chunk,
+                ).fetchall()
+                for sha, blob in rows:
+                    if sha not in out:
+                        out[sha] = self._decode([blob])[0]
+        return out
+
+    # -- what readers ask ---------------------------------------------------------------------------------
+
+    def index_meta(self) -> IndexMeta:
+        with self._lock:
+            return IndexMeta(
+                generation=int(self._meta("generation")),
+                high_water=int(self._meta("high_water")),
+                main_seq=int(self._meta("main_seq")),
+                seq=int(self._meta("seq")),
+            )
+
+    def changes_since(self, seq: int) -> Changes:
+        """Vectors added and tombstoned after `seq`, read in one snapshot."""
+        with self.read() as db:
+            now_seq = int(self._meta("seq"))
+            rows = db.execute(
+                "SELECT vector_id, tombstoned, CASE WHEN tombstoned THEN NULL ELSE embedding END "
+                "FROM vectors WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (seq, now_seq),
+            ).fetchall()
+        added = [(r[0], r[2]) for r in rows if not r[1]]
+        dead = [r[0] for r in rows if r[1]]
+        return Changes(
+            seq=now_seq,
+            added_ids=np.array([a[0] for a in added], dtype=np.int64),
+            added=self._decode([a[1] for a in added]),
+            tombstoned_ids=np.array(dead, dtype=np.int64),
+        )
+
+    def live_vectors(
+        self, *, above: int = 0, upto: int | None = None, chunk: int = 50_000
+    ) -> Iterator[tuple[np.ndarray, Embedding]]:
+        """(ids, embeddings) of live vectors with above < vector_id <= upto, in chunks, by id."""
+        limit = upto if upto is not None else 2**62
+        last = above
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT vector_id, embedding FROM vectors WHERE tombstoned = 0 AND vector_id > ? "
+                    "AND vector_id <= ? ORDER BY vector_id LIMIT ?",
+                    (last, limit, chunk),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.array([r[0] for r in rows], dtype=np.int64), self._decode([r[1] for r in rows])
+
+    def tombstoned_ids(self, *, upto: int, after_seq: int = 0) -> np.ndarray:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vector_id FROM vectors WHERE tombstoned = 1 AND vector_id <= ? AND seq > ?",
+                (upto, after_seq),
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def snapshot_for_compaction(self) -> tuple[int, int]:
+        """(highest vector_id, change counter) at one instant."""
+        with self.read() as db:
+            max_id = db.execute("SELECT COALESCE(MAX(vector_id), 0) FROM vectors").fetchone()[0]
+            return int(max_id), int(self._meta("seq"))
+
+    def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
+        """Point readers at a new main index; purge the tombstones it no longer contains."""
+        with self._write() as db:
+            self._set_meta("generation", str(generation))
+            self._set_meta("high_water", str(high_water))
+            self._set_meta("main_seq", str(main_seq))
+            self._set_meta("main_kind", kind)
+            self._set_meta("last_compaction_at", str(time.time()))
+            cur = db.execute(
+                "DELETE FROM vectors WHERE tombstoned = 1 AND vector_id <= ? AND seq <= ?",
+                (high_water, main_seq),
+            )
+            return int(cur.rowcount)
+
+    # -- items -------------------------------------------------------------------------------------------
+
+    def get_item(self, item_id: str) -> Item | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else _item(row)
+
+    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
+        """Live items by their current vector. A tombstoned vector has no item, so never shows up."""
+        out: dict[int, Item] = {}
+        with self._lock:
+            for chunk in _chunks([int(v) for v in vector_ids], 500):
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks})", chunk):
+                    item = _item(row)
+                    assert item.vector_id is not None
+                    out[item.vector_id] = item
+        return out
+
+    def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT v.vector_id, v.embedding FROM items i JOIN vectors v ON v.vector_id = i.vector_id "
+                "WHERE i.id = ?",
+                (item_id,),
+            ).fetchone()
+        return None if row is None else (int(row[0]), self._decode([row[1]])[0])
+
+    def item_ids(self, source: str | None = None, prefix: str = "") -> dict[str, str | None]:
+        """id → sha256 of stored items (for reconciling a folder against the store)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, sha256 FROM items WHERE (? IS NULL OR source = ?) AND id >= ? AND id < ?",
+                (source, source, prefix, prefix + "\U0010ffff"),
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # -- dead letters and stats -------------------------------------------------------------------------
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, source, item_id, payload, reason, tries, created_at FROM dead_letters "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], _dt(r[6])) for r in rows]
+
+    def delete_dead_letters(self, ids: Sequence[int]) -> int:
+        with self._write() as db:
+            total = 0
+            for chunk in _chunks([int(i) for i in ids], 500):
+                marks = ",".join("?" * len(chunk))
+                total += db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", chunk).rowcount
+            return total
+
+    def stats(self) -> StoreStats:
+        with self.read() as db:
+            items = db.execute("SELECT COUNT(*) FROM items WHERE vector_id IS NOT NULL").fetchone()[0]
+            failed = db.execute("SELECT COUNT(*) FROM items WHERE status = 'failed'").fetchone()[0]
+            vectors, tombs = db.execute(
+                "SELECT COALESCE(SUM(1 - tombstoned), 0), COALESCE(SUM(tombstoned), 0) FROM vectors"
+            ).fetchone()
+            dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            newest = db.execute("SELECT MAX(created_at) FROM vectors").fetchone()[0]
+            last_compaction = self._meta_opt("last_compaction_at")
+        return StoreStats(
+            items=int(items),
+            failed=int(failed),
+            vectors=int(vectors),
+            dead_letters=int(dead),
+            tombstones=int(tombs),
+            newest_indexed_at=_dt(newest) if newest else None,
+            last_compaction_at=_dt(float(last_compaction)) if last_compaction else None,
+            meta=self.index_meta(),
+        )
+
+    def delta_size(self, high_water: int) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM vectors WHERE tombstoned = 0 AND vector_id > ?", (high_water,)
+            ).fetchone()
+        return int(row[0])
+
+    def oldest_uncompacted_age_s(self, high_water: int) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT MIN(created_at) FROM vectors WHERE vector_id > ?", (high_water,)).fetchone()
+        return None if row[0] is None else max(0.0, time.time() - float(row[0]))
+
+
+_ITEM_COLUMNS = "id, source, uri, sha256, metadata, status, reason, version, vector_id, created_at, updated_at"
+
+
+def _item(row: Sequence[Any]) -> Item:
+    return Item(
+        id=row[0],
+        source=row[1],
+        uri=row[2],
+        sha256=row[3],
+        metadata=json.loads(row[4]) if row[4] else {},
+        status=row[5],
+        reason=row[6],
+        version=row[7],
+        vector_id=row[8],
+        created_at=_dt(row[9]),
+        updated_at=_dt(row[10]),
+    )
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(float(ts), tz=UTC)
+
+
+def _chunks(values: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]

@@ -1,0 +1,65 @@
+"""Fixtures shared by every tier: a clean environment, a tiny random-weight CLIP, settings in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.config import Settings, load_settings
+from shared.embedder import Embedder, ModelSpec
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_CONFIGS = FIXTURES / "configs"
+TINY_MODEL = "clipdex-tiny"  # 32 px ViT, 1 layer, random weights: fast, meaningless results
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
+
+
+@pytest.fixture(autouse=True)
+def _scrub_clipdex_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("CLIPDEX_"):
+            monkeypatch.delenv(name)
+
+
+def tiny_settings_for(data_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "model": TINY_MODEL,
+        "pretrained": "none",
+        "model_configs": TINY_CONFIGS,
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@pytest.fixture
+def tiny_settings(tmp_path: Path) -> Settings:
+    return tiny_settings_for(tmp_path / "data", allowed_roots=[str(tmp_path)])
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder() -> Iterator[Embedder]:
+    embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32"))
+    embedder.load()
+    yield embedder
+    embedder.close()
+
+
+def tiny_env(data_dir: Path) -> dict[str, str]:
+    """Environment for a clipdex subprocess that uses the tiny model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")}
+    env.update(
+        CLIPDEX_DATA_DIR=str(data_dir),
+        CLIPDEX_MODEL=TINY_MODEL,
+        CLIPDEX_PRETRAINED="none",
+        CLIPDEX_MODEL_CONFIGS=str(TINY_CONFIGS),
+        CLIPDEX_DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
