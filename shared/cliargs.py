@@ -16,6 +16,8 @@ def add_setting_flag(parser: argparse.ArgumentParser, flag: str, field: str, **k
     text = kwargs.pop("help", None) or info.description or ""
     default = info.get_default(call_default_factory=True)
     shown = f", default: {default}" if default not in (None, [], "") and not kwargs.get("action") else ""
+    if "action" not in kwargs and "choices" not in kwargs:
+        kwargs.setdefault("metavar", field.upper())
     parser.add_argument(
         flag, dest=_PREFIX + field, default=None, help=f"{text} [env: {env_name(field)}{shown}]", **kwargs
     )
