@@ -1,0 +1,44 @@
+"""What a source hands the pipeline, and what the pipeline promises back.
+
+A source (Kafka, a folder) reads records, calls `await sink.write(records)`, and only after it returns
+commits its position: `write` returns once the batch is durable in the store. An invalid record is not
+an error of `write`: it becomes a dead letter and its position still moves on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from indexer.events import Event
+
+
+@dataclass(frozen=True)
+class Record:
+    source: str  # "kafka" | "folder"
+    raw: str  # the raw message or path, kept in the dead letter if this record fails
+    event: Event | None  # None when the message could not be parsed
+    error: str | None = None  # why it could not be parsed
+    position: object = None  # the source's own position (a Kafka (partition, offset), a file mtime, ...)
+
+
+@dataclass
+class BatchReport:
+    records: int = 0
+    indexed: int = 0  # new or changed images, embedded
+    unchanged: int = 0  # same content hash: metadata-only update, no model call
+    reused: int = 0  # content already embedded under another id (a rename): no model call
+    deleted: int = 0
+    skipped: int = 0  # older version than the stored one
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (id or raw, reason)
+    decode_ms: float = 0.0
+    embed_ms: float = 0.0
+    write_ms: float = 0.0
+
+
+class Sink(Protocol):
+    async def write(self, records: Sequence[Record]) -> BatchReport:
+        """Make the records durable (one store transaction per micro-batch); return when they are."""
+        ...
