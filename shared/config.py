@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         None, description="Bearer token for /mcp and the HTTP API; required to bind a non-loopback address."
     )
     max_upload_bytes: int = Field(20 * 2**20, ge=1024, description="Largest HTTP request body, in bytes.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra Host header values the server answers to (comma-separated, `name` or `name:port`), "
+        "e.g. the name clients use behind a proxy; the bound address and localhost always work. Other Host "
+        "headers are refused (DNS-rebinding protection).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
     @field_validator("allowed_roots", "allowed_url_hosts", mode="before")
@@ -111,7 +117,14 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("allowed_url_hosts")
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:  # not split on ':', which separates a host from its port
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("allowed_url_hosts", "allowed_hosts")
     @classmethod
     def _hosts_lower(cls, value: list[str]) -> list[str]:
         return [h.lower() for h in value]

@@ -275,6 +275,11 @@ class LiveIndex:
     def generation(self) -> int:
         return self._main.generation
 
+    @property
+    def seq(self) -> int:
+        """The store's change counter as of the last refresh (the store's own minus this is the lag)."""
+        return self._seq
+
     def search(self, query: Embedding, k: int) -> Candidates:
         """The k best live vectors for one query, best first."""
         query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
