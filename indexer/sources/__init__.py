@@ -1,0 +1,1 @@
+"""Where events come from: a Kafka topic (`kafka`) or a watched folder (`folder`)."""
