@@ -31,11 +31,13 @@ class BatchReport:
     reused: int = 0  # content already embedded under another id (a rename): no model call
     deleted: int = 0
     skipped: int = 0  # older version than the stored one
+    superseded: int = 0  # a later event for the same id in the same batch won
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (id or raw, reason)
     decode_ms: float = 0.0
     embed_ms: float = 0.0
     write_ms: float = 0.0
+    total_ms: float = 0.0
 
 
 class Sink(Protocol):

@@ -1,0 +1,267 @@
+"""The write path: a micro-batch of records in, one durable store transaction out (implements `Sink`).
+
+    records ─▶ resolve.plan ─▶ fetch + hash (pool, retries) ─▶ resolve.classify ─▶ decode ⇢ embed
+            (dedup, versions)  (transient errors retried        (unchanged / reused   (embed.py: overlapped,
+                                with backoff, then dead letters) / new)               model off the loop)
+            ─▶ store.apply: upserts + deletes + dead letters in ONE transaction ─▶ BatchReport
+
+`write` returns once the batch is durable, so the caller may then commit its source position. A bad item
+is a dead letter and never makes `write` raise; a `StoreError` does, and the caller must stop without
+committing (the batch replays, and a replay is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer.compaction import Compactor
+from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_and_hash
+from indexer.embed import decode_and_embed
+from indexer.records import BatchReport, Record
+from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan
+from shared.config import Settings
+from shared.embedder import Embedder
+from shared.errors import ItemError
+from shared.fetch import FetchPolicy, fetch_bytes
+from shared.store import Failure, Store, Upsert
+from shared.types import Embedding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    max_pixels: int
+    decode_workers: int = 2
+    fetch_workers: int = 8
+    embed_batch: int = 16  # images per model call; the decode of the next ones overlaps it
+    fetch_retries: int = 3
+    retry_backoff_s: float = 0.5  # doubled after each try
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineOptions:
+        workers = settings.decode_workers or os.cpu_count() or 2
+        return cls(
+            max_pixels=settings.max_pixels,
+            decode_workers=workers,
+            fetch_workers=max(8, 2 * workers),
+            # A quarter of the micro-batch, so that decoding overlaps the model for 3/4 of the batch;
+            # at least 16 so the model (a GPU above all) still gets real batches.
+            embed_batch=max(16, settings.batch_size // 4),
+            fetch_retries=settings.fetch_retries,
+        )
+
+
+class Pipeline:
+    """One writer. `write` calls are serialised; the model runs in one dedicated thread."""
+
+    def __init__(self, store: Store, embedder: Embedder, fetch: Fetch, options: PipelineOptions) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.options = options
+        self._fetch = fetch
+        self._decode = functools.partial(
+            decode_and_preprocess, max_pixels=options.max_pixels, preprocess=embedder.preprocess
+        )
+        self._fetch_pool = ThreadPoolExecutor(options.fetch_workers, thread_name_prefix="clipdex-fetch")
+        self._decode_pool = decode_pool(options.decode_workers)
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="clipdex-embed")
+        self._lock = asyncio.Lock()
+        self.model_calls = 0  # totals, for tests and benchmarks
+        self.images_embedded = 0
+
+    @classmethod
+    def from_settings(
+        cls, store: Store, embedder: Embedder, settings: Settings, *, roots: Sequence[Path] = ()
+    ) -> Pipeline:
+        """Paths may resolve under CLIPDEX_ALLOWED_ROOTS and `roots` (the watched folder)."""
+        policy = FetchPolicy.from_settings(settings, extra_roots=roots)
+        return cls(
+            store, embedder, functools.partial(fetch_bytes, policy=policy), PipelineOptions.from_settings(settings)
+        )
+
+    def close(self) -> None:
+        for pool in (self._fetch_pool, self._decode_pool, self._model_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- the sink -------------------------------------------------------------------------------------------
+
+    async def write(self, records: Sequence[Record]) -> BatchReport:
+        async with self._lock:
+            return await self._write(records)
+
+    async def _write(self, records: Sequence[Record]) -> BatchReport:
+        started = time.perf_counter()
+        report = BatchReport(records=len(records))
+        if not records:
+            return report
+        stored = await asyncio.to_thread(self.store.states, pending_ids(records))
+        batch = plan(records, stored)
+        report.skipped, report.superseded = len(batch.skipped), batch.superseded
+        failures = list(batch.invalid)
+
+        fetched: list[Fetched] = []
+        for outcome in await asyncio.gather(*(self._fetch_one(w) for w in batch.upserts)):
+            if isinstance(outcome, Fetched):
+                fetched.append(outcome)
+            else:
+                failures.append(outcome)
+        lookup = [f.sha256 for f in fetched if not _same_content(f)]
+        known = await asyncio.to_thread(self.store.embeddings_by_sha, lookup) if lookup else {}
+        sorted_ = classify(fetched, known)
+
+        vectors, decode_failures = await self._embed(sorted_, report)
+        upserts = [_upsert(f, None) for f in sorted_.unchanged]
+        upserts += [_upsert(f, vector) for f, vector in sorted_.reused]
+        for item in [*sorted_.to_embed, *sorted_.copies]:
+            if item.sha256 in vectors:
+                upserts.append(_upsert(item, vectors[item.sha256]))
+            else:
+                failures.append(_failure(item.work, decode_failures[item.sha256], item.tries))
+
+        write_started = time.perf_counter()
+        result = await asyncio.to_thread(self.store.apply, upserts, batch.store_deletes, failures)
+        report.write_ms = (time.perf_counter() - write_started) * 1000
+
+        report.indexed = result.indexed - len(sorted_.reused)
+        report.unchanged = len(sorted_.unchanged)
+        report.reused = len(sorted_.reused)
+        report.deleted = result.deleted
+        report.failed = len(failures)
+        report.failures = [(f.id or f.payload, f.reason) for f in failures]
+        report.total_ms = (time.perf_counter() - started) * 1000
+        logger.debug(
+            "wrote batch records=%d indexed=%d unchanged=%d reused=%d deleted=%d skipped=%d failed=%d "
+            "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f total_ms=%.0f",
+            report.records,
+            report.indexed,
+            report.unchanged,
+            report.reused,
+            report.deleted,
+            report.skipped,
+            report.failed,
+            report.decode_ms,
+            report.embed_ms,
+            report.write_ms,
+            report.total_ms,
+        )
+        return report
+
+    # -- stages ---------------------------------------------------------------------------------------------
+
+    async def _fetch_one(self, work: Work) -> Fetched | Failure:
+        """Read and hash one image; a transient failure is retried with backoff, then dead-lettered."""
+        loop = asyncio.get_running_loop()
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                data, sha = await loop.run_in_executor(self._fetch_pool, fetch_and_hash, self._fetch, work.uri)
+                return Fetched(work, data, sha, tries)
+            except ItemError as exc:
+                if not exc.retriable or tries > self.options.fetch_retries:
+                    return _failure(work, exc, tries)
+                delay = self.options.retry_backoff_s * 2 ** (tries - 1)
+                logger.info("%s: %s; try %d again in %.1f s", work.item_id, exc, tries + 1, delay)
+                await asyncio.sleep(delay)
+            except OSError as exc:  # an I/O error the fetcher did not name: the file may come back
+                return _failure(work, ItemError(f"cannot read {work.uri}: {exc}"), tries)
+
+    async def _embed(
+        self, sorted_: Classified, report: BatchReport
+    ) -> tuple[dict[str, Embedding], dict[str, ItemError]]:
+        """Embeddings of the new contents, by hash, and why the others could not be decoded."""
+        if not sorted_.to_embed:
+            return {}, {}
+        done = await decode_and_embed(
+            [(f.sha256, f.data) for f in sorted_.to_embed],
+            self._decode,
+            self.embedder.encode_images,
+            decode_pool=self._decode_pool,
+            model_pool=self._model_pool,
+            sub_batch=self.options.embed_batch,
+            pin_memory=self.embedder.device.type == "cuda",
+        )
+        report.decode_ms, report.embed_ms = done.decode_ms, done.embed_ms
+        self.model_calls += done.model_calls
+        self.images_embedded += len(done.vectors)
+        return done.vectors, done.failures
+
+
+def _same_content(item: Fetched) -> bool:
+    stored = item.work.stored
+    return stored is not None and stored.has_vector and stored.sha256 == item.sha256
+
+
+def _upsert(item: Fetched, vector: Embedding | None) -> Upsert:
+    work = item.work
+    return Upsert(
+        id=work.item_id,
+        source=work.record.source,
+        uri=work.uri,
+        sha256=item.sha256,
+        metadata=dict(work.event.metadata),
+        embedding=vector,
+        version=work.event.version,
+    )
+
+
+def _failure(work: Work, exc: ItemError, tries: int) -> Failure:
+    return Failure(
+        source=work.record.source,
+        payload=work.record.raw,
+        reason=f"{type(exc).__name__}: {exc}",
+        id=work.item_id,
+        uri=work.event.uri,
+        tries=tries,
+    )
+
+
+# -- composition -------------------------------------------------------------------------------------------
+
+
+def open_writer(settings: Settings) -> tuple[Store, Embedder]:
+    """The store and the model of an indexer process, the store bound to the model's identity.
+
+    No FAISS index is loaded: a process that only writes does not need one."""
+    store = Store(settings.db_path, vector_dtype=settings.vector_dtype)
+    try:
+        embedder = Embedder.from_settings(settings)
+        store.bind_model(embedder.identity)
+    except BaseException:
+        store.close()
+        raise
+    return store, embedder
+
+
+@asynccontextmanager
+async def open_pipeline(
+    settings: Settings,
+    *,
+    roots: Sequence[Path] = (),
+    compaction: bool = True,
+) -> AsyncIterator[Pipeline]:
+    """A pipeline over its own store and model, with compaction on thresholds running beside it."""
+    store, embedder = await asyncio.to_thread(open_writer, settings)
+    try:
+        pipeline = Pipeline.from_settings(store, embedder, settings, roots=roots)
+        try:
+            if compaction:
+                async with Compactor.from_settings(store, settings, embedder.identity.dim).running():
+                    yield pipeline
+            else:
+                yield pipeline
+        finally:
+            await asyncio.to_thread(pipeline.close)
+    finally:
+        embedder.close()
+        store.close()
