@@ -58,6 +58,18 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="Threads that fetch and decode images; 0 means one per CPU core."
     )
     fetch_retries: int = Field(3, ge=0, le=20, description="Retries of a transient fetch failure.")
+    watch_polling: bool = Field(
+        False,
+        description="Watch folders by polling instead of OS file notifications (network shares, some "
+        "container mounts, where notifications never arrive).",
+    )
+    watch_settle_ms: int = Field(
+        500,
+        ge=0,
+        le=600_000,
+        description="A watched file is indexed once its size and mtime have not changed for this long, "
+        "so a file still being copied is never indexed half-written.",
+    )
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories that image paths may resolve under (comma-separated). The watched folder "
