@@ -516,6 +516,15 @@ class Store:
             ).fetchall()
         return {r[0]: r[1] for r in rows}
 
+    def items(self, source: str | None = None, prefix: str = "") -> list[Item]:
+        """Every item (of one source, with ids starting with `prefix`), by id: what a folder reconciles."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE (? IS NULL OR source = ?) AND id >= ? AND id < ? ORDER BY id",
+                (source, source, prefix, prefix + "\U0010ffff"),
+            ).fetchall()
+        return [_item(r) for r in rows]
+
     # -- dead letters and stats -------------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
