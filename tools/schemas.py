@@ -1,0 +1,158 @@
+"""The read side's wire shapes: what MCP tools and the HTTP API return, as pydantic models.
+
+The same models give the MCP tools their output schemas and the HTTP API its OpenAPI components, so the
+two front doors cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.types import Filters, Hit, IndexInfo, Item, MetaValue, SearchResult
+
+FilterValue = str | int | float | bool | None
+
+
+class SearchFilters(BaseModel):
+    """Which items may appear in the results: all conditions must hold. Keys other than `metadata` and
+    `source` are taken as metadata keys, so {"category": "shoes"} works too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[str, FilterValue] = Field(
+        default_factory=dict,
+        description='Metadata keys and the exact value each must have, e.g. {"category": "shoes", "year": 2021}.',
+    )
+    source: str | None = Field(
+        None, description='Only items from this source: "folder" (the watched folder) or "kafka" (the catalog).'
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_form(cls, value: Any) -> Any:
+        """Accept {"category": "shoes"} as well as {"metadata": {"category": "shoes"}}."""
+        if isinstance(value, dict):
+            extra = {k: v for k, v in value.items() if k not in ("metadata", "source")}
+            if extra:
+                nested = value.get("metadata") or {}
+                if not isinstance(nested, dict):
+                    return value
+                return {"metadata": {**nested, **extra}, "source": value.get("source")}
+        return value
+
+    def to_filters(self) -> Filters:
+        values: dict[str, MetaValue] = dict(self.metadata)
+        return Filters(metadata=values, source=self.source)
+
+
+class HitOut(BaseModel):
+    id: str = Field(description="The item id; pass it to get_item or find_similar(item_id=...).")
+    uri: str = Field(description="Where the image lives (a path or a URL).")
+    score: float = Field(description="Cosine similarity to the query, -1 to 1; higher is closer.")
+    metadata: dict[str, Any] = Field(description="The item's metadata as the catalog or folder gave it.")
+
+    @classmethod
+    def of(cls, hit: Hit) -> HitOut:
+        return cls(id=hit.id, uri=hit.uri, score=round(hit.score, 6), metadata=hit.metadata)
+
+
+class IndexInfoOut(BaseModel):
+    items: int = Field(description="Searchable items.")
+    vectors: int = Field(description="Vectors in the index this server searches.")
+    delta_size: int = Field(description="Vectors not yet compacted into the main index.")
+    generation: int = Field(description="Main index generation (0: none built yet).")
+    newest_indexed_at: datetime | None = Field(description="When the newest item was indexed (UTC).")
+
+    @classmethod
+    def of(cls, info: IndexInfo) -> IndexInfoOut:
+        return cls(
+            items=info.items,
+            vectors=info.vectors,
+            delta_size=info.delta_size,
+            generation=info.generation,
+            newest_indexed_at=info.newest_indexed_at,
+        )
+
+
+class SearchOutput(BaseModel):
+    hits: list[HitOut] = Field(description="Best first.")
+    index: IndexInfoOut = Field(description="How big and how fresh the searched index is.")
+    query_truncated: bool = Field(
+        False, description="The query was longer than the model's context and only its start was used."
+    )
+
+    @classmethod
+    def of(cls, result: SearchResult) -> SearchOutput:
+        return cls(
+            hits=[HitOut.of(h) for h in result.hits],
+            index=IndexInfoOut.of(result.index),
+            query_truncated=result.query_truncated,
+        )
+
+
+class ItemOut(BaseModel):
+    id: str
+    source: str = Field(description='"folder", "kafka" or "api".')
+    uri: str
+    status: str = Field(description='"indexed" (searchable) or "failed" (see reason).')
+    reason: str | None = Field(description="Why the item failed, if it did.")
+    searchable: bool = Field(description="The item has a vector and can appear in results.")
+    metadata: dict[str, Any]
+    sha256: str | None = Field(description="Content hash of the indexed image.")
+    version: int | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, item: Item) -> ItemOut:
+        return cls(
+            id=item.id,
+            source=item.source,
+            uri=item.uri,
+            status=item.status,
+            reason=item.reason,
+            searchable=item.vector_id is not None,
+            metadata=item.metadata,
+            sha256=item.sha256,
+            version=item.version,
+            created_at=item.created_at,
+            updated_at=item.updated_at,
+        )
+
+
+class ModelOut(BaseModel):
+    name: str
+    pretrained: str
+    dim: int
+
+
+class DeadLetterOut(BaseModel):
+    item_id: str | None
+    source: str
+    reason: str
+    tries: int
+    at: datetime
+
+
+class IndexStatusOut(BaseModel):
+    items: int = Field(description="Searchable items.")
+    failed: int = Field(description="Items that could not be indexed.")
+    vectors: int = Field(description="Live vectors in the store.")
+    tombstones: int = Field(description="Deleted or replaced vectors not yet purged by a compaction.")
+    dead_letters: int = Field(description="Events or files that were refused, with a reason.")
+    recent_dead_letters: list[DeadLetterOut] = Field(description="The latest few dead letters.")
+    model: ModelOut
+    index_vectors: int = Field(description="Vectors in the index this server searches.")
+    delta_size: int = Field(description="Vectors not yet compacted into the main index.")
+    generation: int = Field(description="Main index generation (0: none built yet).")
+    last_compaction_at: datetime | None
+    newest_indexed_at: datetime | None
+    pending_changes: int = Field(description="Store changes this server has not picked up yet (lag).")
+    refreshed_seconds_ago: float = Field(description="How long ago this server last read new vectors.")
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="What went wrong and what to change.")
