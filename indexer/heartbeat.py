@@ -1,0 +1,73 @@
+"""What a running indexer tells `clipdex status` (another process): a small JSON file per source.
+
+    <data dir>/indexer-<source>.json   {"source", "pid", "state", "updated_at", "lag_s", "pending", ...}
+
+Written atomically (temporary file, rename) after every batch and every few seconds when idle, so a
+reader sees the last whole state, and a file whose process is gone reads as stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from indexer.records import BatchReport
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "indexer-"
+
+
+class Heartbeat:
+    def __init__(self, data_dir: Path, source: str, **fixed: Any) -> None:
+        self.path = data_dir / f"{_PREFIX}{source}.json"
+        self.state: dict[str, Any] = {"source": source, "pid": os.getpid(), "started_at": time.time(), **fixed}
+
+    def beat(self, *, state: str = "running", report: BatchReport | None = None, **fields: Any) -> None:
+        """Record the current state; never raises (a status file is not worth stopping the indexer for)."""
+        self.state.update(fields, state=state, updated_at=time.time())
+        if report is not None:
+            last = asdict(report)
+            last["failures"] = last["failures"][:10]
+            self.state["last_batch"] = last
+            self.state["last_batch_at"] = time.time()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.state, default=str))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.debug("cannot write %s: %s", self.path, exc)
+
+
+def read_heartbeats(data_dir: Path) -> list[dict[str, Any]]:
+    """The last state of each source's indexer; `state` is "stopped" when its process is gone."""
+    out = []
+    for path in sorted(data_dir.glob(f"{_PREFIX}*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict):
+            continue
+        if state.get("state") == "running" and not _alive(state.get("pid")):
+            state["state"] = "stopped"
+        out.append(state)
+    return out
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

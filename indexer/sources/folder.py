@@ -1,0 +1,474 @@
+"""The folder source: a directory of images, reconciled against the store at start, then watched.
+
+    start: watch ─┐  scan ─▶ reconcile (new, changed, deleted since the last run) ─┐
+                  └▶ changes ─▶ settler (size + mtime hold still) ────────────────┴▶ micro-batcher
+                                                              ─▶ sink.write ─▶ log line + heartbeat
+
+- Item ids are `folder:<path relative to the root, posix>`; the uri is the absolute path. The metadata
+  holds the relative path, the size and the mtime: a file whose size and mtime match its item is
+  unchanged, and is not even read at the next start.
+- Hidden and temporary names (dotfiles, `.part`, `.tmp`, `.crdownload`, `~`...) and non-image files
+  are ignored, in subfolders too. Symlinks to files are followed, and one that leads out of the root
+  becomes a dead letter (the pipeline refuses it).
+- A rename is a delete and an add with the same content: the pipeline reuses the stored vector.
+- The watcher starts before the scan, so a file that arrives during the scan is seen by one or both.
+- Nothing to commit: the store is the position. A file added while the indexer was down is found by
+  the next start's scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from watchfiles import Change, awatch
+
+from indexer.batcher import MicroBatcher
+from indexer.events import Event
+from indexer.heartbeat import Heartbeat
+from indexer.records import BatchReport, Record, Sink
+from indexer.sources.settle import FileStat, Settled, Settler
+from shared.config import Settings
+from shared.errors import ConfigError
+from shared.store import Store
+from shared.types import Item, namespaced_id
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "folder"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", ".filepart", "~")
+
+
+def ignored_name(name: str) -> bool:
+    """Hidden and temporary names: what editors, browsers and copy tools write before the final name."""
+    return name.startswith((".", "~$")) or name.lower().endswith(TEMP_SUFFIXES)
+
+
+def is_image(rel: str) -> bool:
+    parts = rel.split("/")
+    return not any(ignored_name(p) for p in parts) and os.path.splitext(parts[-1])[1].lower() in IMAGE_SUFFIXES
+
+
+# -- scanning and reconciling ------------------------------------------------------------------------------
+
+
+def scan(root: Path, under: str = "") -> dict[str, FileStat]:
+    """Every image file below `root` (or its subfolder `under`): relative posix path → size and mtime."""
+    out: dict[str, FileStat] = {}
+    top = root / under if under else root
+    for dirpath, dirnames, filenames in os.walk(top, onerror=_scan_error):
+        dirnames[:] = sorted(d for d in dirnames if not ignored_name(d))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            rel = Path(os.path.relpath(path, root)).as_posix()
+            if not is_image(rel) or not _printable(rel):
+                continue
+            stat = FileStat.of(path)
+            if stat is not None:
+                out[rel] = stat
+    return out
+
+
+def _scan_error(exc: OSError) -> None:
+    logger.warning("cannot list %s: %s", exc.filename, exc.strerror)
+
+
+def _printable(rel: str) -> bool:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        logger.warning("skipping %r: its name is not valid UTF-8", rel)
+        return False
+    return True
+
+
+@dataclass
+class Reconciliation:
+    upserts: list[tuple[str, FileStat]] = field(default_factory=list)  # new or changed since the last run
+    deletes: list[str] = field(default_factory=list)  # indexed, and gone from the folder
+    unchanged: int = 0
+    failed_before: int = 0  # failed at an earlier run and not modified since
+    foreign: int = 0  # folder items of another root, left alone
+
+
+def reconcile(root: Path, files: dict[str, FileStat], items: Iterable[Item]) -> Reconciliation:
+    """Compare the folder with the store's folder items, without reading any file."""
+    out = Reconciliation()
+    prefix = str(root) + os.sep
+    stored: dict[str, Item] = {}
+    for item in items:
+        if item.uri.startswith(prefix):
+            stored[item.id.removeprefix(f"{SOURCE}:")] = item
+        else:
+            out.foreign += 1
+    for rel, stat in files.items():
+        known = stored.get(rel)
+        if known is None:
+            out.upserts.append((rel, stat))
+        elif known.reason is None and known.vector_id is not None and _same_file(known, stat):
+            out.unchanged += 1
+        elif known.reason is not None and stat.mtime_ns <= known.updated_at.timestamp() * 1e9:
+            out.failed_before += 1  # it failed after its last change: trying again would fail again
+        else:
+            out.upserts.append((rel, stat))
+    out.deletes = sorted(set(stored) - set(files))
+    return out
+
+
+def _same_file(item: Item, stat: FileStat) -> bool:
+    return item.metadata.get("bytes") == stat.size and item.metadata.get("mtime_ns") == stat.mtime_ns
+
+
+# -- records -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilePosition:
+    """A folder record's position: the file's state when it was read, and when the change was seen."""
+
+    stat: FileStat | None
+    seen_at: float
+    initial: bool = False  # found by the start-up scan
+
+
+def upsert_record(root: Path, rel: str, stat: FileStat, seen_at: float, *, initial: bool = False) -> Record:
+    metadata = {"path": rel, "bytes": stat.size, "mtime_ns": stat.mtime_ns}
+    fields = {"op": "upsert", "id": rel, "uri": str(root / rel), "metadata": metadata}
+    return _record(fields, FilePosition(stat, seen_at, initial))
+
+
+def delete_record(rel: str, seen_at: float, *, initial: bool = False) -> Record:
+    return _record({"op": "delete", "id": rel}, FilePosition(None, seen_at, initial))
+
+
+def _record(fields: dict[str, Any], position: FilePosition) -> Record:
+    try:
+        event = Event.model_validate(fields)
+    except ValidationError as exc:  # e.g. a path longer than an id may be
+        return Record(SOURCE, str(fields.get("uri") or fields["id"]), None, f"invalid event: {exc}", position)
+    return Record(SOURCE, event.model_dump_json(exclude_none=True), event, None, position)
+
+
+# -- the source --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FolderSummary:
+    """What a run did, summed over its batches."""
+
+    files: int = 0  # image files found by the scan
+    batches: int = 0
+    records: int = 0
+    indexed: int = 0
+    reused: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    failed: int = 0
+    failed_before: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def add(self, report: BatchReport) -> None:
+        self.batches += 1
+        self.records += report.records
+        self.indexed += report.indexed
+        self.reused += report.reused
+        self.unchanged += report.unchanged
+        self.deleted += report.deleted
+        self.failed += report.failed
+        self.failures.extend(report.failures)
+
+
+Progress = Callable[[int, int, FolderSummary], None]
+
+
+class FolderSource:
+    def __init__(
+        self,
+        root: Path,
+        sink: Sink,
+        store: Store,
+        *,
+        batch_size: int = 64,
+        max_wait_s: float = 0.2,
+        settle_s: float = 0.5,
+        force_polling: bool = False,
+        poll_delay_ms: int = 300,
+        heartbeat: Heartbeat | None = None,
+        tick_s: float = 0.05,
+    ) -> None:
+        if not root.is_dir():
+            raise ConfigError(f"{root} is not a directory")
+        self.root = Path(os.path.abspath(root))
+        self.sink = sink
+        self.store = store
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self.force_polling = force_polling
+        self.poll_delay_ms = poll_delay_ms
+        self.heartbeat = heartbeat
+        self.tick_s = tick_s
+        self.settler = Settler(self.root, settle_s)
+        self.batcher: MicroBatcher[Record] = MicroBatcher(batch_size, max_wait_s)
+        self.summary = FolderSummary()
+        self._initial_left = 0  # records of the start-up scan not yet written
+        self._fed = False
+
+    @classmethod
+    def from_settings(
+        cls, root: Path, sink: Sink, store: Store, settings: Settings, *, heartbeat: Heartbeat | None = None
+    ) -> FolderSource:
+        return cls(
+            root,
+            sink,
+            store,
+            batch_size=settings.batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000,
+            settle_s=settings.watch_settle_ms / 1000,
+            force_polling=settings.watch_polling,
+            heartbeat=heartbeat,
+        )
+
+    # -- one shot ---------------------------------------------------------------------------------------
+
+    async def index_once(self, stop: asyncio.Event | None = None, progress: Progress | None = None) -> FolderSummary:
+        """Bring the store in line with the folder as it is now, and return what changed."""
+        started = time.monotonic()
+        found = await asyncio.to_thread(self._reconcile)
+        now = time.time()
+        records = [upsert_record(self.root, rel, stat, now) for rel, stat in found.upserts]
+        records += [delete_record(rel, now) for rel in found.deletes]
+        done = 0
+        if progress is not None:
+            progress(done, len(records), self.summary)
+        for start in range(0, len(records), self.batch_size):
+            if stop is not None and stop.is_set():
+                self.summary.interrupted = True
+                break
+            batch = records[start : start + self.batch_size]
+            await self._write(batch)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(records), self.summary)
+        self.summary.seconds = time.monotonic() - started
+        self._beat("stopped")
+        return self.summary
+
+    # -- continuous -------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> FolderSummary:
+        """Reconcile, then watch, until `stop` is set; the batch in flight is finished first.
+
+        `ready` is set once the watcher is live and the files found at start are indexed."""
+        started = time.monotonic()
+        halt = asyncio.Event()
+        errors: list[BaseException] = []
+        helpers: list[asyncio.Task[None]] = []
+
+        def spawn(coro: Coroutine[Any, Any, None], name: str) -> None:
+            async def guarded() -> None:
+                try:
+                    await coro
+                except Exception as exc:
+                    logger.exception("folder source: %s failed", name)
+                    errors.append(exc)
+                    halt.set()
+
+            helpers.append(asyncio.create_task(guarded(), name=f"clipdex-folder-{name}"))
+
+        watching = asyncio.Event()
+        spawn(_forward(stop, halt), "stop")
+        spawn(self._watch(halt, watching), "watch")
+        try:
+            await _first_of(watching, halt)
+            if not halt.is_set():
+                found = await asyncio.to_thread(self._reconcile)
+                logger.info(
+                    "watching %s%s: %d new or changed, %d deleted, %d unchanged since the last run",
+                    self.root,
+                    " (polling)" if self.force_polling else "",
+                    len(found.upserts),
+                    len(found.deletes),
+                    found.unchanged,
+                )
+                spawn(self._feed(found, halt, ready), "scan")
+                spawn(self._tick(halt), "settle")
+                await self._consume(halt, ready)
+        finally:
+            halt.set()
+            for task in helpers:
+                if task.get_name() != "clipdex-folder-watch":
+                    task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            self.summary.seconds = time.monotonic() - started
+            self._beat("stopped")
+        if errors:
+            raise errors[0]
+        return self.summary
+
+    async def _consume(self, halt: asyncio.Event, ready: asyncio.Event | None) -> None:
+        while not halt.is_set():
+            batch = await self.batcher.next_batch(halt)
+            if batch:
+                # A StoreError stops the source here; nothing is lost: the store is the position.
+                await self._write(batch)
+                self._initial_left -= sum(
+                    1 for r in batch if isinstance(r.position, FilePosition) and r.position.initial
+                )
+            self._check_ready(ready)
+
+    def _check_ready(self, ready: asyncio.Event | None) -> None:
+        if ready is not None and self._fed and self._initial_left <= 0 and not ready.is_set():
+            logger.info("%s: the files found at start are indexed", self.root)
+            ready.set()
+
+    async def _watch(self, halt: asyncio.Event, watching: asyncio.Event) -> None:
+        changes = awatch(
+            self.root,
+            watch_filter=self._wanted,
+            stop_event=halt,
+            debounce=1600,
+            step=50,
+            force_polling=self.force_polling,
+            poll_delay_ms=self.poll_delay_ms,
+            recursive=True,
+        )
+        try:
+            nxt = asyncio.ensure_future(anext(changes))
+            # awatch creates its file system watcher synchronously on its first step, before it waits
+            # for changes: once that step has run, nothing that happens in the folder can be missed.
+            await asyncio.sleep(0)
+            watching.set()
+            while True:
+                try:
+                    batch = await nxt
+                except StopAsyncIteration:
+                    return
+                await asyncio.to_thread(self._on_changes, batch)
+                nxt = asyncio.ensure_future(anext(changes))
+        finally:
+            await changes.aclose()
+
+    def _wanted(self, change: Change, path: str) -> bool:
+        rel = os.path.relpath(path, self.root)
+        return not rel.startswith("..") and not any(ignored_name(p) for p in Path(rel).parts)
+
+    def _on_changes(self, changes: set[tuple[Change, str]]) -> None:
+        """Blocking (a thread): hand each changed image to the settler; expand folders that came or went."""
+        for change, path in changes:
+            rel = Path(os.path.relpath(path, self.root)).as_posix()
+            if rel == "." or rel.startswith("../") or not _printable(rel):
+                continue
+            if is_image(rel):
+                self.settler.observe(rel)
+            elif change == Change.deleted:
+                # a folder moved away or removed: its files may not be reported one by one
+                for item_id in self.store.item_ids(source=SOURCE, prefix=namespaced_id(SOURCE, rel + "/")):
+                    self.settler.observe(item_id.removeprefix(f"{SOURCE}:"))
+            elif os.path.isdir(path):  # a folder moved in
+                for sub, stat in scan(self.root, rel).items():
+                    self.settler.observe(sub, stat)
+
+    async def _feed(self, found: Reconciliation, halt: asyncio.Event, ready: asyncio.Event | None) -> None:
+        """Queue what the start-up scan found (the queue is bounded: this waits for the indexer)."""
+        now = time.time()
+        fresh_after = time.time_ns() - int(self.settler.settle_s * 1e9)
+        records = []
+        for rel, stat in found.upserts:
+            if stat.mtime_ns > fresh_after:  # perhaps still being written: the settler decides when
+                self.settler.observe(rel, stat, seen_at=now)
+            else:
+                records.append(upsert_record(self.root, rel, stat, now, initial=True))
+        records += [delete_record(rel, now, initial=True) for rel in found.deletes]
+        self._initial_left += len(records)
+        self._fed = True
+        self._check_ready(ready)
+        for record in records:
+            if halt.is_set():
+                return
+            await self.batcher.put(record)
+
+    async def _tick(self, halt: asyncio.Event) -> None:
+        last_beat = 0.0
+        while not halt.is_set():
+            if len(self.settler):
+                for settled in await asyncio.to_thread(self.settler.due):
+                    await self.batcher.put(self._settled_record(settled))
+            if time.monotonic() - last_beat > 2.0:
+                self._beat("running")
+                last_beat = time.monotonic()
+            await asyncio.sleep(self.tick_s)
+
+    def _settled_record(self, settled: Settled) -> Record:
+        if settled.stat is None:
+            return delete_record(settled.rel, settled.seen_at)
+        return upsert_record(self.root, settled.rel, settled.stat, settled.seen_at)
+
+    # -- shared ---------------------------------------------------------------------------------------------
+
+    def _reconcile(self) -> Reconciliation:
+        files = scan(self.root)
+        found = reconcile(self.root, files, self.store.items(source=SOURCE))
+        if found.foreign:
+            logger.warning(
+                "%d folder items of another folder are in this store; they are left alone (use one data "
+                "directory per watched folder)",
+                found.foreign,
+            )
+        self.summary.files = len(files)
+        self.summary.unchanged += found.unchanged
+        self.summary.failed_before = found.failed_before
+        return found
+
+    async def _write(self, batch: Sequence[Record]) -> BatchReport:
+        report = await self.sink.write(batch)
+        self.summary.add(report)
+        seen = [r.position.seen_at for r in batch if isinstance(r.position, FilePosition)]
+        lag_ms = (time.time() - min(seen)) * 1000 if seen else 0.0
+        logger.info(
+            "batch source=folder size=%d indexed=%d unchanged=%d reused=%d deleted=%d skipped=%d failed=%d "
+            "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f lag_ms=%.0f pending=%d",
+            len(batch),
+            report.indexed,
+            report.unchanged,
+            report.reused,
+            report.deleted,
+            report.skipped,
+            report.failed,
+            report.decode_ms,
+            report.embed_ms,
+            report.write_ms,
+            lag_ms,
+            self.batcher.pending() + len(self.settler),
+        )
+        for name, reason in report.failures:
+            logger.warning("dead letter: %s: %s", name, reason)
+        self._beat("running", report=report, lag_s=lag_ms / 1000)
+        return report
+
+    def _beat(self, state: str, **fields: Any) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat(state=state, pending=self.batcher.pending() + len(self.settler), **fields)
+
+
+async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
