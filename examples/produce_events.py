@@ -81,25 +81,29 @@ async def publish(bootstrap_servers: str, topic: str, events: Sequence[ExampleEv
             logger.info("broker %s not reachable yet; retrying", bootstrap_servers)
             await asyncio.sleep(2)
     try:
+        deliveries = []
         for event in events:
             key, value = event.encoded()
-            await producer.send(topic, value=value, key=key)
-        await producer.flush()
+            deliveries.append(await producer.send(topic, value=value, key=key))
+        await asyncio.gather(*deliveries)  # raises if the broker refused any of them
     finally:
         await producer.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--bootstrap-servers", required=True, help="Kafka bootstrap servers, host:port")
     parser.add_argument("--topic", required=True, help="the topic the indexer consumes")
     parser.add_argument("--images-dir", type=Path, required=True, help="where to write the images")
     parser.add_argument("--count", type=int, default=24, help="how many images and events (default 24)")
     parser.add_argument("--seed", type=int, default=7, help="random seed of the images (default 7)")
     parser.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the broker")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     events = build_events(args.images_dir, args.count, args.seed)
     asyncio.run(publish(args.bootstrap_servers, args.topic, events, args.wait_s))
     logger.info("published %d upsert events to %s (images in %s)", len(events), args.topic, args.images_dir)
