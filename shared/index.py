@@ -97,9 +97,7 @@ def new_index(kind: str, dim: int, params: IndexParams, train: Embedding | None 
         ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.train(np.ascontiguousarray(train))
         ivf.nprobe = params.nprobe(nlist)
-        ivf.own_fields = True
-        ivf.quantizer_ref = quantizer  # type: ignore[attr-defined]  # keeps the quantizer alive
-        return ivf
+        return ivf  # faiss's Python wrapper keeps a reference to the quantizer for the index's lifetime
     raise ValueError(f"unknown index kind {kind!r}")
 
 
