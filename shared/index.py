@@ -190,6 +190,8 @@ class LiveIndex:
         self.params = params
         self.index_dir = index_dir
         self._lock = threading.Lock()  # guards delta, tombstones and the swap of main
+        # One refresh at a time: two that read the same changes would add the same vectors twice.
+        self._refresh_lock = threading.Lock()
         self._main = _Main(new_index("flat", dim, params), -1, 0)
         self._delta: Any = new_index("flat", dim, params)
         self._tombstones: set[int] = set()
@@ -200,20 +202,21 @@ class LiveIndex:
 
     def refresh(self) -> None:
         """Pick up a new main generation, new vectors and tombstones. Cheap when nothing changed."""
-        meta = self.store.index_meta()
-        if meta.generation != self._main.generation:
-            self._reload(meta.generation, meta.high_water, meta.main_seq)
-        elif meta.seq != self._seq:
-            changes = self.store.changes_since(self._seq)
-            with self._lock:
-                if len(changes.tombstoned_ids):
-                    self._tombstones.update(int(v) for v in changes.tombstoned_ids)
-                    self._delta.remove_ids(changes.tombstoned_ids)
-                fresh = changes.added_ids > self._main.high_water
-                if fresh.any():
-                    self._delta.add_with_ids(changes.added[fresh], changes.added_ids[fresh])
-                self._seq = changes.seq
-        self.refreshed_at = time.time()
+        with self._refresh_lock:
+            meta = self.store.index_meta()
+            if meta.generation != self._main.generation:
+                self._reload(meta.generation, meta.high_water, meta.main_seq)
+            elif meta.seq != self._seq:
+                changes = self.store.changes_since(self._seq)
+                with self._lock:
+                    if len(changes.tombstoned_ids):
+                        self._tombstones.update(int(v) for v in changes.tombstoned_ids)
+                        self._delta.remove_ids(changes.tombstoned_ids)
+                    fresh = changes.added_ids > self._main.high_water
+                    if fresh.any():
+                        self._delta.add_with_ids(changes.added[fresh], changes.added_ids[fresh])
+                    self._seq = changes.seq
+            self.refreshed_at = time.time()
 
     def _reload(self, generation: int, high_water: int, main_seq: int) -> None:
         """Load main (or rebuild it from the store), then a fresh delta and tombstones, and swap."""

@@ -322,6 +322,37 @@ def test_needs_compaction_by_delta_size_and_by_age(store: Store, tmp_path: Path)
 # -- threads ----------------------------------------------------------------------------------------------------
 
 
+def test_concurrent_refreshes_never_add_a_vector_twice(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresher thread and a caller refreshing after a write may overlap."""
+    rng = np.random.default_rng(6)
+    oracle = Oracle(store)
+    index = LiveIndex(store, DIM, params(), tmp_path / "index")
+    index.refresh()
+    oracle.put_many(unit_vectors(rng, 20))
+    both_read = threading.Barrier(2, timeout=0.5)
+    original = Store.changes_since
+
+    def changes_then_wait(self: Store, seq: int) -> Any:
+        changes = original(self, seq)
+        try:
+            both_read.wait()  # let the other refresh read the same changes before either applies them
+        except threading.BrokenBarrierError:
+            pass  # refreshes are serialised: the second one never gets here while the first waits
+        return changes
+
+    monkeypatch.setattr(Store, "changes_since", changes_then_wait)
+    threads = [threading.Thread(target=index.refresh) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert index.delta_size == 20
+    hits = index.search(unit_vectors(rng, 1)[0], 20)
+    assert len({vid for vid, _ in hits}) == 20
+
+
 def test_searches_run_while_refresh_and_compaction_run(store: Store, tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     oracle = Oracle(store)
