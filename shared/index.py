@@ -210,8 +210,10 @@ class LiveIndex:
                 changes = self.store.changes_since(self._seq)
                 with self._lock:
                     if len(changes.tombstoned_ids):
-                        self._tombstones.update(int(v) for v in changes.tombstoned_ids)
                         self._delta.remove_ids(changes.tombstoned_ids)
+                        # Only main's vectors need filtering at search time (and counting in `size`).
+                        in_main = changes.tombstoned_ids[changes.tombstoned_ids <= self._main.high_water]
+                        self._tombstones.update(int(v) for v in in_main)
                     fresh = changes.added_ids > self._main.high_water
                     if fresh.any():
                         self._delta.add_with_ids(changes.added[fresh], changes.added_ids[fresh])

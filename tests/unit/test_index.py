@@ -146,6 +146,7 @@ def test_random_sequence_of_writes_and_compactions_is_exact_at_every_step(store:
         index.refresh()
         for k in (1, 10):
             assert_exact(index, oracle, queries, k)
+        assert index.size == len(oracle.live)
     assert compactions >= 5
     assert index.generation == compactions
 
@@ -180,6 +181,7 @@ def test_a_deleted_vector_added_and_removed_between_refreshes_is_never_found(sto
     index.refresh()
     assert all(vid != -1 for vid, _ in index.search(vec, 10))
     assert_exact(index, oracle, vec[None, :], 10)
+    assert index.size == 5
 
 
 # -- approximate mains -------------------------------------------------------------------------------------
@@ -351,6 +353,23 @@ def test_concurrent_refreshes_never_add_a_vector_twice(
     assert index.delta_size == 20
     hits = index.search(unit_vectors(rng, 1)[0], 20)
     assert len({vid for vid, _ in hits}) == 20
+
+
+def test_size_counts_each_live_vector_once_after_deletes_in_the_delta(store: Store, tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    oracle = Oracle(store)
+    p = params()
+    oracle.put_many(unit_vectors(rng, 10), prefix="main")
+    compact(store, p, DIM, tmp_path / "index")
+    index = LiveIndex(store, DIM, p, tmp_path / "index")
+    index.refresh()
+    oracle.put_many(unit_vectors(rng, 10), prefix="delta")
+    index.refresh()
+    in_main = [i for i in oracle.live if i.startswith("main")][:3]
+    in_delta = [i for i in oracle.live if i.startswith("delta")][:3]
+    oracle.delete(*in_main, *in_delta)
+    index.refresh()
+    assert index.size == len(oracle.live) == 14
 
 
 def test_searches_run_while_refresh_and_compaction_run(store: Store, tmp_path: Path) -> None:
