@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +96,14 @@ def add_items(store: Store, ids: list[str], vectors: Embedding, metadata: dict[s
 
 def delete_items(store: Store, ids: list[str]) -> None:
     store.apply(deletes=[Delete(i) for i in ids])
+
+
+def clipdex_command() -> list[str]:
+    script = Path(sys.executable).with_name("clipdex")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "indexer"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
