@@ -19,7 +19,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,20 +287,33 @@ class LiveIndex:
     def search(self, query: Embedding, k: int) -> Candidates:
         """The k best live vectors for one query, best first."""
         query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
-        with self._lock:
-            main, tombstones = self._main, frozenset(self._tombstones)
-            found = _search(self._delta, query, k)
-        total = int(main.index.ntotal)
-        fetch = k + min(len(tombstones), 4 * k)
-        while True:  # oversample, drop tombstones; widen until k survive or main is exhausted
-            fetch = min(fetch, total)
-            live = [c for c in _search(main.index, query, fetch) if c[0] not in tombstones]
-            if len(live) >= k or fetch >= total:
-                break
-            fetch *= 4
+        with _one_omp_thread():
+            with self._lock:
+                main, tombstones = self._main, frozenset(self._tombstones)
+                found = _search(self._delta, query, k)
+            total = int(main.index.ntotal)
+            fetch = k + min(len(tombstones), 4 * k)
+            while True:  # oversample, drop tombstones; widen until k survive or main is exhausted
+                fetch = min(fetch, total)
+                live = [c for c in _search(main.index, query, fetch) if c[0] not in tombstones]
+                if len(live) >= k or fetch >= total:
+                    break
+                fetch *= 4
         found += live
         found.sort(key=lambda c: -c[1])
         return found[:k]
+
+
+@contextmanager
+def _one_omp_thread() -> Iterator[None]:
+    """One query gains nothing from OpenMP threads, but on a busy machine their spin-waits cost
+    milliseconds per FAISS call. The setting is per calling thread, so compaction keeps its threads."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def _search(index: Any, query: Embedding, k: int) -> Candidates:
