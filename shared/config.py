@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     kafka_topic: str | None = Field(None, description="Topic of catalog change events.")
     kafka_group: str = Field("clipdex-indexer", description="Kafka consumer group.")
     kafka_dlq_topic: str | None = Field(None, description="Topic that dead letters are also published to.")
+    kafka_session_timeout_ms: int = Field(
+        10_000,
+        ge=1_000,
+        le=300_000,
+        description="How long the group waits for a silent indexer before another takes its partitions "
+        "(a crashed indexer's events resume after this).",
+    )
 
     # Index
     index_kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
