@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -36,6 +35,8 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from indexer.dlq import DeadLetterPublisher, KafkaDeadLetters, dead_letters_for
 from indexer.events import parse_event
+from indexer.heartbeat import Heartbeat
+from indexer.pipeline import open_pipeline
 from indexer.records import BatchReport, Record, Sink
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 SOURCE = "kafka"
 Offsets = Mapping[tuple[str, int], int]  # (topic, partition) -> the next offset to read
 RevokeHandler = Callable[[], Awaitable[None]]
+_IDLE_BEAT_S = 2.0  # how often an idle consumer tells `clipdex status` it is alive
 
 
 class BrokerError(ClipdexError):
@@ -148,6 +150,7 @@ class KafkaSource:
         backoff: Backoff = Backoff(),
         commit_attempt_s: float = 10.0,
         stop_grace_s: float = 30.0,
+        heartbeat: Heartbeat | None = None,
         describe: str = "the Kafka broker",
     ) -> None:
         self._consumer = consumer
@@ -159,6 +162,8 @@ class KafkaSource:
         self._commit_attempt_s = commit_attempt_s
         self._stop_grace_s = stop_grace_s
         self._describe = describe
+        self._heartbeat = heartbeat
+        self._last_beat = 0.0
         self._stopping = asyncio.Event()
         self._batch_lock = asyncio.Lock()  # held from fetch to commit: a rebalance waits for it
         self.stats = SourceStats()
@@ -174,16 +179,22 @@ class KafkaSource:
     async def run(self) -> SourceStats:
         """Consume until `request_stop`. A StoreError (or any error of the sink) propagates uncommitted."""
         if not await self._start():
+            self._beat("stopped")
             return self.stats
+        state = "stopped"
         try:
             while not self._stopping.is_set():
                 async with self._batch_lock:
                     messages = await self._fetch()
                     if messages:
                         await self._process(messages)
+                    elif time.monotonic() - self._last_beat > _IDLE_BEAT_S:
+                        self._beat("running")
         except StoreError:
+            state = "failed"
             logger.error(
-                "the store failed: stopping WITHOUT committing; events from offsets %s on will replay on restart",
+                "the store failed: stopping WITHOUT committing the batch in flight; it replays on restart "
+                "(offsets committed by this run: %s)",
                 self._resume_points(),
             )
             raise
@@ -191,6 +202,7 @@ class KafkaSource:
             await self._consumer.stop()
             if self._dead_letters is not None:
                 await self._dead_letters.close()
+            self._beat(state)
         logger.info("stopped after %d batches, %d records; committed %s", *self._summary())
         return self.stats
 
@@ -199,6 +211,7 @@ class KafkaSource:
     async def _start(self) -> bool:
         delays = self._backoff.delays()
         while not self._stopping.is_set():
+            self._beat("connecting")
             try:
                 await self._consumer.start(self._on_revoked)
                 logger.info("consuming from %s", self._describe)
@@ -236,7 +249,7 @@ class KafkaSource:
         self.stats.failed += report.failed
         if committed:
             self.stats.committed.update(offsets)
-        self._log_batch(messages, report)
+        self._report(messages, report)
 
     async def _commit(self, offsets: Offsets) -> bool:
         """Commit, retrying while the broker is away. False when the group moved on (the events replay)."""
@@ -275,12 +288,14 @@ class KafkaSource:
 
     # -- reporting ----------------------------------------------------------------------------------------
 
-    def _log_batch(self, messages: Sequence[Message], report: BatchReport) -> None:
+    def _report(self, messages: Sequence[Message], report: BatchReport) -> None:
+        """One log line per batch, a warning per dead letter, and the heartbeat that `clipdex status` reads."""
         stamps = [m.timestamp_ms for m in messages if m.timestamp_ms]
-        age_ms = time.time() * 1000 - min(stamps) if stamps else 0.0
+        lag_ms = max(0.0, time.time() * 1000 - min(stamps)) if stamps else 0.0  # produce -> durable
+        pending = self._consumer.lag()
         logger.info(
-            "batch size=%d indexed=%d unchanged=%d reused=%d deleted=%d skipped=%d failed=%d "
-            "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f lag=%s age_ms=%.0f",
+            "batch source=kafka size=%d indexed=%d unchanged=%d reused=%d deleted=%d skipped=%d failed=%d "
+            "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f lag_ms=%.0f pending=%s",
             len(messages),
             report.indexed,
             report.unchanged,
@@ -291,12 +306,20 @@ class KafkaSource:
             report.decode_ms,
             report.embed_ms,
             report.write_ms,
-            self._consumer.lag(),
-            age_ms,
+            lag_ms,
+            "?" if pending is None else pending,
         )
+        for name, reason in report.failures:
+            logger.warning("dead letter: %s: %s", name[:200], reason)
+        self._beat("running", report=report, lag_s=lag_ms / 1000)
+
+    def _beat(self, state: str, **fields: Any) -> None:
+        if self._heartbeat is not None:
+            self._last_beat = time.monotonic()
+            self._heartbeat.beat(state=state, pending=self._consumer.lag() or 0, **fields)
 
     def _resume_points(self) -> dict[str, int]:
-        return {f"{t}[{p}]": o for (t, p), o in sorted(self.stats.committed.items())} or {"(all)": 0}
+        return {f"{t}[{p}]": o for (t, p), o in sorted(self.stats.committed.items())}
 
     def _summary(self) -> tuple[int, int, dict[str, int]]:
         return self.stats.batches, self.stats.records, self._resume_points()
@@ -327,14 +350,17 @@ class AioKafkaConsumer:
         group: str,
         *,
         max_poll_interval_ms: int = 300_000,
-        request_timeout_ms: int = 30_000,
+        session_timeout_ms: int = 10_000,
+        request_timeout_ms: int = 40_000,
         client_id: str = "clipdex-indexer",
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.group = group
         self._max_poll_interval_ms = max_poll_interval_ms
-        self._request_timeout_ms = request_timeout_ms
+        self._session_timeout_ms = session_timeout_ms
+        # A join waits up to the session timeout for the other members; a request must outlast it.
+        self._request_timeout_ms = max(request_timeout_ms, session_timeout_ms + 5_000)
         self._client_id = client_id
         self._consumer: AIOKafkaConsumer | None = None
         self._fetched: dict[TopicPartition, int] = {}  # the next offset to fetch, for the lag
@@ -345,7 +371,13 @@ class AioKafkaConsumer:
         # A batch must finish well within max_poll_interval_ms or the group evicts this member; allow
         # half a second per image, twenty times what ViT-B-32 takes on a laptop CPU, and never < 5 min.
         poll_interval_ms = max(300_000, settings.batch_size * 500)
-        return cls(servers, topic, settings.kafka_group, max_poll_interval_ms=poll_interval_ms)
+        return cls(
+            servers,
+            topic,
+            settings.kafka_group,
+            max_poll_interval_ms=poll_interval_ms,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+        )
 
     async def start(self, on_revoked: RevokeHandler) -> None:
         consumer = AIOKafkaConsumer(
@@ -355,6 +387,8 @@ class AioKafkaConsumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_interval_ms=self._max_poll_interval_ms,
+            session_timeout_ms=self._session_timeout_ms,
+            heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
             request_timeout_ms=self._request_timeout_ms,
         )
         consumer.subscribe([self.topic], listener=_Listener(on_revoked))
@@ -454,11 +488,10 @@ def register_consume(sub: Any) -> None:  # argparse's _SubParsersAction is priva
 
 def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     require_kafka(settings)
-    open_sink: OpenSink = importlib.import_module("indexer.pipeline").open_pipeline  # TODO: static once it lands
-    return asyncio.run(consume(settings, open_sink))
+    return asyncio.run(consume(settings))
 
 
-async def consume(settings: Settings, open_sink: OpenSink) -> int:
+async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> int:
     """The composition root of the Kafka indexer: the pipeline (store + model) and a consumer, until a signal."""
     servers, topic = require_kafka(settings)
     async with open_sink(settings) as sink:
@@ -469,6 +502,7 @@ async def consume(settings: Settings, open_sink: OpenSink) -> int:
             batch_size=settings.batch_size,
             max_wait_ms=settings.max_batch_wait_ms,
             dead_letters=dead_letters,
+            heartbeat=Heartbeat(settings.data_dir, SOURCE, topic=topic, group=settings.kafka_group, servers=servers),
             describe=f"Kafka broker {servers} (topic {topic}, group {settings.kafka_group})",
         )
         _stop_on_signals(source)
@@ -476,8 +510,8 @@ async def consume(settings: Settings, open_sink: OpenSink) -> int:
             await source.run()
         except StoreError as exc:
             print(
-                f"clipdex consume: error: the store failed, so no offset was committed for the batch in flight; "
-                f"its events replay on restart. Fix the store, then start again. ({exc})",
+                f"clipdex consume: error: the store failed, so the batch in flight was not committed; its "
+                f"events replay on restart. Fix the store, then start again. ({exc})",
                 file=sys.stderr,
             )
             return 1

@@ -294,5 +294,5 @@ async def test_every_batch_logs_one_line_with_its_timings_and_lag(caplog: pytest
     await run_until(source, lambda: broker.committed.get(("events", 0)) == 5)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch ")]
     assert len(lines) == 3
-    assert "size=2" in lines[0] and "lag=3" in lines[0]
-    assert all(f in lines[0] for f in ("decode_ms=", "embed_ms=", "write_ms=", "age_ms="))
+    assert "source=kafka size=2" in lines[0] and "pending=3" in lines[0]
+    assert all(f in lines[0] for f in ("decode_ms=", "embed_ms=", "write_ms=", "lag_ms="))
