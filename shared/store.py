@@ -552,7 +552,7 @@ class Store:
                 "SELECT COALESCE(SUM(1 - tombstoned), 0), COALESCE(SUM(tombstoned), 0) FROM vectors"
             ).fetchone()
             dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-            newest = db.execute("SELECT MAX(created_at) FROM vectors").fetchone()[0]
+            newest = self._newest_vector_time(db)
             last_compaction = self._meta_opt("last_compaction_at")
         return StoreStats(
             items=int(items),
@@ -564,6 +564,18 @@ class Store:
             last_compaction_at=_dt(float(last_compaction)) if last_compaction else None,
             meta=self.index_meta(),
         )
+
+    def newest_indexed_at(self) -> datetime | None:
+        """When the newest vector was written. Cheap at any size: it reads one row by its key."""
+        with self._lock:
+            newest = self._newest_vector_time(self._db)
+        return _dt(newest) if newest else None
+
+    @staticmethod
+    def _newest_vector_time(db: sqlite3.Connection) -> float | None:
+        # vector_ids grow with time, so the last one is the newest; MAX(created_at) would read every row
+        row = db.execute("SELECT created_at FROM vectors ORDER BY vector_id DESC LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
 
     def delta_size(self, high_water: int) -> int:
         with self._lock:
