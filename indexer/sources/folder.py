@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from watchfiles import Change, awatch
 
 from indexer.batcher import MicroBatcher
-from indexer.events import Event
+from indexer.events import MAX_ID_LENGTH, Event
 from indexer.heartbeat import Heartbeat
 from indexer.records import BatchReport, Record, Sink
 from indexer.sources.settle import FileStat, Settled, Settler
@@ -69,7 +69,7 @@ def scan(root: Path, under: str = "") -> dict[str, FileStat]:
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             rel = Path(os.path.relpath(path, root)).as_posix()
-            if not is_image(rel) or not _printable(rel):
+            if not is_image(rel) or not _usable(rel):
                 continue
             stat = FileStat.of(path)
             if stat is not None:
@@ -81,11 +81,15 @@ def _scan_error(exc: OSError) -> None:
     logger.warning("cannot list %s: %s", exc.filename, exc.strerror)
 
 
-def _printable(rel: str) -> bool:
+def _usable(rel: str) -> bool:
+    """Can this path be an item id? Names that are not UTF-8, or too long, are skipped with a warning."""
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         logger.warning("skipping %r: its name is not valid UTF-8", rel)
+        return False
+    if len(rel) > MAX_ID_LENGTH:
+        logger.warning("skipping %s...: a path of more than %d characters", rel[:80], MAX_ID_LENGTH)
         return False
     return True
 
@@ -136,17 +140,16 @@ class FilePosition:
 
     stat: FileStat | None
     seen_at: float
-    initial: bool = False  # found by the start-up scan
 
 
-def upsert_record(root: Path, rel: str, stat: FileStat, seen_at: float, *, initial: bool = False) -> Record:
+def upsert_record(root: Path, rel: str, stat: FileStat, seen_at: float) -> Record:
     metadata = {"path": rel, "bytes": stat.size, "mtime_ns": stat.mtime_ns}
     fields = {"op": "upsert", "id": rel, "uri": str(root / rel), "metadata": metadata}
-    return _record(fields, FilePosition(stat, seen_at, initial))
+    return _record(fields, FilePosition(stat, seen_at))
 
 
-def delete_record(rel: str, seen_at: float, *, initial: bool = False) -> Record:
-    return _record({"op": "delete", "id": rel}, FilePosition(None, seen_at, initial))
+def delete_record(rel: str, seen_at: float) -> Record:
+    return _record({"op": "delete", "id": rel}, FilePosition(None, seen_at))
 
 
 def _record(fields: dict[str, Any], position: FilePosition) -> Record:
@@ -220,8 +223,9 @@ class FolderSource:
         self.settler = Settler(self.root, settle_s)
         self.batcher: MicroBatcher[Record] = MicroBatcher(batch_size, max_wait_s)
         self.summary = FolderSummary()
-        self._initial_left = 0  # records of the start-up scan not yet written
+        self._initial: set[str] = set()  # what the start-up scan found to do, not yet written
         self._fed = False
+        self._ready = False
 
     @classmethod
     def from_settings(
@@ -321,15 +325,15 @@ class FolderSource:
             if batch:
                 # A StoreError stops the source here; nothing is lost: the store is the position.
                 await self._write(batch)
-                self._initial_left -= sum(
-                    1 for r in batch if isinstance(r.position, FilePosition) and r.position.initial
-                )
+                self._initial.difference_update(r.event.id for r in batch if r.event is not None)
             self._check_ready(ready)
 
     def _check_ready(self, ready: asyncio.Event | None) -> None:
-        if ready is not None and self._fed and self._initial_left <= 0 and not ready.is_set():
-            logger.info("%s: the files found at start are indexed", self.root)
-            ready.set()
+        if self._fed and not self._initial and not self._ready:
+            self._ready = True
+            logger.info("%s: the files found at start are indexed; watching for changes", self.root)
+            if ready is not None:
+                ready.set()
 
     async def _watch(self, halt: asyncio.Event, watching: asyncio.Event) -> None:
         changes = awatch(
@@ -366,7 +370,7 @@ class FolderSource:
         """Blocking (a thread): hand each changed image to the settler; expand folders that came or went."""
         for change, path in changes:
             rel = Path(os.path.relpath(path, self.root)).as_posix()
-            if rel == "." or rel.startswith("../") or not _printable(rel):
+            if rel == "." or rel.startswith("../") or not _usable(rel):
                 continue
             if is_image(rel):
                 self.settler.observe(rel)
@@ -382,14 +386,15 @@ class FolderSource:
         """Queue what the start-up scan found (the queue is bounded: this waits for the indexer)."""
         now = time.time()
         fresh_after = time.time_ns() - int(self.settler.settle_s * 1e9)
+        self._initial.update(rel for rel, _ in found.upserts)
+        self._initial.update(found.deletes)
         records = []
         for rel, stat in found.upserts:
             if stat.mtime_ns > fresh_after:  # perhaps still being written: the settler decides when
                 self.settler.observe(rel, stat, seen_at=now)
             else:
-                records.append(upsert_record(self.root, rel, stat, now, initial=True))
-        records += [delete_record(rel, now, initial=True) for rel in found.deletes]
-        self._initial_left += len(records)
+                records.append(upsert_record(self.root, rel, stat, now))
+        records += [delete_record(rel, now) for rel in found.deletes]
         self._fed = True
         self._check_ready(ready)
         for record in records:

@@ -1,0 +1,334 @@
+"""The pipeline against a real SQLite store in tmp_path and the tiny CLIP: resolve rules, dead letters, retries,
+and a store failure that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import os
+import sqlite3
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer.events import Event
+from indexer.pipeline import Pipeline, PipelineOptions
+from indexer.records import Record
+from shared.embedder import Embedder
+from shared.errors import FetchFailed, SourceNotFound, StoreError
+from shared.fetch import FetchPolicy, fetch_bytes
+from shared.store import Store
+
+MAX_PIXELS = 10_000_000
+
+
+def jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def bomb_png(side: int = 5000) -> bytes:
+    """A real decompression bomb: a few KB of PNG that decode to side*side pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + one bit per pixel
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def record(item_id: str, uri: str | None = None, *, op: str = "upsert", source: str = "kafka", **fields: Any) -> Record:
+    event = Event.model_validate({"op": op, "id": item_id, "uri": uri, **fields})
+    return Record(source, event.model_dump_json(exclude_none=True), event)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "images"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "data" / "clipdex.sqlite3") as s:
+        yield s
+
+
+def make_pipeline(store: Store, embedder: Any, root: Path, fetch: Any = None, **options: Any) -> Pipeline:
+    policy = FetchPolicy(roots=(Path(os.path.realpath(root)),), hosts=frozenset(), max_bytes=5_000_000)
+    opts = PipelineOptions(max_pixels=MAX_PIXELS, decode_workers=2, embed_batch=4, retry_backoff_s=0.01)
+    opts = PipelineOptions(**{**opts.__dict__, **options})
+    return Pipeline(store, embedder, fetch or functools.partial(fetch_bytes, policy=policy), opts)
+
+
+@pytest.fixture
+def pipeline(store: Store, tiny_embedder: Embedder, root: Path) -> Iterator[Pipeline]:
+    p = make_pipeline(store, tiny_embedder, root)
+    yield p
+    p.close()
+
+
+def put(root: Path, name: str, data: bytes) -> str:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+# -- indexing and the resolve rules -------------------------------------------------------------------------
+
+
+async def test_new_images_are_embedded_and_stored_in_one_batch(pipeline: Pipeline, store: Store, root: Path) -> None:
+    records = [record(f"sku-{i}", put(root, f"{i}.jpg", jpeg(i)), metadata={"n": i}) for i in range(6)]
+    report = await pipeline.write(records)
+    assert (report.records, report.indexed, report.failed) == (6, 6, 0)
+    assert pipeline.images_embedded == 6
+    item = store.get_item("kafka:sku-3")
+    assert item is not None and item.status == "indexed" and item.metadata == {"n": 3}
+    stored = store.item_vector("kafka:sku-3")
+    assert stored is not None and np.isclose(np.linalg.norm(stored[1]), 1.0)
+
+
+async def test_the_same_image_again_is_a_metadata_only_update(pipeline: Pipeline, store: Store, root: Path) -> None:
+    uri = put(root, "a.jpg", jpeg(1))
+    await pipeline.write([record("a", uri, metadata={"v": 1})])
+    before = store.item_vector("kafka:a")
+    calls = pipeline.model_calls
+    report = await pipeline.write([record("a", uri, metadata={"v": 2})])
+    assert (report.unchanged, report.indexed) == (1, 0)
+    assert pipeline.model_calls == calls
+    item = store.get_item("kafka:a")
+    assert item is not None and item.metadata == {"v": 2}
+    after = store.item_vector("kafka:a")
+    assert before is not None and after is not None and before[0] == after[0]  # the same vector, not a new one
+    assert store.stats().vectors == 1
+
+
+async def test_a_new_image_for_an_old_id_replaces_its_vector(pipeline: Pipeline, store: Store, root: Path) -> None:
+    await pipeline.write([record("a", put(root, "a.jpg", jpeg(1)))])
+    await pipeline.write([record("a", put(root, "a2.jpg", jpeg(2)))])
+    stats = store.stats()
+    assert (stats.items, stats.vectors, stats.tombstones) == (1, 1, 1)
+
+
+async def test_in_a_batch_the_last_event_for_an_id_wins(pipeline: Pipeline, store: Store, root: Path) -> None:
+    first, last = put(root, "1.jpg", jpeg(1)), put(root, "2.jpg", jpeg(2))
+    report = await pipeline.write([record("a", first), record("a", last), record("b", first), record("b", op="delete")])
+    assert report.superseded == 2
+    item = store.get_item("kafka:a")
+    assert item is not None and item.uri == last
+    assert store.get_item("kafka:b") is None
+    assert pipeline.images_embedded == 1
+
+
+async def test_an_event_older_than_the_stored_version_is_skipped(pipeline: Pipeline, store: Store, root: Path) -> None:
+    await pipeline.write([record("a", put(root, "new.jpg", jpeg(1)), version=5)])
+    report = await pipeline.write(
+        [record("a", put(root, "old.jpg", jpeg(2)), version=3), record("a", op="delete", version=4)]
+    )
+    assert report.skipped == 1 and report.deleted == 0
+    item = store.get_item("kafka:a")
+    assert item is not None and item.version == 5 and item.uri.endswith("new.jpg")
+    # within one batch, too: a higher version wins over a later but older event
+    await pipeline.write(
+        [record("b", put(root, "b6.jpg", jpeg(6)), version=6), record("b", put(root, "b2.jpg", jpeg(7)), version=2)]
+    )
+    b = store.get_item("kafka:b")
+    assert b is not None and b.version == 6
+
+
+async def test_a_copy_or_rename_reuses_the_stored_vector(pipeline: Pipeline, store: Store, root: Path) -> None:
+    data = jpeg(1)
+    await pipeline.write([record("a", put(root, "a.jpg", data))])
+    calls = pipeline.model_calls
+    report = await pipeline.write([record("b", put(root, "b.jpg", data)), record("a", op="delete")])
+    assert (report.reused, report.indexed, report.deleted) == (1, 0, 1)
+    assert pipeline.model_calls == calls
+    b = store.item_vector("kafka:b")
+    assert b is not None and store.get_item("kafka:a") is None
+    assert store.stats().vectors == 1
+
+
+async def test_the_same_new_content_twice_in_a_batch_is_embedded_once(
+    pipeline: Pipeline, store: Store, root: Path
+) -> None:
+    data = jpeg(9)
+    report = await pipeline.write([record("a", put(root, "a.jpg", data)), record("b", put(root, "b.jpg", data))])
+    assert report.indexed == 2 and pipeline.images_embedded == 1
+    a, b = store.item_vector("kafka:a"), store.item_vector("kafka:b")
+    assert a is not None and b is not None and np.array_equal(a[1], b[1])
+
+
+async def test_an_empty_batch_writes_nothing(pipeline: Pipeline, store: Store) -> None:
+    report = await pipeline.write([])
+    assert report.records == 0 and store.index_meta().seq == 0
+
+
+# -- dead letters -------------------------------------------------------------------------------------------------
+
+
+async def test_bad_items_become_dead_letters_and_the_good_ones_are_indexed(
+    pipeline: Pipeline, store: Store, root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.jpg"
+    secret.write_bytes(jpeg(99))
+    (root / "escape.jpg").symlink_to(secret)
+    good = jpeg(1)
+    bad = {
+        "notes": (put(root, "notes.txt", b"shopping list: eggs"), "not an image"),
+        "truncated": (put(root, "truncated.jpg", good[: len(good) // 2]), "truncated|corrupt"),
+        "text-jpg": (put(root, "text.jpg", b"hello, I am not a picture"), "not an image"),
+        "bomb": (put(root, "bomb.png", bomb_png()), "over the limit|too large"),
+        "traversal": (str(root / ".." / "outside" / "secret.jpg"), "outside the allowed roots"),
+        "relative-traversal": ("../outside/secret.jpg", "outside the allowed roots"),
+        "absolute": (str(secret), "outside the allowed roots"),
+        "symlink": (str(root / "escape.jpg"), "outside the allowed roots"),
+        "missing": (str(root / "nope.jpg"), "no such file"),
+    }
+    records = [record("good-1", put(root, "g1.jpg", good))]
+    records += [record(name, uri) for name, (uri, _) in bad.items()]
+    records += [record("good-2", put(root, "sub/g2.png", _png(2))), Record("kafka", "{oops", None, "not JSON")]
+    report = await pipeline.write(records)
+
+    assert (report.indexed, report.failed) == (2, len(bad) + 1)
+    reasons = dict(report.failures)
+    for name, (_, why) in bad.items():
+        assert reasons[f"kafka:{name}"]
+        assert any(w in reasons[f"kafka:{name}"] for w in why.split("|")), reasons[f"kafka:{name}"]
+    assert "not JSON" in reasons["{oops"]
+    letters = {d.item_id or d.payload: d for d in store.dead_letters()}
+    assert set(letters) == {f"kafka:{n}" for n in bad} | {"{oops"}
+    assert json.loads(letters["kafka:bomb"].payload)["uri"].endswith("bomb.png")  # the raw event, for a retry
+    for name in ("good-1", "good-2"):
+        item = store.get_item(f"kafka:{name}")
+        assert item is not None and item.status == "indexed"
+    failed = store.get_item("kafka:truncated")
+    assert failed is not None and failed.status == "failed" and failed.reason
+
+
+async def test_a_failed_update_keeps_the_older_good_vector(pipeline: Pipeline, store: Store, root: Path) -> None:
+    await pipeline.write([record("a", put(root, "a.jpg", jpeg(1)))])
+    report = await pipeline.write([record("a", put(root, "broken.jpg", b"garbage"))])
+    assert report.failed == 1
+    assert store.item_vector("kafka:a") is not None
+    assert store.stats().dead_letters == 1
+
+
+async def test_transient_fetch_failures_are_retried_then_dead_lettered(
+    store: Store, tiny_embedder: Embedder, root: Path
+) -> None:
+    data = jpeg(3)
+    calls: dict[str, int] = {}
+
+    def flaky(uri: str) -> bytes:
+        calls[uri] = calls.get(uri, 0) + 1
+        if uri == "http://img/flaky" and calls[uri] <= 2:
+            raise FetchFailed(f"{uri}: HTTP 503")
+        if uri == "http://img/down":
+            raise FetchFailed(f"{uri}: timed out")
+        if uri == "http://img/gone":
+            raise SourceNotFound(f"{uri}: HTTP 404")
+        return data
+
+    p = make_pipeline(store, tiny_embedder, root, fetch=flaky, fetch_retries=3)
+    try:
+        report = await p.write(
+            [record("flaky", "http://img/flaky"), record("down", "http://img/down"), record("gone", "http://img/gone")]
+        )
+    finally:
+        p.close()
+    assert report.indexed == 1 and report.failed == 2
+    assert calls == {"http://img/flaky": 3, "http://img/down": 4, "http://img/gone": 1}  # permanent: no retry
+    tries = {d.item_id: d.tries for d in store.dead_letters()}
+    assert tries == {"kafka:down": 4, "kafka:gone": 1}
+
+
+# -- the store fails: nothing is half-written, and the replay succeeds -----------------------------------------
+
+
+async def test_a_store_failure_raises_and_writes_nothing(pipeline: Pipeline, store: Store, root: Path) -> None:
+    records = [record(f"s{i}", put(root, f"{i}.jpg", jpeg(i))) for i in range(3)] + [record("bad", str(root / "x.jpg"))]
+    with sqlite3.connect(store.path) as db:  # the disk "fills up" after the vectors are written
+        db.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON items BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    with pytest.raises(StoreError, match="disk is full"):
+        await pipeline.write(records)
+    stats = store.stats()
+    assert (stats.items, stats.vectors, stats.dead_letters, stats.meta.seq) == (0, 0, 0, 0)
+
+    with sqlite3.connect(store.path) as db:
+        db.execute("DROP TRIGGER full")
+    report = await pipeline.write(records)  # the source replays the batch it did not commit
+    assert (report.indexed, report.failed) == (3, 1)
+    assert store.stats().vectors == 3
+
+
+# -- the model runs off the event loop, overlapped with decoding -------------------------------------------------
+
+
+class SlowModel:
+    """The tiny model, taking `delay` seconds per call, like a big one."""
+
+    def __init__(self, inner: Embedder, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.device = inner.device
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.inner.preprocess(image)
+
+    def encode_images(self, batch: torch.Tensor) -> Any:
+        time.sleep(self.delay)
+        return self.inner.encode_images(batch)
+
+
+async def test_the_event_loop_keeps_running_while_the_model_works(
+    store: Store, tiny_embedder: Embedder, root: Path
+) -> None:
+    p = make_pipeline(store, SlowModel(tiny_embedder, 0.3), root, embed_batch=8)
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    ticker = asyncio.create_task(heartbeat())
+    try:
+        started = time.monotonic()
+        await p.write([record(f"x{i}", put(root, f"{i}.jpg", jpeg(i))) for i in range(8)])
+        assert time.monotonic() - started >= 0.3
+    finally:
+        done.set()
+        await ticker
+        p.close()
+    assert max(gaps) < 0.2  # a model call on the loop would stall it for 0.3 s
+
+
+def _png(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(seed))).save(out, format="PNG")
+    return out.getvalue()
