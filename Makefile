@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DIR    ?= ./images
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run demo test lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ setup: $(VENV)/.installed
 
 run: setup
 	$(BIN)/clipdex run $(DIR)
+
+# Offline: generated images and the bundled shapes model (knows only shapes and colours).
+demo: setup
+	$(BIN)/clipdex demo
 
 lint: setup
 	$(BIN)/ruff check .
