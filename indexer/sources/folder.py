@@ -340,8 +340,10 @@ class FolderSource:
             self.root,
             watch_filter=self._wanted,
             stop_event=halt,
-            debounce=1600,
-            step=50,
+            # watchfiles yields once changes pause for `step` ms, or after `debounce` ms at the latest: with
+            # its default of 1600 ms, a steady stream of files (one every 50 ms) waited 1.6 s for each batch.
+            debounce=150,
+            step=30,
             force_polling=self.force_polling,
             poll_delay_ms=self.poll_delay_ms,
             recursive=True,
