@@ -148,6 +148,15 @@ class Settings(BaseSettings):
     def _hosts_lower(cls, value: list[str]) -> list[str]:
         return [h.lower() for h in value]
 
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        # `CLIPDEX_API_TOKEN=` (compose writes an unset variable so) is no token, not the empty token:
+        # otherwise "a non-loopback bind needs a token" passes while requests need none.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("pretrained")
     @classmethod
     def _pretrained_not_empty(cls, value: str) -> str:
