@@ -206,7 +206,7 @@ def test_a_store_refuses_a_second_model_even_after_reopening(store: Store, tmp_p
 
 def test_the_same_architecture_with_other_weights_is_refused(store: Store) -> None:
     store.bind_model(TINY)
-    with pytest.raises(ModelMismatchError, match="weights abc123def456.*weights 000000000000"):
+    with pytest.raises(ModelMismatchError, match=r"weights abc123def456.*weights 000000000000"):
         store.bind_model(ModelIdentity("clipdex-tiny", "none", 32, "0000000000000000"))
 
 
