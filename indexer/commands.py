@@ -180,7 +180,13 @@ def status_of(settings: Settings) -> dict[str, Any]:
     for hb in indexers:
         hb["seconds_since_update"] = round(now - float(hb.get("updated_at", now)), 1)
     running = [hb for hb in indexers if hb.get("state") == "running"]
-    lags = [float(hb["lag_s"]) for hb in running if isinstance(hb.get("lag_s"), int | float)]
+    # Lag: from event to durable, as the last batch measured it, while anything is still pending; a running
+    # indexer with nothing pending has caught up. None when no indexer runs.
+    lags = [
+        float(hb.get("lag_s") or 0.0) if int(hb.get("pending") or 0) > 0 else 0.0
+        for hb in running
+        if isinstance(hb.get("lag_s", 0.0), int | float)
+    ]
     out["lag_s"] = round(max(lags), 3) if lags else None
     out["pending"] = sum(int(hb.get("pending") or 0) for hb in running)
     out["indexers"] = indexers
@@ -210,8 +216,8 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         f"newest      {st['newest_indexed_at'] or '-'}",
         f"compacted   {st['last_compaction_at'] or 'never'}",
     ]
-    lag = "-" if st["lag_s"] is None else f"{st['lag_s']:.2f} s"
-    lines.append(f"lag         {lag} (last batch), {st['pending']} pending")
+    lag = "- (no indexer running)" if st["lag_s"] is None else f"{st['lag_s']:.2f} s"
+    lines.append(f"lag         {lag}, {st['pending']} pending")
     for hb in st["indexers"]:
         where = hb.get("root") or hb.get("topic") or ""
         lines.append(

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer.commands import status_of
 from indexer.service import watch_folder
 from indexer.sources.folder import FolderSummary
 from shared.config import Settings
@@ -195,7 +196,12 @@ async def test_polling_mode_sees_new_files(settings: Settings, root: Path) -> No
     async with watching(polling, root):
         (root / "polled.jpg").write_bytes(jpeg(7))
         item = await until(lambda: stored(polling, "folder:polled.jpg"), what="the polled file")
+        status = await until(lambda: (s := status_of(polling))["pending"] == 0 and s, what="nothing pending")
+        assert status["items"] == 1 and status["lag_s"] == 0.0  # caught up
+        (watcher,) = status["indexers"]
+        assert watcher["state"] == "running" and watcher["root"] == str(root) and watcher["pid"] == os.getpid()
     assert item.status == "indexed"
+    assert status_of(polling)["indexers"][0]["state"] == "stopped" and status_of(polling)["lag_s"] is None
 
 
 def _png(seed: int) -> bytes:
