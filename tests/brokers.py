@@ -20,6 +20,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
+
+
+class Position(NamedTuple):
+    partition: int
+    offset: int
+
 
 EXTERNAL_BOOTSTRAP = os.environ.get("CLIPDEX_TEST_KAFKA_BOOTSTRAP") or None
 
@@ -94,12 +101,13 @@ class TansuBroker:
     def __init__(
         self,
         *,
+        port: int | None = None,
         storage: str = "memory://tansu/",
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         s3: MotoS3 | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.storage = storage
         self._env = env
@@ -168,3 +176,63 @@ async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
     finally:
         await admin.close()
     await asyncio.sleep(0)  # let the client's connections close before the loop ends
+
+
+# -- publishing and reading back ---------------------------------------------------------------------------------
+
+# Apache Kafka refuses session timeouts under 6 s; tansu takes anything, and a short one keeps restarts fast.
+SESSION_TIMEOUT_MS = 6000 if EXTERNAL_BOOTSTRAP else 2000
+
+
+async def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> list[Position]:
+    """Send (key, value) messages, wait until the broker has them all, and say where each one went."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value=value, key=key) for key, value in messages]
+        written = await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    return [Position(meta.partition, meta.offset) for meta in written]
+
+
+def ends_of(positions: list[Position], partitions: int = 3) -> dict[int, int]:
+    """For each partition, the offset after the last message written: where a group that read them all resumes."""
+    ends = dict.fromkeys(range(partitions), 0)
+    for p in positions:
+        ends[p.partition] = max(ends[p.partition], p.offset + 1)
+    return ends
+
+
+async def committed_offsets(bootstrap: str, topic: str, group: str, partitions: int = 3) -> dict[int, int]:
+    """The offsets `group` committed on `topic` (0 where none).
+
+    Ask the producer, not the broker, where a partition ends: tansu 0.6 reports the end of a partition as
+    one past the first offset of its last record batch, not one past its last record."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {p: (await consumer.committed(TopicPartition(topic, p))) or 0 for p in range(partitions)}
+    finally:
+        await consumer.stop()
+
+
+async def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list[object]:
+    """The first `expected` messages of `topic` (aiokafka ConsumerRecords), read without a group."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    got: list[object] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(got) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            got += [r for records in batch.values() for r in records]
+    finally:
+        await consumer.stop()
+    return got

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from indexer.cli import main
 from indexer.dlq import MemoryDeadLetters, dead_letters_for
 from indexer.records import BatchReport, Record
 from indexer.sources.kafka import Backoff, KafkaSource, Message, next_offsets, to_record
@@ -296,3 +297,10 @@ async def test_every_batch_logs_one_line_with_its_timings_and_lag(caplog: pytest
     assert len(lines) == 3
     assert "source=kafka size=2" in lines[0] and "pending=3" in lines[0]
     assert all(f in lines[0] for f in ("decode_ms=", "embed_ms=", "write_ms=", "lag_ms="))
+
+
+def test_consume_without_a_broker_or_a_topic_says_which_flag_to_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["consume", "--topic", "t"]) == 2
+    assert "--bootstrap-servers" in capsys.readouterr().err
+    assert main(["consume", "--bootstrap-servers", "127.0.0.1:9"]) == 2
+    assert "CLIPDEX_KAFKA_TOPIC" in capsys.readouterr().err
