@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import anyio
 import anyio.to_thread
 
 from shared.core import Core
@@ -86,6 +88,9 @@ class Queries:
         self._thumbs: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self._thumbs_max = thumbnail_cache
         self._thumbs_lock = threading.Lock()
+        # Model calls and FAISS scans use every core already: more threads than cores only thrash.
+        self._workers = max(4, 2 * (os.cpu_count() or 1))
+        self._limiter: anyio.CapacityLimiter | None = None
 
     @property
     def max_image_bytes(self) -> int:
@@ -215,8 +220,10 @@ class Queries:
 
     async def _call(self, transport: str, kind: str, fn: Callable[[], T]) -> T:
         timer = self.metrics.timer(transport, kind)
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self._workers)
         try:
-            result = await anyio.to_thread.run_sync(fn)
+            result = await anyio.to_thread.run_sync(fn, limiter=self._limiter)
         except ClipdexError as exc:
             timer.failed(type(exc).__name__)
             raise
