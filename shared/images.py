@@ -59,10 +59,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return background
     if img.mode in _WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
-        peak = float(arr.max()) if arr.size else 0.0
-        if peak > 255:  # 16-bit (or wider) samples: scale to 8 bits rather than clip
-            arr = arr * (255.0 / (65535.0 if peak <= 65535 else peak))
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+        if img.mode.startswith("I;16"):  # known 16-bit: scale, however dark the image is
+            arr = arr / 257.0
+        else:
+            peak = float(arr.max()) if arr.size else 0.0
+            if peak > 255:  # wider samples of unknown depth: scale to 8 bits rather than clip
+                arr = arr * (255.0 / (65535.0 if peak <= 65535 else peak))
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     return img.convert("RGB")
 
 
