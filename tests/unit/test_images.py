@@ -151,7 +151,7 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header() -> None:
 
 
 def test_a_decompression_bomb_is_refused_before_decoding() -> None:
-    with pytest.raises(ImageRejected, match="too large|over the limit"):
+    with pytest.raises(ImageRejected, match=r"too large|over the limit"):
         decode_image(_png_header_only(100_000, 100_000), max_pixels=64_000_000)
 
 
@@ -160,6 +160,27 @@ def test_the_pixel_limit_is_the_callers() -> None:
     assert decode_image(data, max_pixels=10_000).size == (100, 100)
     with pytest.raises(ImageRejected, match="10,000 pixels, over the limit of 9,999"):
         decode_image(data, max_pixels=9_999)
+
+
+def test_corrupted_images_are_refused_never_raised_as_something_else() -> None:
+    """A bad file must become a dead letter, not crash the batch: only ImageRejected may come out."""
+    rng = random.Random(5)
+    noise = Image.effect_noise((48, 32), 50).convert("RGB")
+    originals = [encode(noise, fmt) for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")]
+    outcomes = {"decoded": 0, "rejected": 0}
+    for n in range(300):
+        data = bytearray(originals[n % len(originals)])
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(1, len(data))]
+        try:
+            assert decode_image(bytes(data), max_pixels=LIMIT).mode == "RGB"
+            outcomes["decoded"] += 1
+        except ImageRejected as exc:
+            assert str(exc)
+            outcomes["rejected"] += 1
+    assert min(outcomes.values()) > 30, outcomes
 
 
 # -- thumbnails ------------------------------------------------------------------------------------------------------
