@@ -100,8 +100,8 @@ class Settings(BaseSettings):
         "auto", description="Main index type; `auto` is flat below ann_threshold vectors, else IVF."
     )
     ann_threshold: int = Field(200_000, ge=1, description="Vectors at which `auto` switches to an ANN index.")
-    ivf_nlist: int | None = Field(None, ge=1, description="IVF lists; default about 4*sqrt(n).")
-    ivf_nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query; default nlist/16.")
+    ivf_nlist: int | None = Field(None, ge=1, description="IVF lists; default about sqrt(n).")
+    ivf_nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query; default nlist/32, at least 16.")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
     hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth.")
     compact_delta_size: int = Field(20_000, ge=1, description="Compact when the delta index holds this many vectors.")

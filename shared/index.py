@@ -72,17 +72,20 @@ class IndexParams:
     def nlist(self, n: int) -> int:
         if self.ivf_nlist:
             return self.ivf_nlist
-        # ~4*sqrt(n), and at least 39 training points per list so k-means is meaningful
-        return max(1, min(int(4 * math.sqrt(n)), n // 39))
+        # ~sqrt(n) lists (1000 at 1M: k-means on a 64k sample takes ~20 s on 2 cores; 4*sqrt(n) would
+        # take minutes), and at least 39 training points per list so k-means is meaningful
+        return max(1, min(int(math.sqrt(n)), n // 39))
 
     def nprobe(self, nlist: int) -> int:
-        return self.ivf_nprobe or max(8, nlist // 32)
+        # ~3% of the lists (recall@10 0.99 at 1M, p50 ~3 ms: bench/RESULTS.md), and never fewer than 16
+        # (or all of them), which small indexes need for their recall and can afford
+        return self.ivf_nprobe or max(min(nlist, 16), nlist // 32)
 
 
 # -- building, saving and loading a main index ----------------------------------------------------------------
 
 
-def new_index(kind: str, dim: int, params: IndexParams, train: Embedding | None = None) -> Any:
+def new_index(kind: str, dim: int, params: IndexParams, train: Embedding | None = None, n: int | None = None) -> Any:
     """An empty index that takes explicit ids and scores by inner product (cosine on unit vectors)."""
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
@@ -93,7 +96,7 @@ def new_index(kind: str, dim: int, params: IndexParams, train: Embedding | None 
         return faiss.IndexIDMap2(hnsw)
     if kind == "ivf":
         assert train is not None and len(train) > 0, "an IVF index needs training vectors"
-        nlist = params.nlist(len(train))
+        nlist = params.nlist(n if n is not None else len(train))  # sized for the whole collection
         quantizer = faiss.IndexFlatIP(dim)
         ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.train(np.ascontiguousarray(train))
@@ -158,17 +161,19 @@ def build_from_store(store: Store, params: IndexParams, dim: int, upto: int) -> 
     kind = params.choose_kind(len(ids))
     if kind == "ivf" and len(ids) == 0:
         kind = "flat"
-    index = new_index(kind, dim, params, train=_training_sample(vecs) if kind == "ivf" else None)
+    train = _training_sample(vecs, params.nlist(len(vecs))) if kind == "ivf" else None
+    index = new_index(kind, dim, params, train=train, n=len(ids))
     if len(ids):
         index.add_with_ids(vecs, ids)
     return index
 
 
-def _training_sample(vecs: Embedding, per_list: int = 64, max_points: int = 262_144) -> Embedding:
-    if len(vecs) <= max_points:
+def _training_sample(vecs: Embedding, nlist: int, per_list: int = 64) -> Embedding:
+    """k-means needs a few dozen points per list, not the whole collection: 64k of 1M trains 1000 lists."""
+    if len(vecs) <= per_list * nlist:
         return vecs
     rng = np.random.default_rng(0)
-    return vecs[rng.choice(len(vecs), size=max_points, replace=False)]
+    return vecs[np.sort(rng.choice(len(vecs), size=per_list * nlist, replace=False))]
 
 
 # -- the live index of one query process --------------------------------------------------------------------

@@ -187,7 +187,7 @@ def test_a_deleted_vector_added_and_removed_between_refreshes_is_never_found(sto
 # -- approximate mains -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_ann_main_keeps_recall_at_10_through_writes_and_compactions(kind: str, store: Store, tmp_path: Path) -> None:
     base, queries = clustered_vectors(6000, 50)
     oracle = Oracle(store)
