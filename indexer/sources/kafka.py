@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -38,6 +36,7 @@ from indexer.events import parse_event
 from indexer.heartbeat import Heartbeat
 from indexer.pipeline import open_pipeline
 from indexer.records import BatchReport, Record, Sink
+from indexer.service import stop_on_signals
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
 from shared.errors import ClipdexError, ConfigError, InvalidEvent, StoreError
@@ -151,6 +150,7 @@ class KafkaSource:
         commit_attempt_s: float = 10.0,
         stop_grace_s: float = 30.0,
         heartbeat: Heartbeat | None = None,
+        stop: asyncio.Event | None = None,
         describe: str = "the Kafka broker",
     ) -> None:
         self._consumer = consumer
@@ -164,7 +164,7 @@ class KafkaSource:
         self._describe = describe
         self._heartbeat = heartbeat
         self._last_beat = 0.0
-        self._stopping = asyncio.Event()
+        self._stopping = stop or asyncio.Event()  # set: finish the batch in flight, commit, return
         self._batch_lock = asyncio.Lock()  # held from fetch to commit: a rebalance waits for it
         self.stats = SourceStats()
 
@@ -329,12 +329,15 @@ class KafkaSource:
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    def __init__(self, on_revoked: RevokeHandler) -> None:
+    def __init__(self, on_revoked: RevokeHandler, fetched: dict[TopicPartition, int]) -> None:
         self._on_revoked = on_revoked
+        self._fetched = fetched
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         if revoked:
             await self._on_revoked()
+            for tp in revoked:
+                self._fetched.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         logger.info("assigned partitions %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
@@ -391,7 +394,7 @@ class AioKafkaConsumer:
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
             request_timeout_ms=self._request_timeout_ms,
         )
-        consumer.subscribe([self.topic], listener=_Listener(on_revoked))
+        consumer.subscribe([self.topic], listener=_Listener(on_revoked, self._fetched))
         try:
             await consumer.start()
         except KafkaError as exc:
@@ -494,6 +497,8 @@ def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> int:
     """The composition root of the Kafka indexer: the pipeline (store + model) and a consumer, until a signal."""
     servers, topic = require_kafka(settings)
+    stop = asyncio.Event()
+    stop_on_signals(stop)  # from here on: a signal while the model loads is a clean exit too
     async with open_sink(settings) as sink:
         dead_letters = KafkaDeadLetters(servers, settings.kafka_dlq_topic) if settings.kafka_dlq_topic else None
         source = KafkaSource(
@@ -503,9 +508,9 @@ async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> in
             max_wait_ms=settings.max_batch_wait_ms,
             dead_letters=dead_letters,
             heartbeat=Heartbeat(settings.data_dir, SOURCE, topic=topic, group=settings.kafka_group, servers=servers),
+            stop=stop,
             describe=f"Kafka broker {servers} (topic {topic}, group {settings.kafka_group})",
         )
-        _stop_on_signals(source)
         try:
             await source.run()
         except StoreError as exc:
@@ -516,17 +521,3 @@ async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> in
             )
             return 1
     return 0
-
-
-def _stop_on_signals(source: KafkaSource) -> None:
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if source.stopping:  # a second signal: the user means it; the uncommitted batch replays
-            logger.warning("second %s: exiting without waiting for the batch in flight", signal.Signals(signum).name)
-            os._exit(130)
-        logger.info("%s: finishing the batch in flight, committing, then exiting", signal.Signals(signum).name)
-        source.request_stop()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)

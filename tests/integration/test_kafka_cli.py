@@ -145,6 +145,7 @@ async def test_started_before_its_broker_it_waits_then_sigterm_commits_the_batch
 
     assert code == 0, consumer.text()[-3000:]
     assert "SIGTERM: finishing the batch in flight" in consumer.text()
+    assert "stopped after" in consumer.text()
     where = dict(zip(ids, positions, strict=True))
     done = {i for i, p in where.items() if p.offset < committed[p.partition]}
     assert 20 <= len(done) < len(ids), "the signal did not land mid-stream"
