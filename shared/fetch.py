@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
@@ -48,7 +48,7 @@ def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     if parts.scheme in ("http", "https"):
         return fetch_url(uri, policy)
     if parts.scheme == "file":
-        return read_path(parts.path, policy)
+        return read_path(unquote(parts.path), policy)  # file:///a/b%20c.jpg names "/a/b c.jpg"
     if parts.scheme and len(parts.scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise SourceNotFound(f"unsupported URI scheme {parts.scheme!r}; use a path, file://, http or https")
     return read_path(uri, policy)
