@@ -60,10 +60,13 @@ def resolve_path(path: str | Path, policy: FetchPolicy) -> Path:
         raise PathNotAllowed(f"{path}: no allowed roots are configured (CLIPDEX_ALLOWED_ROOTS)")
     raw = Path(path)
     candidates = [raw] if raw.is_absolute() else [root / raw for root in policy.roots]
-    for candidate in candidates:
-        real = Path(os.path.realpath(candidate))
-        if any(real.is_relative_to(root) for root in policy.roots):
-            return real
+    allowed = [
+        real
+        for real in (Path(os.path.realpath(c)) for c in candidates)
+        if any(real.is_relative_to(root) for root in policy.roots)
+    ]
+    if allowed:  # a relative path names the file under whichever root holds it
+        return next((real for real in allowed if real.exists()), allowed[0])
     roots = ", ".join(str(r) for r in policy.roots)
     raise PathNotAllowed(f"{path}: outside the allowed roots ({roots}); see CLIPDEX_ALLOWED_ROOTS")
 

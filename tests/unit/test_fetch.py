@@ -12,7 +12,7 @@ import pytest
 
 from shared.config import Settings
 from shared.errors import FetchFailed, HostNotAllowed, ImageRejected, PathNotAllowed, SourceNotFound
-from shared.fetch import FetchPolicy, fetch_bytes, fetch_url
+from shared.fetch import FetchPolicy, fetch_bytes, fetch_url, resolve_path
 from tests.conftest import tiny_settings_for
 
 
@@ -70,6 +70,14 @@ def test_a_symlink_that_escapes_the_root_is_refused(root: Path, tmp_path: Path) 
 def test_a_symlink_inside_the_root_is_fine(root: Path) -> None:
     (root / "alias.jpg").symlink_to(root / "cats" / "tom.jpg")
     assert fetch_bytes("alias.jpg", policy(root)) == b"tom"
+
+
+def test_a_relative_path_is_found_under_whichever_root_holds_it(root: Path, tmp_path: Path) -> None:
+    other = tmp_path / "more"
+    (other / "dogs").mkdir(parents=True)
+    (other / "dogs" / "rex.jpg").write_bytes(b"rex")
+    assert fetch_bytes("dogs/rex.jpg", policy(root, other)) == b"rex"
+    assert resolve_path("cats/tom.jpg", policy(root, other)) == Path(os.path.realpath(root / "cats" / "tom.jpg"))
 
 
 def test_no_roots_means_no_paths(root: Path) -> None:
