@@ -119,8 +119,10 @@ def fetch_url(url: str, policy: FetchPolicy, transport: httpx.BaseTransport | No
                     return _read_capped(url, response, policy.max_bytes)
             except httpx.TimeoutException as exc:
                 raise FetchFailed(f"{url}: timed out after {policy.timeout_s:g} s") from exc
-            except httpx.TransportError as exc:
+            except httpx.HTTPError as exc:  # transport errors, and a body that does not decode (bad gzip)
                 raise FetchFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
+            except httpx.InvalidURL as exc:
+                raise SourceNotFound(f"{url}: invalid URL ({exc})") from exc
     raise SourceNotFound(f"{url}: more than {_MAX_REDIRECTS} redirects")
 
 

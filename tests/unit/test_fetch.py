@@ -206,6 +206,17 @@ def test_timeouts_and_connection_errors_are_retriable(exc: Exception) -> None:
     assert err.value.retriable
 
 
+def test_a_broken_compressed_body_is_a_fetch_failure_not_a_crash() -> None:
+    transport = serve(b"\x1f\x8b not really gzip", **{"content-encoding": "gzip"})
+    with pytest.raises(FetchFailed):
+        fetch_url("https://img.example.com/a.jpg", WEB, transport=transport)
+
+
+def test_a_url_httpx_cannot_parse_is_an_item_error_not_a_crash() -> None:
+    with pytest.raises(SourceNotFound, match="invalid URL"):
+        fetch_url("https://img.example.com/a\x00.jpg", WEB, transport=serve())
+
+
 def test_a_declared_length_over_the_cap_is_refused_before_reading() -> None:
     with pytest.raises(ImageRejected, match="over the limit"):
         fetch_url("https://img.example.com/a.jpg", WEB, transport=serve(b"x" * 2000))
