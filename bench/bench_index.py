@@ -3,9 +3,10 @@
     python -m bench.bench_index            # 200 generated 800x600 JPEGs, ViT-B-32 random weights (a few minutes)
     python -m bench.bench_index --quick    # 24 images, the tiny test model: a smoke run (seconds)
 
-Three figures, one process, the same images:
+Three figures, one process, the same images, in `--rounds` interleaved rounds (the best round of each
+figure counts: on a machine that others share, a busy spell only ever slows a figure down):
 - encode only: images decoded and preprocessed beforehand, then the model on batches of 64 (the ceiling);
-  measured before and after the end-to-end run, and averaged, to even out a machine that others share;
+  measured before and after the end-to-end run of the round, and averaged;
 - seed loop: open, preprocess, encode, one image at a time (what the seed project did);
 - clipdex index: the real write path (FolderSource.index_once over the Pipeline): scan, read, hash, decode +
   preprocess in the pool overlapped with the model, one SQLite transaction per micro-batch; from files
@@ -106,11 +107,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sample = paths[: args.encode_images]
     tensors = [embedder.preprocess(decode_image(p.read_bytes(), max_pixels=settings.max_pixels)) for p in sample]
     encode_only(embedder, tensors[:8], 8)  # warm up: the first calls allocate
-    before = encode_only(embedder, tensors, args.batch_size)
-    e2e, detail = asyncio.run(clipdex_index(embedder, settings, root))
-    after = encode_only(embedder, tensors, args.batch_size)
-    seed = seed_loop(embedder, paths[: args.seed_images])
-    encode = (before + after) / 2
+    rounds: list[dict[str, float]] = []
+    for _ in range(args.rounds):  # interleaved, so that a busy spell of the machine hits every figure alike
+        shutil.rmtree(data, ignore_errors=True)
+        before = encode_only(embedder, tensors, args.batch_size)
+        e2e, detail = asyncio.run(clipdex_index(embedder, settings, root))
+        after = encode_only(embedder, tensors, args.batch_size)
+        seed = seed_loop(embedder, paths[: args.seed_images])
+        rounds.append({"encode_only": (before + after) / 2, "clipdex_index": e2e, "seed_loop": seed})
+    # Other processes only ever slow a figure down: the best round of each is the least disturbed one.
+    encode = max(r["encode_only"] for r in rounds)
+    e2e = max(r["clipdex_index"] for r in rounds)
+    seed = max(r["seed_loop"] for r in rounds)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "device": str(embedder.device),
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "images": f"{len(paths)} JPEGs {args.width}x{args.height}",
         "batch_size": args.batch_size,
         "encode_only_img_s": round(encode, 2),
-        "encode_only_before_after": [round(before, 2), round(after, 2)],
+        "rounds": [{k: round(v, 2) for k, v in r.items()} for r in rounds],
         "seed_loop_img_s": round(seed, 2),
         "clipdex_index_img_s": round(e2e, 2),
         "ratio_to_encode_only": round(e2e / encode, 3),
@@ -140,13 +148,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--encode-images", type=int, default=128, help="images in the encode-only measurement")
     parser.add_argument("--seed-images", type=int, default=32, help="images in the one-at-a-time loop")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="repeat all three; the best round of each counts")
     parser.add_argument("--width", type=int, default=800)
     parser.add_argument("--height", type=int, default=600)
     parser.add_argument("--work-dir", help="keep the generated images here (reused by the next run)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.images, args.encode_images, args.seed_images = "clipdex-tiny", 24, 16, 8
+        args.model, args.images, args.encode_images, args.seed_images, args.rounds = "clipdex-tiny", 24, 16, 8, 1
         args.width, args.height = 200, 150
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = result
         print(
             f"{r['model']} on {r['device']}, {r['images']}, batch {r['batch_size']}\n"
-            f"  encode only     {r['encode_only_img_s']:8.2f} images/s {r['encode_only_before_after']}\n"
+            f"  encode only     {r['encode_only_img_s']:8.2f} images/s\n"
             f"  seed loop       {r['seed_loop_img_s']:8.2f} images/s\n"
             f"  clipdex index   {r['clipdex_index_img_s']:8.2f} images/s  = {r['ratio_to_encode_only']:.3f} x "
             f"encode only (target >= 0.85), {r['ratio_to_seed_loop']:.2f} x seed loop (target >= 1.8)"
