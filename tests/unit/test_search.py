@@ -1,0 +1,234 @@
+"""SearchService on a real store and index with the tiny model: filters, min_score, top_k, find-similar."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.embedder import Embedder
+from shared.errors import InvalidRequest, NotFound
+from shared.index import IndexParams, LiveIndex, compact
+from shared.search import SearchService
+from shared.store import Delete, Failure, Store, Upsert
+from shared.types import Filters
+
+DIM = 32
+PARAMS = IndexParams("flat", 200_000, None, None, 16, 64, 10**6, 1e9)
+
+
+def unit(seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return x / np.linalg.norm(x)
+
+
+def towards(target: np.ndarray, cos: float, seed: int) -> np.ndarray:
+    """A unit vector whose cosine with `target` is exactly `cos`."""
+    other = unit(seed)
+    other -= (other @ target) * target
+    other /= np.linalg.norm(other)
+    return (cos * target + np.sqrt(1 - cos**2) * other).astype(np.float32)
+
+
+class World:
+    def __init__(self, tmp_path: Path, embedder: Embedder) -> None:
+        self.store = Store(tmp_path / "db.sqlite3")
+        self.index = LiveIndex(self.store, DIM, PARAMS, tmp_path / "index")
+        self.search = SearchService(self.store, self.index, embedder)
+        self.tmp_path = tmp_path
+
+    def add(self, item_id: str, vector: np.ndarray, source: str = "kafka", **metadata: Any) -> None:
+        self.store.apply(upserts=[Upsert(item_id, source, f"https://x/{item_id}", f"sha-{item_id}", metadata, vector)])
+
+    def refresh(self) -> None:
+        self.index.refresh()
+
+
+@pytest.fixture
+def world(tmp_path: Path, tiny_embedder: Embedder) -> Iterator[World]:
+    w = World(tmp_path, tiny_embedder)
+    yield w
+    w.store.close()
+
+
+QUERY = unit(1000)
+
+
+@pytest.fixture
+def ranked(world: World) -> World:
+    """item-0 .. item-19 with cosines 0.95, 0.90, ... to QUERY; even ones are red, every third from the folder."""
+    for i in range(20):
+        colour = "red" if i % 2 == 0 else "blue"
+        source = "folder" if i % 3 == 0 else "kafka"
+        world.add(f"item-{i}", towards(QUERY, 0.95 - 0.05 * i, seed=i), source=source, colour=colour, rank=i)
+    world.refresh()
+    return world
+
+
+def ids(hits: Any) -> list[str]:
+    return [h.id for h in hits]
+
+
+# -- ranking, filters, min_score --------------------------------------------------------------------------------
+
+
+def test_hits_are_best_first_with_their_uri_score_and_metadata(ranked: World) -> None:
+    hits = ranked.search.search_vector(QUERY, 3)
+    assert ids(hits) == ["item-0", "item-1", "item-2"]
+    assert hits[0].uri == "https://x/item-0" and hits[0].metadata == {"colour": "red", "rank": 0}
+    np.testing.assert_allclose([h.score for h in hits], [0.95, 0.90, 0.85], atol=1e-5)
+
+
+def test_metadata_filters_are_equality_on_every_key(ranked: World) -> None:
+    red = ranked.search.search_vector(QUERY, 5, Filters(metadata={"colour": "red"}))
+    assert ids(red) == ["item-0", "item-2", "item-4", "item-6", "item-8"]
+    assert ids(ranked.search.search_vector(QUERY, 5, Filters(metadata={"colour": "red", "rank": 4}))) == ["item-4"]
+    assert ranked.search.search_vector(QUERY, 5, Filters(metadata={"colour": "green"})) == []
+    assert ranked.search.search_vector(QUERY, 5, Filters(metadata={"missing-key": None})) != []  # absent == None
+
+
+def test_the_source_filter(ranked: World) -> None:
+    hits = ranked.search.search_vector(QUERY, 10, Filters(source="folder"))
+    assert ids(hits) == ["item-0", "item-3", "item-6", "item-9", "item-12", "item-15", "item-18"]
+    both = ranked.search.search_vector(QUERY, 10, Filters(metadata={"colour": "blue"}, source="folder"))
+    assert ids(both) == ["item-3", "item-9", "item-15"]
+
+
+def test_a_selective_filter_still_finds_top_k_far_down_the_ranking(world: World) -> None:
+    world.store.apply(
+        upserts=[
+            Upsert(f"n{i}", "kafka", f"https://x/n{i}", f"sha-n{i}", {"tag": "rare" if i >= 280 else "common"}, v)
+            for i, v in ((i, towards(QUERY, 0.99 - 0.003 * i, seed=i)) for i in range(300))
+        ]
+    )
+    world.refresh()
+    hits = world.search.search_vector(QUERY, 10, Filters(metadata={"tag": "rare"}))
+    assert ids(hits) == [f"n{i}" for i in range(280, 290)]
+
+
+def test_min_score_cuts_the_list(ranked: World) -> None:
+    hits = ranked.search.search_vector(QUERY, 10, min_score=0.8)
+    assert ids(hits) == ["item-0", "item-1", "item-2", "item-3"]
+    assert ranked.search.search_vector(QUERY, 10, min_score=0.99) == []
+    red = ranked.search.search_vector(QUERY, 10, Filters(metadata={"colour": "red"}), min_score=0.72)
+    assert ids(red) == ["item-0", "item-2", "item-4"]
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 101, 10_000])
+def test_top_k_out_of_range_is_an_invalid_request(ranked: World, top_k: int) -> None:
+    with pytest.raises(InvalidRequest, match="between 1 and 100"):
+        ranked.search.search_text("a cat", top_k=top_k)
+    with pytest.raises(InvalidRequest):
+        ranked.search.similar_to_item("item-0", top_k=top_k)
+    with pytest.raises(InvalidRequest):
+        ranked.search.search_image(Image.new("RGB", (8, 8)), top_k=top_k)
+
+
+def test_top_k_bounds_are_inclusive(ranked: World) -> None:
+    assert len(ranked.search.search_text("a cat", top_k=1).hits) == 1
+    assert len(ranked.search.search_text("a cat", top_k=100).hits) == 20
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\n\t"])
+def test_an_empty_query_is_an_invalid_request(ranked: World, query: str) -> None:
+    with pytest.raises(InvalidRequest, match="empty"):
+        ranked.search.search_text(query)
+
+
+# -- text and image queries -----------------------------------------------------------------------------------------
+
+
+def test_text_search_finds_the_item_stored_with_that_texts_vector(world: World, tiny_embedder: Embedder) -> None:
+    captions = ["a red bicycle", "a sleeping cat", "the sea at night"]
+    for caption in captions:
+        world.add(caption.replace(" ", "-"), tiny_embedder.encode_texts([caption])[0].vector)
+    world.refresh()
+    result = world.search.search_text("  a sleeping cat ", top_k=1)  # surrounding blanks do not matter
+    assert ids(result.hits) == ["a-sleeping-cat"] and result.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert result.query_truncated is False
+    assert world.search.search_text(" ".join(["cat"] * 100)).query_truncated is True
+    assert (result.index.items, result.index.vectors, result.index.generation) == (3, 3, 0)
+
+
+def test_image_search_finds_the_same_image(world: World, tiny_embedder: Embedder) -> None:
+    images = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
+    for n, img in enumerate(images):
+        world.add(f"img-{n}", tiny_embedder.encode_images([img])[0])
+    world.refresh()
+    hits = world.search.search_image(images[2], top_k=1).hits
+    assert ids(hits) == ["img-2"] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+# -- find similar to a stored item ------------------------------------------------------------------------------------
+
+
+class NoModel:
+    """Stands in for the embedder: any model call fails the test."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"similar_to_item called the model ({name})")
+
+
+def test_similar_to_item_excludes_itself_and_makes_no_model_call(ranked: World) -> None:
+    service = SearchService(ranked.store, ranked.index, NoModel())  # type: ignore[arg-type]
+    hits = service.similar_to_item("item-0", top_k=3).hits
+    assert "item-0" not in ids(hits) and len(hits) == 3
+    stored = ranked.store.item_vector("item-0")
+    assert stored is not None
+    want = sorted(
+        (f"item-{i}" for i in range(1, 20)),
+        key=lambda item: -float(ranked.store.item_vector(item)[1] @ stored[1]),  # type: ignore[index]
+    )
+    assert ids(hits) == want[:3]
+
+
+def test_similar_to_item_with_filters_and_a_full_page(ranked: World) -> None:
+    hits = ranked.search.similar_to_item("item-0", top_k=19).hits
+    assert len(hits) == 19 and "item-0" not in ids(hits)
+    red = ranked.search.similar_to_item("item-0", top_k=5, filters=Filters(metadata={"colour": "red"})).hits
+    assert len(red) == 5 and all(h.metadata["colour"] == "red" and h.id != "item-0" for h in red)
+
+
+def test_an_unknown_item_is_not_found(ranked: World) -> None:
+    with pytest.raises(NotFound, match="no item with id 'nope'"):
+        ranked.search.similar_to_item("nope")
+
+
+def test_a_failed_item_without_a_vector_is_not_found_with_the_reason(ranked: World) -> None:
+    ranked.store.apply(failures=[Failure("kafka", "raw", "ImageRejected: truncated", id="broken")])
+    with pytest.raises(NotFound, match=r"has no vector.*truncated"):
+        ranked.search.similar_to_item("broken")
+
+
+# -- deletes and replacements -----------------------------------------------------------------------------------------
+
+
+def test_a_deleted_item_is_never_returned_even_before_the_index_refreshes(ranked: World) -> None:
+    ranked.store.apply(deletes=[Delete("item-0"), Delete("item-2")])
+    hits = ranked.search.search_vector(QUERY, 5)  # the index still holds both vectors
+    assert ids(hits) == ["item-1", "item-3", "item-4", "item-5", "item-6"]
+    assert "item-0" not in ids(ranked.search.similar_to_item("item-1", top_k=100).hits)
+
+
+def test_a_replaced_item_appears_once_with_its_new_vector(ranked: World) -> None:
+    ranked.add("item-19", towards(QUERY, 0.99, seed=99), colour="gold")  # was the worst match, now the best
+    before = ranked.search.search_vector(QUERY, 20)
+    assert "item-19" not in ids(before)  # the old vector is dead, the new one not yet in the index
+    ranked.refresh()
+    hits = ranked.search.search_vector(QUERY, 20)
+    assert ids(hits)[0] == "item-19" and ids(hits).count("item-19") == 1 and hits[0].metadata == {"colour": "gold"}
+
+
+def test_results_are_the_same_after_compaction(ranked: World) -> None:
+    before = ranked.search.search_vector(QUERY, 10)
+    compact(ranked.store, PARAMS, DIM, ranked.tmp_path / "index")
+    ranked.refresh()
+    after = ranked.search.search_vector(QUERY, 10)
+    assert ids(after) == ids(before)
+    info = ranked.search.info()
+    assert (info.generation, info.delta_size, info.vectors, info.items) == (1, 0, 20, 20)
+    assert info.newest_indexed_at is not None
