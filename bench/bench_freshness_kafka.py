@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,7 @@ from shared.synthetic import generate
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 READY_LINE = "consuming from"
+BATCH_FIELDS = re.compile(r"size=(\d+) .*decode_ms=(\d+) embed_ms=(\d+) write_ms=(\d+)")
 
 
 def model_env(args: argparse.Namespace, data: Path, images: Path) -> dict[str, str]:
@@ -206,7 +208,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     assert searcher is not None
     lags = np.array([searcher.visible[i] - searcher.produced[i] for i in searcher.produced if i in searcher.visible])
-    batch_lines = [line for line in lines if "batch source=kafka" in line]
+    batch_lines = [line for line in lines if "batch source=kafka" in line][1:]  # less the seed's
+    timings = np.array(
+        [[float(v) for v in m.groups()] for line in batch_lines if (m := BATCH_FIELDS.search(line))]
+    ).reshape(-1, 4)
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "model": f"{args.model} (random weights), cpu",
@@ -217,7 +222,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "p50_s": round(float(np.percentile(lags, 50)), 3) if len(lags) else None,
         "p99_s": round(float(np.percentile(lags, 99)), 3) if len(lags) else None,
         "max_s": round(float(lags.max()), 3) if len(lags) else None,
-        "batches": len(batch_lines) - 1,  # less the seed's
+        "batches": len(batch_lines),
+        "mean_batch_size": round(float(timings[:, 0].mean()), 1) if len(timings) else None,
+        "mean_decode_ms": round(float(timings[:, 1].mean())) if len(timings) else None,
+        "mean_embed_ms": round(float(timings[:, 2].mean())) if len(timings) else None,
+        "mean_write_ms": round(float(timings[:, 3].mean())) if len(timings) else None,
         "consumer_exit_code": proc.returncode if proc is not None else None,
     }
 
@@ -250,7 +259,9 @@ def main() -> None:
         print(
             f"kafka freshness, {result['model']}, {result['events']} events at {result['rate_per_s']:g}/s: "
             f"p50 {result['p50_s']} s, p99 {result['p99_s']} s, max {result['max_s']} s "
-            f"({result['visible']}/{result['events']} visible, {result['batches']} batches)"
+            f"({result['visible']}/{result['events']} visible, {result['batches']} batches of "
+            f"{result['mean_batch_size']} on average: decode {result['mean_decode_ms']} ms, "
+            f"embed {result['mean_embed_ms']} ms, write {result['mean_write_ms']} ms)"
         )
     print(json.dumps(result))
 

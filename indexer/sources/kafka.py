@@ -354,6 +354,7 @@ class AioKafkaConsumer:
         *,
         max_poll_interval_ms: int = 300_000,
         session_timeout_ms: int = 10_000,
+        fetch_max_wait_ms: int = 100,
         request_timeout_ms: int = 40_000,
         client_id: str = "clipdex-indexer",
     ) -> None:
@@ -362,6 +363,7 @@ class AioKafkaConsumer:
         self.group = group
         self._max_poll_interval_ms = max_poll_interval_ms
         self._session_timeout_ms = session_timeout_ms
+        self._fetch_max_wait_ms = fetch_max_wait_ms
         # A join waits up to the session timeout for the other members; a request must outlast it.
         self._request_timeout_ms = max(request_timeout_ms, session_timeout_ms + 5_000)
         self._client_id = client_id
@@ -380,6 +382,10 @@ class AioKafkaConsumer:
             settings.kafka_group,
             max_poll_interval_ms=poll_interval_ms,
             session_timeout_ms=settings.kafka_session_timeout_ms,
+            # How long the broker may hold a fetch that finds nothing new. Apache Kafka answers a held fetch
+            # as soon as data arrives; tansu answers it late (bench_freshness_kafka: p50 0.27 s with the
+            # default 500 ms, 0.18 s with 100 ms), so keep it well under the batch wait.
+            fetch_max_wait_ms=min(500, max(10, settings.max_batch_wait_ms // 2)),
         )
 
     async def start(self, on_revoked: RevokeHandler) -> None:
@@ -393,6 +399,7 @@ class AioKafkaConsumer:
             session_timeout_ms=self._session_timeout_ms,
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
             request_timeout_ms=self._request_timeout_ms,
+            fetch_max_wait_ms=self._fetch_max_wait_ms,
         )
         consumer.subscribe([self.topic], listener=_Listener(on_revoked, self._fetched))
         try:
