@@ -493,6 +493,8 @@ def register_consume(sub: Any) -> None:  # argparse's _SubParsersAction is priva
     add_setting_flag(parser, "--topic", "kafka_topic")
     add_setting_flag(parser, "--group", "kafka_group")
     add_setting_flag(parser, "--dlq-topic", "kafka_dlq_topic")
+    add_setting_flag(parser, "--batch-size", "batch_size", type=int)
+    add_setting_flag(parser, "--max-wait-ms", "max_batch_wait_ms", type=int)
     parser.set_defaults(func=_cmd_consume)
 
 

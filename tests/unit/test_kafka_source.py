@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
 from indexer.cli import main
-from indexer.dlq import MemoryDeadLetters, dead_letters_for
+from indexer.dlq import DeadLetter, KafkaDeadLetters, MemoryDeadLetters, dead_letters_for
+from indexer.heartbeat import Heartbeat, read_heartbeats
 from indexer.records import BatchReport, Record
 from indexer.sources.kafka import Backoff, KafkaSource, Message, next_offsets, to_record
 from indexer.sources.kafka_testing import MemoryBroker, MemoryConsumer
 from shared.errors import StoreError
+from tests.brokers import free_port
 
 FAST = Backoff(initial_s=0.001, max_s=0.005)
 
@@ -304,3 +307,26 @@ def test_consume_without_a_broker_or_a_topic_says_which_flag_to_pass(capsys: pyt
     assert "--bootstrap-servers" in capsys.readouterr().err
     assert main(["consume", "--bootstrap-servers", "127.0.0.1:9"]) == 2
     assert "CLIPDEX_KAFKA_TOPIC" in capsys.readouterr().err
+
+
+async def test_clipdex_status_hears_from_the_consumer_through_its_heartbeat(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    for i in range(3):
+        broker.produce(upsert(f"id{i}"))
+    sink = FakeSink()
+    sink.fail_ids = {"id1": "not an image"}
+    consumer = MemoryConsumer(broker)
+    heartbeat = Heartbeat(tmp_path, "kafka", topic="events")
+    source = KafkaSource(consumer, sink, batch_size=64, max_wait_ms=5, backoff=FAST, heartbeat=heartbeat)
+    await run_until(source, lambda: bool(broker.committed))
+    (state,) = read_heartbeats(tmp_path)
+    assert state["source"] == "kafka" and state["topic"] == "events" and state["state"] == "stopped"
+    assert state["last_batch"]["failed"] == 1 and state["pending"] == 0
+
+
+async def test_an_unreachable_dead_letter_topic_is_logged_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    letters = KafkaDeadLetters(f"127.0.0.1:{free_port()}", "events.dlq", timeout_s=2)
+    letter = DeadLetter(b"k", b"{oops", "not JSON", "events", 0, 7)
+    await letters.publish([letter])  # nothing listens there
+    await letters.close()
+    assert "could not publish 1 dead letters to events.dlq" in caplog.text
