@@ -30,7 +30,7 @@ import numpy as np
 
 from shared.config import Settings
 from shared.errors import StoreError
-from shared.store import Store
+from shared.store import IndexMeta, Store
 from shared.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class LiveIndex:
         with self._refresh_lock:
             meta = self.store.index_meta()
             if meta.generation != self._main.generation:
-                self._reload(meta.generation, meta.high_water, meta.main_seq)
+                self._reload(meta)
             elif meta.seq != self._seq:
                 changes = self.store.changes_since(self._seq)
                 with self._lock:
@@ -226,23 +226,31 @@ class LiveIndex:
                     self._seq = changes.seq
             self.refreshed_at = time.time()
 
-    def _reload(self, generation: int, high_water: int, main_seq: int) -> None:
+    def _reload(self, meta: IndexMeta, attempts: int = 3) -> None:
         """Load main (or rebuild it from the store), then a fresh delta and tombstones, and swap."""
-        index = self._load_main(generation, high_water)
-        tune(index, self.params)
-        if self.params.use_gpu:
-            index = to_gpu(index)
-        delta = new_index("flat", self.dim, self.params)
-        with self.store.read():  # one snapshot, so the next refresh neither misses nor repeats a change
-            seq = self.store.index_meta().seq
-            for ids, vecs in self.store.live_vectors(above=high_water):
-                delta.add_with_ids(vecs, ids)
-            tombstones = {int(v) for v in self.store.tombstoned_ids(upto=high_water, after_seq=main_seq)}
+        for attempt in range(attempts):
+            generation, high_water = meta.generation, meta.high_water
+            index = self._load_main(generation, high_water)
+            tune(index, self.params)
+            if self.params.use_gpu:
+                index = to_gpu(index)
+            delta = new_index("flat", self.dim, self.params)
+            with self.store.read():  # one snapshot, so the next refresh neither misses nor repeats a change
+                now = self.store.index_meta()
+                if now.generation != generation and attempt + 1 < attempts:
+                    # A compaction committed while main loaded, and purged tombstones this main still
+                    # holds: pairing it with today's store would resurrect deleted vectors. Load the new one.
+                    meta = now
+                    continue
+                for ids, vecs in self.store.live_vectors(above=high_water):
+                    delta.add_with_ids(vecs, ids)
+                tombstones = {int(v) for v in self.store.tombstoned_ids(upto=high_water, after_seq=meta.main_seq)}
+            break
         with self._lock:
             self._main = _Main(index, generation, high_water)
             self._delta = delta
             self._tombstones = tombstones
-            self._seq = seq
+            self._seq = now.seq
         logger.info(
             "loaded main generation %d (%d vectors, %s); delta %d",
             generation,

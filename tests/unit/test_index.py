@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -338,10 +339,10 @@ def test_concurrent_refreshes_never_add_a_vector_twice(
 
     def changes_then_wait(self: Store, seq: int) -> Any:
         changes = original(self, seq)
-        try:
-            both_read.wait()  # let the other refresh read the same changes before either applies them
-        except threading.BrokenBarrierError:
-            pass  # refreshes are serialised: the second one never gets here while the first waits
+        # Let the other refresh read the same changes before either applies them; when refreshes are
+        # serialised, the second never gets here while the first waits, and the barrier times out.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_read.wait()
         return changes
 
     monkeypatch.setattr(Store, "changes_since", changes_then_wait)
@@ -428,3 +429,36 @@ def test_index_files_of_old_generations_are_removed(store: Store, tmp_path: Path
     names = sorted(p.name for p in (tmp_path / "index").iterdir() if p.name.startswith("main-"))
     assert names == ["main-3.faiss", "main-4.faiss"]
     assert os.path.exists(tmp_path / "index" / "compact.lock")
+
+
+def test_a_compaction_committed_while_a_reader_loads_main_is_not_missed(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's compaction purges tombstones the reader's old main still needs filtered: the reader must
+    not pair the old main with the new store state."""
+    rng = np.random.default_rng(12)
+    oracle = Oracle(store)
+    p = params()
+    oracle.put_many(unit_vectors(rng, 50), prefix="main")
+    compact(store, p, DIM, tmp_path / "index")
+    query = unit_vectors(rng, 1)[0]
+    victim_vid = oracle.top_k(query, 1)[0][0]
+    victim = next(item for item, (vid, _) in oracle.live.items() if vid == victim_vid)
+    original = LiveIndex._load_main
+    calls = []
+
+    def load_then_writer_compacts(self: LiveIndex, generation: int, high_water: int) -> Any:
+        index = original(self, generation, high_water)
+        if not calls:  # the writer deletes the best match and compacts while this reader loads main
+            oracle.delete(victim)
+            compact(store, p, DIM, tmp_path / "index")
+        calls.append(generation)
+        return index
+
+    monkeypatch.setattr(LiveIndex, "_load_main", load_then_writer_compacts)
+    index = LiveIndex(store, DIM, p, tmp_path / "index")
+    index.refresh()
+    assert victim_vid not in {vid for vid, _ in index.search(query, 10)}
+    assert_exact(index, oracle, query[None, :], 10)
+    assert index.generation == 2
+
