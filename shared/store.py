@@ -407,13 +407,12 @@ class Store:
     # -- what readers ask ---------------------------------------------------------------------------------
 
     def index_meta(self) -> IndexMeta:
-        with self._lock:
-            return IndexMeta(
-                generation=int(self._meta("generation")),
-                high_water=int(self._meta("high_water")),
-                main_seq=int(self._meta("main_seq")),
-                seq=int(self._meta("seq")),
-            )
+        keys = ("generation", "high_water", "main_seq", "seq")
+        with self._lock:  # one statement, one snapshot: never one generation's number with another's mark
+            rows = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?)", keys).fetchall())
+        if len(rows) != len(keys):
+            raise StoreError(f"store meta keys missing: {sorted(set(keys) - set(rows))}")
+        return IndexMeta(*(int(rows[k]) for k in keys))
 
     def changes_since(self, seq: int) -> Changes:
         """Vectors added and tombstoned after `seq`, read in one snapshot."""

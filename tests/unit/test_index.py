@@ -462,3 +462,23 @@ def test_a_compaction_committed_while_a_reader_loads_main_is_not_missed(
     assert_exact(index, oracle, query[None, :], 10)
     assert index.generation == 2
 
+
+def test_index_meta_is_read_in_one_snapshot(store: Store) -> None:
+    rng = np.random.default_rng(13)
+    Oracle(store).put_many(unit_vectors(rng, 10))
+    writer = Store(store.path)
+    fired = []
+
+    def commit_meanwhile(sql: str) -> None:  # another process records a generation while we read
+        if "high_water" in sql and not fired:
+            fired.append(sql)
+            writer.record_generation(7, 10, 10, "flat")
+
+    store._db.set_trace_callback(commit_meanwhile)
+    try:
+        meta = store.index_meta()
+    finally:
+        store._db.set_trace_callback(None)
+        writer.close()
+    assert fired
+    assert (meta.generation, meta.high_water, meta.main_seq) in {(0, 0, 0), (7, 10, 10)}
