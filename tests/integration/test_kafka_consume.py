@@ -267,3 +267,36 @@ async def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path, tiny_em
         assert committed == ends_of(positions)
     finally:
         broker.close()
+
+
+async def test_a_second_member_joining_mid_stream_takes_partitions_and_nothing_is_lost_or_doubled(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    kafka_topic: str,
+    tiny_embedder: Embedder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="indexer.sources.kafka")
+    ids = [f"m{i}" for i in range(120)]
+    for i, item in enumerate(ids):
+        write_image(tmp_path / "images" / f"{item}.png", 2000 + i, size=32)
+    messages = [(i.encode(), event("upsert", i, tmp_path / "images" / f"{i}.png")) for i in ids]
+    settings = settings_for(tmp_path, kafka_bootstrap, kafka_topic, batch_size=4)
+
+    def all_indexed(stats: SourceStats) -> bool:
+        return len(live_vectors(settings.db_path)) == len(ids)
+
+    positions = await publish(kafka_bootstrap, kafka_topic, messages[:60])
+    first = asyncio.create_task(consume_until(settings, tiny_embedder, all_indexed, timeout_s=90))
+    await asyncio.sleep(2.0)  # the first member is consuming when the second joins
+    second = asyncio.create_task(consume_until(settings, tiny_embedder, all_indexed, timeout_s=90))
+    async with asyncio.timeout(30):  # both hold partitions: the first's initial assignment, then one each
+        while caplog.text.count("assigned partitions") < 3:  # noqa: ASYNC110 (a log, not an event)
+            await asyncio.sleep(0.05)
+    positions += await publish(kafka_bootstrap, kafka_topic, messages[60:])
+    stats = await asyncio.gather(first, second)
+
+    assert "partitions revoked: the batch in flight is committed" in caplog.text  # the group rebalanced
+    assert all(s.records > 0 for s in stats), "the second member got no partition"
+    assert live_vectors(settings.db_path) == {f"kafka:{i}": 1 for i in ids}
+    assert await committed_offsets(kafka_bootstrap, kafka_topic, settings.kafka_group) == ends_of(positions)
