@@ -104,7 +104,11 @@ class Settings(BaseSettings):
     ivf_nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query; default nlist/32, at least 16.")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
     hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth.")
-    compact_delta_size: int = Field(20_000, ge=1, description="Compact when the delta index holds this many vectors.")
+    compact_delta_size: int = Field(
+        20_000,
+        ge=1,
+        description="Compact when the delta index holds this many vectors, or main this many deleted ones.",
+    )
     compact_max_age_s: float = Field(
         600.0, gt=0, description="Compact when the oldest uncompacted vector is this old (seconds)."
     )

@@ -366,6 +366,10 @@ def needs_compaction(store: Store, params: IndexParams) -> bool:
     delta = store.delta_size(meta.high_water)
     if delta >= params.compact_delta_size:
         return True
+    # Deletes add nothing to the delta, but every reader filters their tombstones on each search
+    # (oversampling more and more) until a compaction purges them.
+    if store.tombstone_count(upto=meta.high_water, after_seq=meta.main_seq) >= params.compact_delta_size:
+        return True
     age = store.oldest_uncompacted_age_s(meta.high_water)
     return age is not None and age >= params.compact_max_age_s
 

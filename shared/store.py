@@ -576,6 +576,17 @@ class Store:
         row = db.execute("SELECT created_at FROM vectors ORDER BY vector_id DESC LIMIT 1").fetchone()
         return None if row is None else float(row[0])
 
+    def tombstone_count(self, *, upto: int, after_seq: int) -> int:
+        """Vectors up to `upto` tombstoned after `after_seq`: the deleted vectors a main index still holds."""
+        with self._lock:
+            row = self._db.execute(
+                # `+vector_id`: look rows up by the change counter (the few changed since main was built),
+                # not by the id range (every vector in main)
+                "SELECT COUNT(*) FROM vectors WHERE seq > ? AND tombstoned = 1 AND +vector_id <= ?",
+                (after_seq, upto),
+            ).fetchone()
+        return int(row[0])
+
     def delta_size(self, high_water: int) -> int:
         with self._lock:
             row = self._db.execute(

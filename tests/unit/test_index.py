@@ -322,6 +322,21 @@ def test_needs_compaction_by_delta_size_and_by_age(store: Store, tmp_path: Path)
     assert not needs_compaction(store, params(compact_delta_size=10, compact_max_age_s=1e-6))
 
 
+def test_deletes_alone_trigger_a_compaction(store: Store, tmp_path: Path) -> None:
+    """A catalog that only deletes adds nothing to the delta; its tombstones must still be purged."""
+    rng = np.random.default_rng(14)
+    oracle = Oracle(store)
+    oracle.put_many(unit_vectors(rng, 100), prefix="x")
+    compact(store, params(), DIM, tmp_path / "index")
+    oracle.delete(*sorted(oracle.live)[:9])
+    assert not needs_compaction(store, params(compact_delta_size=10))
+    oracle.delete(sorted(oracle.live)[0])
+    assert needs_compaction(store, params(compact_delta_size=10))
+    result = compact(store, params(), DIM, tmp_path / "index")
+    assert (result.purged, result.vectors) == (10, 90)
+    assert not needs_compaction(store, params(compact_delta_size=10))
+
+
 # -- threads ----------------------------------------------------------------------------------------------------
 
 
