@@ -1,0 +1,313 @@
+"""The README and the examples say what the code does: checked against the code, so the docs cannot drift.
+
+- The configuration table is generated from Settings (scripts/gen_config_table.py) and must be current.
+- Every CLIPDEX_* variable the docs mention is a real setting.
+- Every `clipdex ...` command the docs show parses with the real CLI; every `make` target exists.
+- Every HTTP request the docs show is answered by the real app (built on an empty store with the tiny
+  model) as a known route with accepted parameters: no 404 "no such endpoint", no 400 for a parameter.
+- JSON examples parse: events with the real event parser, MCP client configs, the search result shape.
+- Links to files and to sections resolve.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from indexer.cli import build_parser
+from indexer.events import parse_event
+from shared.config import Settings, env_name
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+DOC_FILES = [README, *sorted((ROOT / "docs").glob("**/*.md")), *sorted((ROOT / "examples").glob("**/*.*"))]
+SETTING_VARS = {env_name(name) for name in Settings.model_fields}
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str
+    text: str
+    line: int
+
+
+def code_blocks(markdown: str) -> list[Block]:
+    blocks = []
+    for match in re.finditer(r"^( *)```(\w*)\n(.*?)^\1```", markdown, re.MULTILINE | re.DOTALL):
+        indent = len(match[1])
+        text = "\n".join(line[indent:] for line in match[3].splitlines())
+        blocks.append(Block(match[2], text, markdown.count("\n", 0, match.start()) + 1))
+    return blocks
+
+
+def shell_commands(markdown: str) -> Iterator[tuple[Block, list[str]]]:
+    """Each command of each sh block, split like a shell (comments dropped, continuations joined,
+    leading VAR=value assignments removed)."""
+    for block in code_blocks(markdown):
+        if block.lang != "sh":
+            continue
+        for line in block.text.replace("\\\n", " ").splitlines():
+            for part in line.split(";"):
+                words = shlex.split(part, comments=True)
+                while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+                    words.pop(0)
+                if words:
+                    yield block, words
+
+
+def readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+
+
+def test_configuration_table_is_generated_from_the_settings() -> None:
+    import scripts.gen_config_table as gen
+
+    text = readme()
+    assert gen.replace_table(text, gen.config_table()) == text, (
+        "README.md's configuration table differs from shared/config.py: run python scripts/gen_config_table.py --write"
+    )
+    table = text.split(gen.BEGIN, 1)[1].split(gen.END, 1)[0]
+    listed = re.findall(r"^\| `(CLIPDEX_[A-Z0-9_]+)` \|", table, re.MULTILINE)
+    assert sorted(listed) == sorted(SETTING_VARS), "one row per setting"
+
+
+def test_a_stale_table_is_detected_and_rewritten() -> None:
+    import scripts.gen_config_table as gen
+
+    stale = readme().replace("| `CLIPDEX_BATCH_SIZE` | `64` |", "| `CLIPDEX_BATCH_SIZE` | `32` |")
+    assert gen.replace_table(stale, gen.config_table()) == readme()
+    assert stale != readme()
+
+
+def test_every_clipdex_variable_in_the_docs_is_a_setting() -> None:
+    for path in DOC_FILES:
+        text = path.read_text(encoding="utf-8")
+        unknown = set(re.findall(r"CLIPDEX_[A-Z][A-Z0-9_]*", text)) - SETTING_VARS
+        assert not unknown, f"{path.relative_to(ROOT)} mentions variables that are not settings: {sorted(unknown)}"
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+
+def documented_clipdex_commands() -> list[str]:
+    """Whole commands: the README's sh blocks and the MCP client configs' command lines."""
+    commands = [shlex.join(words) for _, words in shell_commands(readme()) if words[0] == "clipdex"]
+    for path in sorted((ROOT / "examples" / "mcp").glob("*.json")):
+        server = json.loads(path.read_text(encoding="utf-8"))["mcpServers"]["clipdex"]
+        if "command" in server:
+            commands.append(shlex.join(["clipdex", *server["args"]]))
+    return sorted(set(commands))
+
+
+@pytest.mark.parametrize("command", documented_clipdex_commands())
+def test_documented_command_parses_with_the_real_cli(command: str) -> None:
+    words = shlex.split(command)
+    try:
+        build_parser().parse_args(words[1:])
+    except SystemExit as exc:
+        pytest.fail(f"README documents `{command}`, but the CLI rejects it (exit {exc.code})")
+
+
+def test_commands_named_in_prose_exist() -> None:
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices  # argparse keeps them here
+    assert subcommands is not None
+    named = set(re.findall(r"`(?:[A-Z_]+=\S+ )*clipdex ([a-z]+)", readme()))
+    named |= set(re.findall(r"`clipdex [a-z]+` \(or ((?:`[a-z]+`(?:, )?)+)\)", readme()))
+    named = {n.strip("`") for group in named for n in group.split(", ")}
+    missing = sorted(named - set(subcommands))
+    assert not missing, f"README names clipdex commands that do not exist: {missing}"
+
+
+def test_the_two_commands_are_make_targets_and_ci_runs_the_same() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.MULTILINE))
+    for _, words in shell_commands(readme()):
+        if words[0] == "make":
+            wanted = [w for w in words[1:] if "=" not in w]
+            assert set(wanted) <= targets, f"`{shlex.join(words)}`: no such make target"
+            for assignment in (w for w in words[1:] if "=" in w):
+                assert re.search(rf"^{assignment.split('=')[0]}\s*\?=", makefile, re.MULTILINE)
+    assert re.search(r"^run: .*\n\t.*clipdex run \$\(DIR\)", makefile, re.MULTILINE)
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    head = readme().split("## ", 1)[0]
+    assert "make run DIR=" in head and "make test" in head, "the two commands come first"
+
+
+def test_documented_compose_services_and_profiles_exist() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
+    for _, words in shell_commands(readme()):
+        if words[:2] != ["docker", "compose"]:
+            continue
+        args = words[2:]
+        for i, word in enumerate(args):
+            if word == "--profile":
+                assert args[i + 1] in profiles
+            if word in ("run", "exec"):
+                rest = [a for a in args[i + 1 :] if not a.startswith("-")]
+                assert rest and rest[0] in services, f"`{shlex.join(words)}`: no such service"
+    for word in re.findall(r"`(indexer(?:-cpu)?|server|seed|kafka|topics)`", readme()):
+        assert word in services
+
+
+def test_documented_scripts_exist() -> None:
+    for block, words in shell_commands(readme()):
+        if words[0] != "python" or len(words) < 2:
+            continue
+        if words[1] == "-m":
+            path = ROOT / (words[2].replace(".", "/") + ".py")
+        elif words[1].endswith(".py"):
+            path = ROOT / words[1]
+        else:
+            continue
+        assert path.is_file(), f"README line {block.line} runs {shlex.join(words)}, but {path} does not exist"
+
+
+# -- HTTP -------------------------------------------------------------------------------------------------
+
+
+def documented_requests() -> list[tuple[str, str, bool]]:
+    """(method, path?query, sends a file) of every curl command in the README, with $URL expanded."""
+    requests = []
+    for block in code_blocks(readme()):
+        if block.lang != "sh" or "curl" not in block.text:
+            continue
+        for line in block.text.replace("\\\n", " ").splitlines():
+            if not line.lstrip().startswith("curl"):
+                continue
+            line = line.replace("$URL", "http://127.0.0.1:8765")
+            url = re.search(r"http://[^/\s'\"]+(/[^\s'\"]*)", line)
+            assert url, f"README line {block.line}: a curl without a URL: {line}"
+            upload = " -F " in line
+            requests.append(("POST" if upload else "GET", url[1], upload))
+    return requests
+
+
+def test_readme_shows_every_http_endpoint() -> None:
+    paths = {re.sub(r"\?.*", "", path) for _, path, _ in documented_requests()}
+    for endpoint in ("/search", "/similar", "/health", "/metrics"):
+        assert endpoint in paths
+    assert any(p.startswith("/items/") and p.endswith("/thumbnail") for p in paths)
+    assert any(p.startswith("/items/") and not p.endswith("/thumbnail") for p in paths)
+    assert ("POST", True) in {(m, f) for m, _, f in documented_requests()}
+
+
+def test_documented_http_requests_hit_real_routes_with_accepted_parameters(tmp_path: Path) -> None:
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from shared.core import build_core
+    from tests.conftest import tiny_settings_for
+    from tools.app import build_app
+
+    token = "YOUR_TOKEN"
+    assert f"Bearer {token}" in readme(), "the README's examples send the bearer token"
+    settings = tiny_settings_for(tmp_path / "data", api_token=token, allowed_roots=[str(tmp_path)])
+    core = build_core(settings)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(jpeg, format="JPEG")
+    try:
+        with TestClient(build_app(core, settings), base_url="http://127.0.0.1:8765") as client:
+            for method, path, upload in documented_requests():
+                files = {"file": ("photo.jpg", jpeg.getvalue(), "image/jpeg")} if upload else None
+                headers = {"Authorization": f"Bearer {token}"}
+                response = client.request(method, path, files=files, headers=headers)
+                body = response.text
+                # An empty store answers 404 for an unknown item: that is a known route, not a wrong one.
+                assert "no such endpoint" not in body and response.status_code not in (400, 405, 421), (
+                    f"README's `{method} {path}` -> {response.status_code} {body[:300]}"
+                )
+                assert response.status_code in (200, 404), f"{method} {path} -> {response.status_code} {body[:300]}"
+    finally:
+        core.close()
+
+
+# -- JSON examples --------------------------------------------------------------------------------------
+
+
+def test_event_examples_parse_with_the_real_event_schema() -> None:
+    lines = [ln for ln in (ROOT / "examples" / "events.jsonl").read_text(encoding="utf-8").splitlines() if ln]
+    readme_events = []
+    for block in code_blocks(readme()):
+        if block.lang == "json" and '"op"' in block.text:
+            # One event per line, or one event spread over lines.
+            try:
+                readme_events.append(json.dumps(json.loads(block.text)))
+            except json.JSONDecodeError:
+                readme_events += [ln for ln in block.text.splitlines() if ln.strip()]
+    assert readme_events, "the README shows example events"
+    ops = set()
+    for raw in [*lines, *readme_events]:
+        event = parse_event(raw)
+        ops.add(event.op)
+    assert ops == {"upsert", "delete"}
+
+
+def test_mcp_client_configs_are_valid_json_of_the_documented_shape() -> None:
+    blocks = [b for b in code_blocks(readme()) if b.lang == "json" and "mcpServers" in b.text]
+    files = sorted((ROOT / "examples" / "mcp").glob("*.json"))
+    configs = [json.loads(b.text) for b in blocks] + [json.loads(p.read_text(encoding="utf-8")) for p in files]
+    assert len(blocks) == 2 and len(files) == 2
+    stdio = [c["mcpServers"]["clipdex"] for c in configs if "command" in c["mcpServers"]["clipdex"]]
+    remote = [c["mcpServers"]["clipdex"] for c in configs if "url" in c["mcpServers"]["clipdex"]]
+    assert len(stdio) == 2 and len(remote) == 2
+    for server in stdio:
+        assert server["command"].endswith("clipdex") and server["args"] == ["mcp"]
+        assert set(server.get("env", {})) <= SETTING_VARS
+        assert all(Path(v).is_absolute() for v in server.get("env", {}).values() if "/" in v)
+    for server in remote:
+        assert server["url"].endswith(":8765/mcp")
+        assert server["headers"]["Authorization"].startswith("Bearer ")
+
+
+def test_search_result_example_has_the_real_shape() -> None:
+    from tools.schemas import SearchOutput
+
+    examples = [b for b in code_blocks(readme()) if b.lang == "json" and '"hits"' in b.text]
+    assert len(examples) == 1
+    SearchOutput.model_validate_json(examples[0].text)
+
+
+# -- links ----------------------------------------------------------------------------------------------
+
+
+def github_anchor(heading: str) -> str:
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def test_links_to_files_and_sections_resolve() -> None:
+    text = readme()
+    anchors = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        if target.startswith("#"):
+            assert target[1:] in anchors, f"README links to a missing section {target}"
+        else:
+            assert (ROOT / target.split("#")[0]).exists(), f"README links to a missing file {target}"
+
+
+def test_json_blocks_parse() -> None:
+    for block in code_blocks(readme()):
+        if block.lang == "json":
+            try:
+                json.loads(block.text)
+            except json.JSONDecodeError:
+                for line in block.text.splitlines():  # one JSON document per line
+                    if line.strip():
+                        json.loads(line)
