@@ -235,6 +235,25 @@ def test_documented_http_requests_hit_real_routes_with_accepted_parameters(tmp_p
         core.close()
 
 
+# -- operations -------------------------------------------------------------------------------------------
+
+
+def test_documented_metrics_and_batch_log_fields_exist() -> None:
+    source = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "tools").glob("*.py")))
+    documented = set(re.findall(r"`(clipdex_[a-z_]+)`", readme()))
+    assert documented, "the README names the metrics"
+    missing = sorted(n for n in documented if f'"{n}"' not in source)
+    assert not missing, f"README names metrics the server does not export: {missing}"
+
+    example = next(b.text for b in code_blocks(readme()) if b.text.startswith("batch source="))
+    indexer_source = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "indexer").glob("**/*.py")))
+    formats = re.findall(r'"(batch source=[^"]*)"\s*"([^"]*)"', indexer_source)
+    assert formats, "the indexer logs one line per batch"
+    for head, tail in formats:
+        logged = re.findall(r"(\w+)=", head + tail)
+        assert re.findall(r"(\w+)=", example) == logged, "the README's batch line has the logged fields"
+
+
 # -- JSON examples --------------------------------------------------------------------------------------
 
 
