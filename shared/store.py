@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_MS = 10_000
+_PAGE_SIZE = 16_384
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -180,6 +181,9 @@ class Store:
                 str(path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
             self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            # A 2 KiB float32 embedding row fills a 4 KiB page alone; 16 KiB pages hold seven, so a vector
+            # costs ~2.4 KiB on disk instead of ~4.2. Takes effect when the file is created (before WAL).
+            self._db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             with self._write():

@@ -255,3 +255,36 @@ def test_an_unopenable_path_is_a_store_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     with pytest.raises(StoreError, match="taken"):
         Store(tmp_path / "taken")
+
+
+def test_a_512_d_float32_vector_costs_well_under_two_pages_on_disk(tmp_path: Path) -> None:
+    """A 2 KiB embedding row must not fill a page alone (4.2 KiB per vector with 4 KiB pages)."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    with Store(tmp_path / "db.sqlite3") as s:
+        for lo in range(0, n, 500):
+            s.apply(
+                upserts=[
+                    Upsert(f"kafka:item-{i:08d}", "kafka", f"https://img.example/{i:08d}.jpg", f"{i:064x}", {"k": 1}, v)
+                    for i, v in zip(
+                        range(lo, lo + 500), rng.standard_normal((500, 512)).astype(np.float32), strict=True
+                    )
+                ]
+            )
+    db = sqlite3.connect(tmp_path / "db.sqlite3")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    per_vector = (tmp_path / "db.sqlite3").stat().st_size / n
+    assert per_vector < 3000, per_vector
+
+
+def test_an_existing_store_keeps_its_page_size(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "old.sqlite3")
+    db.execute("CREATE TABLE t (x)")  # a database made with the default 4 KiB pages
+    db.close()
+    with Store(tmp_path / "old.sqlite3") as s:
+        s.apply(upserts=[up("a", "sha-a", vec(1))])
+        assert s.item_vector("a") is not None
+    db = sqlite3.connect(tmp_path / "old.sqlite3")
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    db.close()
