@@ -270,7 +270,9 @@ class Store:
                 self._set_meta("model", json.dumps(identity.__dict__))
                 return
         have = ModelIdentity(**json.loads(stored))
-        if have != identity:
+        # The weights decide, not where they were loaded from: the same checkpoint at another path (a
+        # container mount, a relative path) gives the same embeddings.
+        if (have.name, have.dim, have.checksum) != (identity.name, identity.dim, identity.checksum):
             raise ModelMismatchError(
                 f"the store at {self.path} was built with model {have.name} / {have.pretrained} "
                 f"(dim {have.dim}, weights {have.checksum[:12]}), but the configured model is "

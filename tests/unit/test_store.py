@@ -204,6 +204,12 @@ def test_a_store_refuses_a_second_model_even_after_reopening(store: Store, tmp_p
         assert part in message
 
 
+def test_the_same_weights_from_another_path_are_the_same_model(store: Store) -> None:
+    store.bind_model(ModelIdentity("ViT-B-32", "/models/vit-b-32.safetensors", 512, "fedcba9876543210"))
+    store.bind_model(ModelIdentity("ViT-B-32", "/mnt/weights/vit-b-32.safetensors", 512, "fedcba9876543210"))
+    assert store.model_identity() == ModelIdentity("ViT-B-32", "/models/vit-b-32.safetensors", 512, "fedcba9876543210")
+
+
 def test_the_same_architecture_with_other_weights_is_refused(store: Store) -> None:
     store.bind_model(TINY)
     with pytest.raises(ModelMismatchError, match=r"weights abc123def456.*weights 000000000000"):
