@@ -1,10 +1,11 @@
 """Search latency and recall@10 of the FAISS main index, flat vs IVF vs HNSW, through the real code path.
 
-N synthetic CLIP-like 512-d unit vectors (bench/vectors.py: a clustered Gaussian mixture on the sphere, not
-uniform noise) are written to a real SQLite store and compacted into a main index of each kind with
-`shared.index.compact`; a `LiveIndex` loads it from disk as a query process would, and answers one query
-at a time. Recall@10 is measured against exact search (faiss IndexFlatIP, all threads) over the same
-vectors; queries come from the same mixture but are not in the base.
+N synthetic 512-d unit vectors (bench/vectors.py: faiss's SyntheticDataset, normalised, by default; or
+--dataset clip-like, a clustered Gaussian mixture on the sphere; never uniform noise) are written to a
+real SQLite store and compacted into a main index of each kind with `shared.index.compact`; a
+`LiveIndex` loads it from disk as a query process would, and answers one query at a time. Recall@10 is
+measured against exact search (faiss IndexFlatIP, all threads) over the same vectors; queries come from
+the same distribution but are not in the base.
 
     python bench/bench_index_search.py --quick                 # 20k vectors, about a minute
     python bench/bench_index_search.py --sizes 100000 1000000  # the figures in bench/RESULTS.md
@@ -30,7 +31,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from vectors import base_and_queries
+from vectors import DATASETS, base_and_queries
 
 from shared.config import Settings
 from shared.index import IndexParams, LiveIndex, compact, index_kind
@@ -100,9 +101,9 @@ class Build:
     searches: list[tuple[str, IndexParams]]  # search-time variants of the same main (nprobe, efSearch)
 
 
-def run_size(n: int, nq: int, work: Path, builds: list[Build], flat_queries: int) -> list[Row]:
-    print(f"\n== {n:,} vectors, {nq} queries ==", flush=True)
-    base, queries = base_and_queries(n, nq)
+def run_size(n: int, nq: int, work: Path, builds: list[Build], flat_queries: int, dataset: str) -> list[Row]:
+    print(f"\n== {n:,} vectors ({dataset}), {nq} queries ==", flush=True)
+    base, queries = base_and_queries(n, nq, dataset=dataset)
     exact = faiss.IndexFlatIP(base.shape[1])
     exact.add(base)
     _, truth_pos = exact.search(queries, K)
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-search", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW above this size (slow build)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="faiss-synthetic")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args()
@@ -191,7 +193,7 @@ def main() -> None:
     rows: list[Row] = []
     try:
         for n in args.sizes:
-            rows += run_size(n, args.queries, work, builds_for(n, args), args.flat_queries)
+            rows += run_size(n, args.queries, work, builds_for(n, args), args.flat_queries, args.dataset)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
