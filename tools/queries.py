@@ -88,7 +88,8 @@ class Queries:
         self._thumbs: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self._thumbs_max = thumbnail_cache
         self._thumbs_lock = threading.Lock()
-        # Model calls and FAISS scans use every core already: more threads than cores only thrash.
+        # Model calls and FAISS scans already use every core: dozens of them at once only thrash. A few more
+        # threads than cores leave room for the waits (URL fetches, file reads).
         self._workers = max(4, 2 * (os.cpu_count() or 1))
         self._limiter: anyio.CapacityLimiter | None = None
 
