@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,17 @@ async def test_every_batch_logs_one_line_with_its_timings_and_lag(caplog: pytest
     assert all(f in lines[0] for f in ("decode_ms=", "embed_ms=", "write_ms=", "lag_ms="))
 
 
+@pytest.fixture
+def _keep_logging() -> Iterator[None]:
+    """`main` configures the root logger onto pytest's captured stderr, closed after the test: undo it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("_keep_logging")
 def test_consume_without_a_broker_or_a_topic_says_which_flag_to_pass(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["consume", "--topic", "t"]) == 2
     assert "--bootstrap-servers" in capsys.readouterr().err
