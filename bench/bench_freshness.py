@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -147,6 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     lags = np.array([visible[i] - closed[i] for i in closed if i in visible])
     batch_lines = [line for line in lines if "batch source=folder" in line]
+    sizes = [int(m.group(1)) for line in batch_lines if (m := re.search(r" size=(\d+)", line))]
+    embed = [float(m.group(1)) for line in batch_lines if (m := re.search(r" embed_ms=(\d+)", line))]
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "model": f"{args.model} (random weights), cpu",
@@ -157,6 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_s": round(float(np.percentile(lags, 99)), 3) if len(lags) else None,
         "max_s": round(float(lags.max()), 3) if len(lags) else None,
         "batches": len(batch_lines),
+        "mean_batch_size": round(float(np.mean(sizes)), 1) if sizes else None,
+        "mean_embed_ms": round(float(np.mean(embed)), 1) if embed else None,
+        "load_average": os.getloadavg()[0],
         "watcher_exit_code": proc.returncode,
     }
 
@@ -179,7 +185,8 @@ def main() -> None:
         print(
             f"folder freshness, {result['model']}, {result['files']} files at {result['rate_per_s']:g}/s: "
             f"p50 {result['p50_s']} s, p99 {result['p99_s']} s, max {result['max_s']} s "
-            f"({result['visible']}/{result['files']} visible, {result['batches']} batches)"
+            f"({result['visible']}/{result['files']} visible, {result['batches']} batches of "
+            f"{result['mean_batch_size']} on average, {result['mean_embed_ms']} ms embedding each)"
         )
     print(json.dumps(result))
 
