@@ -19,6 +19,7 @@ from indexer.pipeline import Pipeline, open_pipeline
 from indexer.sources.folder import SOURCE, FolderSource, FolderSummary, Progress
 from shared.config import Settings
 from shared.core import Core
+from shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ async def watch_folder(
     settings: Settings, root: Path, stop: asyncio.Event, *, ready: asyncio.Event | None = None
 ) -> FolderSummary:
     """`clipdex watch`: the same as `run_folder_indexer`, with its own store and model."""
+    _check_folder(root)
     _quiet_watchfiles()
     async with open_pipeline(settings, roots=[root]) as pipeline:
         source = FolderSource.from_settings(
@@ -60,6 +62,7 @@ async def index_folder(
     settings: Settings, root: Path, *, stop: asyncio.Event | None = None, progress: Progress | None = None
 ) -> FolderSummary:
     """`clipdex index`: bring the store in line with the folder once, then compact if a threshold is passed."""
+    _check_folder(root)
     async with open_pipeline(settings, roots=[root], compaction=False) as pipeline:
         source = FolderSource.from_settings(
             root, pipeline, pipeline.store, settings, heartbeat=_heartbeat(settings, root)
@@ -68,6 +71,12 @@ async def index_folder(
         compactor = Compactor.from_settings(pipeline.store, settings, pipeline.embedder.identity.dim)
         await asyncio.to_thread(compactor.compact_if_needed)
     return summary
+
+
+def _check_folder(root: Path) -> None:
+    """Fail before the model loads (seconds) when the folder is wrong."""
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a directory" if root.exists() else f"{root}: no such directory")
 
 
 def _quiet_watchfiles() -> None:
