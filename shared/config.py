@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     )
     ann_threshold: int = Field(200_000, ge=1, description="Vectors at which `auto` switches to an ANN index.")
     ivf_nlist: int | None = Field(None, ge=1, description="IVF lists; default about sqrt(n).")
-    ivf_nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query; default nlist/32, at least 16.")
+    ivf_nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query; default nlist/32, at least 32.")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
     hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth.")
     compact_delta_size: int = Field(
