@@ -176,6 +176,13 @@ def test_documented_scripts_exist() -> None:
         assert path.is_file(), f"README line {block.line} runs {shlex.join(words)}, but {path} does not exist"
 
 
+def test_documented_build_arguments_exist() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    args = set(re.findall(r"^ARG (\w+)", dockerfile, re.MULTILINE))
+    documented = set(re.findall(r"--build-arg (\w+)=", readme())) | set(re.findall(r"`(FLAVOR)=", readme()))
+    assert documented and documented <= args, f"README names build arguments the Dockerfile lacks: {documented - args}"
+
+
 # -- HTTP -------------------------------------------------------------------------------------------------
 
 
