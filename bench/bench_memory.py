@@ -37,7 +37,12 @@ from shared.store import Store, Upsert
 DIM = 512
 
 
-def fill(path: Path, base: np.ndarray, dtype: str) -> int:
+def fill(path: Path, base: np.ndarray, dtype: str, page_size: int | None = None) -> int:
+    if page_size is not None:  # a file made with this page size before the store opens it (the old default)
+        db = sqlite3.connect(path)
+        db.execute(f"PRAGMA page_size = {page_size}")
+        db.execute("VACUUM")
+        db.close()
     with Store(path, vector_dtype=dtype) as store:
         for lo in range(0, len(base), 1000):
             store.apply(
@@ -112,20 +117,23 @@ def main() -> None:
         base, _ = base_and_queries(n, 0, DIM)
         print("\n| store | bytes on disk per vector | of which the embedding |")
         print("| --- | ---: | ---: |")
-        for dtype in ("float32", "float16"):
-            size = fill(work / f"{dtype}.sqlite3", base, dtype)
-            print(f"| SQLite, {dtype} embeddings | {size / n:,.0f} | {DIM * np.dtype(dtype).itemsize:,} |")
+        for dtype, page_size in (("float32", None), ("float16", None), ("float32", 4096), ("float16", 4096)):
+            size = fill(work / f"{dtype}-{page_size}.sqlite3", base, dtype, page_size)
+            label = f"SQLite, {dtype} embeddings" + (
+                f", {page_size // 1024} KiB pages (the old default)" if page_size else ""
+            )
+            print(f"| {label} | {size / n:,.0f} | {DIM * np.dtype(dtype).itemsize:,} |", flush=True)
         defaults = replace(IndexParams.from_settings(Settings()), compact_delta_size=10**9, compact_max_age_s=1e12)
         print("\n| main index | RAM per vector (RSS after load) | serialized per vector |")
         print("| --- | ---: | ---: |")
-        with Store(work / "float32.sqlite3") as store:
+        with Store(work / "float32-None.sqlite3") as store:
             for label, params in (
                 ("flat", replace(defaults, kind="flat")),
                 ("IVF (defaults)", replace(defaults, kind="ivf")),
                 (f"HNSW M={defaults.hnsw_m}", replace(defaults, kind="hnsw")),
             ):
                 index_dir = work / f"index-{label.split()[0]}"
-                taken, serialized, kind = index_ram(work / "float32.sqlite3", store, params, index_dir)
+                taken, serialized, kind = index_ram(work / "float32-None.sqlite3", store, params, index_dir)
                 print(f"| {label} ({kind}) | {taken / n:,.0f} | {serialized / n:,.0f} |", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
