@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     index_kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
         "auto", description="Main index type; `auto` is flat below ann_threshold vectors, else IVF."
     )
-    ann_threshold: int = Field(200_000, ge=1, description="Vectors at which `auto` switches to an ANN index.")
+    ann_threshold: int = Field(100_000, ge=1, description="Vectors at which `auto` switches to an ANN index.")
     ivf_nlist: int | None = Field(None, ge=1, description="IVF lists; default about sqrt(n).")
     ivf_nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query; default nlist/32, at least 32.")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree.")
