@@ -1,8 +1,9 @@
 """The write path: a micro-batch of records in, one durable store transaction out (implements `Sink`).
 
     records ─▶ resolve.plan ─▶ fetch + hash (pool, retries) ─▶ resolve.classify ─▶ decode ⇢ embed
-            (dedup, versions)  (transient errors retried        (unchanged / reused   (embed.py: overlapped,
-                                with backoff, then dead letters) / new)               model off the loop)
+            (dedup, versions)  (transient errors retried        (unchanged / reused   (embed.py: model off the
+                                with backoff, then dead letters) / new)               loop; on a GPU, decoding
+                                                                                      overlaps the encode)
             ─▶ store.apply: upserts + deletes + dead letters in ONE transaction ─▶ BatchReport
 
 `write` returns once the batch is durable, so the caller may then commit its source position. A bad item
@@ -43,22 +44,33 @@ class PipelineOptions:
     max_pixels: int
     decode_workers: int = 2
     fetch_workers: int = 8
-    embed_batch: int = 16  # images per model call; the decode of the next ones overlaps it
+    embed_batch: int = 16  # images per model call (embed_batch_for); decoding the next ones overlaps it
     fetch_retries: int = 3
     retry_backoff_s: float = 0.5  # doubled after each try
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PipelineOptions:
+    def from_settings(cls, settings: Settings, *, device: str = "cpu") -> PipelineOptions:
         workers = settings.decode_workers or os.cpu_count() or 2
         return cls(
             max_pixels=settings.max_pixels,
             decode_workers=workers,
             fetch_workers=max(8, 2 * workers),
-            # A quarter of the micro-batch, so that decoding overlaps the model for 3/4 of the batch;
-            # at least 16 so the model (a GPU above all) still gets real batches.
-            embed_batch=max(16, settings.batch_size // 4),
+            embed_batch=embed_batch_for(settings.batch_size, device),
             fetch_retries=settings.fetch_retries,
         )
+
+
+def embed_batch_for(batch_size: int, device: str) -> int:
+    """Images per model call.
+
+    On a GPU, a quarter of the micro-batch (at least 32): the CPU decodes the next quarters while the GPU
+    encodes, and decoding is what bounds a GPU. On the CPU, the whole micro-batch: the model already
+    keeps every core busy, so overlapping the decode buys nothing, while the batch size matters a lot
+    (ViT-B-32 on 2 cores: 5.3 images/s in batches of 16, 7.2 in 32, 8.5 in 64, measured side by side).
+    """
+    if device == "cuda":
+        return min(batch_size, max(32, batch_size // 4))
+    return batch_size
 
 
 class Pipeline:
@@ -86,7 +98,10 @@ class Pipeline:
         """Paths may resolve under CLIPDEX_ALLOWED_ROOTS and `roots` (the watched folder)."""
         policy = FetchPolicy.from_settings(settings, extra_roots=roots)
         return cls(
-            store, embedder, functools.partial(fetch_bytes, policy=policy), PipelineOptions.from_settings(settings)
+            store,
+            embedder,
+            functools.partial(fetch_bytes, policy=policy),
+            PipelineOptions.from_settings(settings, device=embedder.device.type),
         )
 
     def close(self) -> None:

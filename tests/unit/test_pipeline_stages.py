@@ -11,6 +11,7 @@ import torch
 
 from indexer.embed import decode_and_embed
 from indexer.events import Event
+from indexer.pipeline import embed_batch_for
 from indexer.records import Record
 from indexer.resolve import Fetched, Work, classify, pending_ids, plan
 from shared.errors import ImageRejected
@@ -112,3 +113,10 @@ async def test_decoding_overlaps_the_model_and_stays_within_its_window() -> None
     assert all(out.vectors[i][0] == i for i in out.vectors)
     assert list(out.failures) == [5] and "not an image" in str(out.failures[5])
     assert out.model_calls == 4
+
+
+def test_the_cpu_embeds_whole_micro_batches_and_a_gpu_overlaps_quarters() -> None:
+    assert embed_batch_for(64, "cpu") == 64  # a CPU model is much slower in small batches
+    assert embed_batch_for(256, "cuda") == 64  # the GPU encodes a quarter while the CPU decodes the next
+    assert embed_batch_for(64, "cuda") == 32
+    assert embed_batch_for(8, "cuda") == 8
