@@ -26,6 +26,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,16 @@ def images(root: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
 
 def encode_only(embedder: Embedder, tensors: list[torch.Tensor], batch: int) -> float:
-    started = time.perf_counter()
-    for i in range(0, len(tensors), batch):
-        embedder.encode_images(torch.stack(tensors[i : i + batch]))
-    return len(tensors) / (time.perf_counter() - started)
+    """The model alone, called from a worker thread as the pipeline calls it."""
+
+    def go() -> None:
+        for i in range(0, len(tensors), batch):
+            embedder.encode_images(torch.stack(tensors[i : i + batch]))
+
+    with ThreadPoolExecutor(1) as model_thread:
+        started = time.perf_counter()
+        model_thread.submit(go).result()
+        return len(tensors) / (time.perf_counter() - started)
 
 
 def seed_loop(embedder: Embedder, paths: list[Path]) -> float:
