@@ -24,9 +24,7 @@ def shapes_model() -> tuple[Any, Any, Any]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         open_clip.add_model_config(MODELS)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            "clipdex-shapes", pretrained=str(WEIGHTS)
-        )
+        model, _, preprocess = open_clip.create_model_and_transforms("clipdex-shapes", pretrained=str(WEIGHTS))
     model.eval()
     return model, preprocess, open_clip.get_tokenizer("clipdex-shapes")
 
@@ -42,16 +40,12 @@ def test_weights_are_small_and_load_as_fp32(shapes_model: tuple[Any, Any, Any]) 
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_zero_shot_colour_and_shape_on_held_out_jpegs(
-    shapes_model: tuple[Any, Any, Any], tmp_path: Path
-) -> None:
+def test_zero_shot_colour_and_shape_on_held_out_jpegs(shapes_model: tuple[Any, Any, Any], tmp_path: Path) -> None:
     model, preprocess, tokenizer = shapes_model
     # Two images of every class from a seed the training script never used, through JPEG files.
     written = []
     for i, (colour, shape) in enumerate(CLASSES):
-        written += write_folder(
-            tmp_path, 2, seed=900_000 + i, size=128, colours=[colour], shapes=[shape], start=2 * i
-        )
+        written += write_folder(tmp_path, 2, seed=900_000 + i, size=128, colours=[colour], shapes=[shape], start=2 * i)
     labels = torch.tensor([CLASSES.index((w.colour, w.shape)) for w in written])
     pixels = []
     for w in written:

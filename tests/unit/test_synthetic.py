@@ -59,9 +59,7 @@ def test_the_shape_colour_is_the_most_common_non_background_colour() -> None:
         }
         nearest = np.argmin(np.stack(list(distances.values())), axis=0)
         names = list(distances)
-        counts = {
-            names[i]: int((nearest == i).sum()) for i in range(len(names)) if not names[i].startswith("bg:")
-        }
+        counts = {names[i]: int((nearest == i).sum()) for i in range(len(names)) if not names[i].startswith("bg:")}
         assert max(counts, key=counts.__getitem__) == colour, (colour, rgb, counts)
 
 
@@ -99,9 +97,7 @@ def test_write_folder_writes_the_requested_jpegs(tmp_path: Path) -> None:
 
 
 def test_write_folder_restricts_classes_and_offsets_indexes(tmp_path: Path) -> None:
-    written = write_folder(
-        tmp_path, 6, seed=2, size=32, fmt="png", colours=["red"], shapes=["circle"], start=100
-    )
+    written = write_folder(tmp_path, 6, seed=2, size=32, fmt="png", colours=["red"], shapes=["circle"], start=100)
     assert {(w.colour, w.shape) for w in written} == {("red", "circle")}
     assert [w.index for w in written] == list(range(100, 106))
     assert all(w.path.suffix == ".png" and w.path.is_file() for w in written)
