@@ -77,7 +77,9 @@ def _register_run(sub: Any) -> None:
         "model knows only shapes and colours; the default model for real photos is ViT-B-32 (laion2b).",
     )
     demo.add_argument("dir", type=Path, nargs="?", default=Path("clipdex-demo"), metavar="DIR")
-    demo.add_argument("--count", type=int, default=200, help="images to generate (default: 200)")
+    demo.add_argument(
+        "--count", type=int, default=192, help="images to generate, spread evenly over 32 classes (default: 192)"
+    )
     _server_flags(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -125,8 +127,8 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"the demo model is missing ({checkpoint}); `clipdex demo` runs from a clone of the repo")
     images = args.dir / "images"
     if not images.is_dir() or not any(images.iterdir()):
-        logger.info("writing %d demo images to %s", args.count, images)
-        synthetic.write_folder(images, args.count, seed=2026, size=(320, 240))
+        written = _write_demo_images(images, args.count)
+        logger.info("wrote %d demo images to %s", written, images)
     demo_settings = settings.model_copy(
         update={
             "data_dir": args.dir / "data",
@@ -137,7 +139,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
     url = f"http://{settings.host}:{settings.port}"
     print(
-        f"clipdex demo: {args.count} generated images in {images}, searched with the bundled shapes model.\n"
+        f"clipdex demo: generated images in {images}, searched with the bundled shapes model.\n"
         "  This model knows ONLY shapes (circle, square, triangle, cross) and colours; for real photos use\n"
         "  the default model, ViT-B-32 (laion2b_s34b_b79k).\n"
         f"  Try:  curl '{url}/search?query=a+red+circle&top_k=5'\n"
@@ -147,6 +149,17 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
     args.dir = images
     return _cmd_run(args, demo_settings)
+
+
+def _write_demo_images(folder: Path, count: int) -> int:
+    """About `count` images, the same number of each colour and shape, so every query has answers."""
+    classes = [(colour, shape) for colour in synthetic.COLOURS for shape in synthetic.SHAPES]
+    per_class = max(1, count // len(classes))
+    for i, (colour, shape) in enumerate(classes):
+        synthetic.write_folder(
+            folder, per_class, seed=2026 + i, size=(320, 240), colours=[colour], shapes=[shape], start=i * per_class
+        )
+    return per_class * len(classes)
 
 
 def configure_logging(level: str) -> None:
