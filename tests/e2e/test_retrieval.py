@@ -108,6 +108,8 @@ def deployment(tmp_path: Path, kafka_bootstrap: str, kafka_topic: str) -> Iterat
         "CLIPDEX_WATCH_SETTLE_MS": "200",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        # three processes on two cores: OpenMP threads that spin while they wait starve each other
+        "OMP_WAIT_POLICY": "PASSIVE",
     }
     folder = _images(watched, seed=11, id_of=lambda p: f"folder:{p.name}")
     catalog = _images(catalog_dir, seed=23, id_of=lambda p: f"kafka:sku-{p.stem}")
