@@ -7,8 +7,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import torch
 
+from indexer.decode import decode_pool
 from indexer.embed import decode_and_embed
 from indexer.events import Event
 from indexer.pipeline import embed_batch_for
@@ -120,3 +122,14 @@ def test_the_cpu_embeds_whole_micro_batches_and_a_gpu_overlaps_quarters() -> Non
     assert embed_batch_for(256, "cuda") == 64  # the GPU encodes a quarter while the CPU decodes the next
     assert embed_batch_for(64, "cuda") == 32
     assert embed_batch_for(8, "cuda") == 8
+
+
+def test_decode_threads_run_torch_on_one_core_and_leave_the_model_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    def process_wide(n: int) -> None:
+        raise AssertionError("torch.set_num_threads halves the model's speed in the other threads")
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", process_wide)
+    with decode_pool(2) as pool:
+        assert set(pool.map(lambda _: torch.get_num_threads(), range(8))) == {1}
+    assert torch.get_num_threads() == before
