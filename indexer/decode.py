@@ -58,14 +58,14 @@ def single_threaded_torch() -> None:
     the model's thread then ran at half speed for the rest of the process (21 -> 11 images/s, measured
     side by side). The OpenMP runtime's own `omp_set_num_threads` changes only the calling thread.
     """
-    setter = _omp_set_num_threads()
-    if setter is not None:
+    for setter in _omp_setters():
         setter(1)
 
 
 @functools.cache
-def _omp_set_num_threads() -> Callable[[int], object] | None:
-    """`omp_set_num_threads` of the OpenMP runtime torch loaded (libgomp, libiomp or libomp), if found."""
+def _omp_setters() -> tuple[Callable[[int], object], ...]:
+    """`omp_set_num_threads` of every OpenMP runtime loaded (libgomp, libiomp, libomp): torch and faiss
+    may each bring their own copy, and only torch's matters here, but setting it in each is harmless."""
     paths: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
@@ -73,14 +73,15 @@ def _omp_set_num_threads() -> Callable[[int], object] | None:
     except OSError:  # not Linux: try the loader's own search
         found = ctypes.util.find_library("omp") or ctypes.util.find_library("gomp")
         paths = [found] if found else []
+    setters = []
     for path in dict.fromkeys(paths):
         try:
-            setter: Callable[[int], object] = ctypes.CDLL(path).omp_set_num_threads
-            return setter
+            setters.append(ctypes.CDLL(path).omp_set_num_threads)
         except (OSError, AttributeError):
             continue
-    logger.debug("no OpenMP runtime found; decode threads keep torch's default thread count")
-    return None
+    if not setters:
+        logger.debug("no OpenMP runtime found; decode threads keep torch's default thread count")
+    return tuple(setters)
 
 
 _OPENMP_LIBRARY = re.compile(r"/lib(g|i)?omp[^/]*\.so")
