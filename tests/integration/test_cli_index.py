@@ -130,7 +130,7 @@ def test_a_store_failure_exits_non_zero_with_a_clear_message(folder: Path, tmp_p
 
 
 @pytest.fixture
-def watch_process(folder: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+def watch_process(folder: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], list[str], threading.Thread]]:
     env = tiny_env(tmp_path / "data") | {"CLIPDEX_WATCH_SETTLE_MS": "300"}
     proc = subprocess.Popen(
         [*CLIPDEX, "watch", str(folder)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -140,7 +140,7 @@ def watch_process(folder: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Pop
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
     try:
-        yield proc, lines
+        yield proc, lines, reader
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -159,14 +159,16 @@ def wait_for_line(lines: list[str], text: str, timeout: float = 90) -> None:
 
 
 def test_watch_indexes_new_files_and_sigterm_exits_0(
-    watch_process: tuple[subprocess.Popen[str], list[str]], folder: Path
+    watch_process: tuple[subprocess.Popen[str], list[str], threading.Thread], folder: Path
 ) -> None:
-    proc, lines = watch_process
+    proc, lines, reader = watch_process
     wait_for_line(lines, "the files found at start are indexed")
     write_folder(folder / "new", 2, seed=9, size=(64, 64))
     wait_for_line(lines, "indexed=2")
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, "".join(lines)
+    assert proc.wait(timeout=60) == 0, "".join(lines)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    reader.join(timeout=10)
     assert "indexed 7" in out
     assert any("SIGTERM: finishing the batch in flight" in line for line in lines)
