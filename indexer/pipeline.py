@@ -155,21 +155,7 @@ class Pipeline:
         report.failed = len(failures)
         report.failures = [(f.id or f.payload, f.reason) for f in failures]
         report.total_ms = (time.perf_counter() - started) * 1000
-        logger.debug(
-            "wrote batch records=%d indexed=%d unchanged=%d reused=%d deleted=%d skipped=%d failed=%d "
-            "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f total_ms=%.0f",
-            report.records,
-            report.indexed,
-            report.unchanged,
-            report.reused,
-            report.deleted,
-            report.skipped,
-            report.failed,
-            report.decode_ms,
-            report.embed_ms,
-            report.write_ms,
-            report.total_ms,
-        )
+        logger.debug("wrote batch records=%d %s total_ms=%.0f", report.records, report.log_fields(), report.total_ms)
         return report
 
     # -- stages ---------------------------------------------------------------------------------------------

@@ -39,6 +39,14 @@ class BatchReport:
     write_ms: float = 0.0
     total_ms: float = 0.0
 
+    def log_fields(self) -> str:
+        """The counts and stage timings as key=value pairs, for the one log line of each batch."""
+        return (
+            f"indexed={self.indexed} unchanged={self.unchanged} reused={self.reused} deleted={self.deleted} "
+            f"skipped={self.skipped} failed={self.failed} decode_ms={self.decode_ms:.0f} "
+            f"embed_ms={self.embed_ms:.0f} write_ms={self.write_ms:.0f}"
+        )
+
 
 class Sink(Protocol):
     async def write(self, records: Sequence[Record]) -> BatchReport:

@@ -442,18 +442,9 @@ class FolderSource:
         seen = [r.position.seen_at for r in batch if isinstance(r.position, FilePosition)]
         lag_ms = (time.time() - min(seen)) * 1000 if seen else 0.0
         logger.info(
-            "batch source=folder size=%d indexed=%d unchanged=%d reused=%d deleted=%d skipped=%d failed=%d "
-            "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f lag_ms=%.0f pending=%d",
+            "batch source=folder size=%d %s lag_ms=%.0f pending=%d",
             len(batch),
-            report.indexed,
-            report.unchanged,
-            report.reused,
-            report.deleted,
-            report.skipped,
-            report.failed,
-            report.decode_ms,
-            report.embed_ms,
-            report.write_ms,
+            report.log_fields(),
             lag_ms,
             self.batcher.pending() + len(self.settler),
         )

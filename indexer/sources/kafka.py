@@ -294,18 +294,9 @@ class KafkaSource:
         lag_ms = max(0.0, time.time() * 1000 - min(stamps)) if stamps else 0.0  # produce -> durable
         pending = self._consumer.lag()
         logger.info(
-            "batch source=kafka size=%d indexed=%d unchanged=%d reused=%d deleted=%d skipped=%d failed=%d "
-            "decode_ms=%.0f embed_ms=%.0f write_ms=%.0f lag_ms=%.0f pending=%s",
+            "batch source=kafka size=%d %s lag_ms=%.0f pending=%s",
             len(messages),
-            report.indexed,
-            report.unchanged,
-            report.reused,
-            report.deleted,
-            report.skipped,
-            report.failed,
-            report.decode_ms,
-            report.embed_ms,
-            report.write_ms,
+            report.log_fields(),
             lag_ms,
             "?" if pending is None else pending,
         )
