@@ -187,7 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         func: Command = args.func
         return func(args, settings)
     except ClipdexError as exc:
-        logging.getLogger("clipdex").error("%s", exc)
         print(f"clipdex: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
