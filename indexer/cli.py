@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import open_clip
-
 from indexer import commands as indexer_commands
 from indexer.service import run_folder_indexer, stop_on_signals
 from shared import synthetic
@@ -53,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    import open_clip  # seconds to import: only this command needs it up front
+
     for name, tag in open_clip.list_pretrained():
         print(f"{name}\t{tag}")
     return 0

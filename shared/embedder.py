@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from PIL import Image
 
 from shared.config import Settings
@@ -89,6 +87,8 @@ def register_model_configs(configs_dir: Path | None) -> None:
         return
     if not configs_dir.is_dir():
         raise UnknownModelError(f"CLIPDEX_MODEL_CONFIGS={configs_dir} is not a directory")
+    import open_clip  # imported when a model loads: it takes seconds, and most commands never need it
+
     if str(configs_dir) not in {str(p) for p in open_clip.factory._MODEL_CONFIG_PATHS}:
         open_clip.add_model_config(configs_dir)
 
@@ -129,6 +129,8 @@ class Embedder:
                 self._load()
 
     def _load(self) -> None:
+        import open_clip  # imported when a model loads: it takes seconds, and most commands never need it
+
         spec = self.spec
         register_model_configs(spec.configs_dir)
         known = open_clip.list_models()
@@ -179,6 +181,8 @@ class Embedder:
             if not path.is_file():
                 raise CheckpointNotFound(f"checkpoint file not found: {path} (CLIPDEX_PRETRAINED)")
             return str(path)
+        import open_clip
+
         tags = open_clip.list_pretrained_tags_by_model(spec.name)
         if tags and spec.pretrained not in tags:
             raise UnknownModelError(
@@ -285,6 +289,8 @@ class Embedder:
         x = x + tower.module.positional_embedding[:length].to(cast)
         x = tower.module.transformer(x, attn_mask=tower.attn_mask[:length, :length])
         x = tower.module.ln_final(x)
+        from open_clip.transformer import text_global_pool
+
         pooled = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
         projection = tower.module.text_projection
         if projection is None:
