@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +26,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from shared import synthetic
-from tests.brokers import publish
+from tests.brokers import publish, stop_process
 from tests.conftest import FIXTURES
 from tests.unit.test_tools_fixtures import clipdex_command, free_port
 
@@ -80,16 +79,7 @@ def _start(name: str, args: list[str], env: dict[str, str], logs: Path, stack: E
     with open(logs / f"{name}.log", "wb") as out:
         proc = subprocess.Popen([*clipdex_command(), *args], env=env, stdout=out, stderr=out)
 
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    stack.callback(stop)
+    stack.callback(stop_process, proc, 20)
     return proc
 
 

@@ -4,7 +4,6 @@ API, the gate, and a store written by another process (this one) while the serve
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.index import IndexParams, compact
 from shared.store import Store
+from tests.brokers import stop_process
 from tests.conftest import tiny_env, tiny_settings_for
 from tests.unit.test_tools_fixtures import (
     COLOURS,
@@ -74,12 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) ->
         _wait_healthy(url, proc, log)
         yield Served(url, catalog, tiny_settings_for(data, allowed_roots=[str(root)]), log)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=15)
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
