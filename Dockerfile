@@ -37,15 +37,16 @@ RUN set -eu; \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN set -eu; \
-    for pkg in shared indexer tools; do mkdir -p "$pkg"; touch "$pkg/__init__.py"; done; \
+    for pkg in clipdex shared indexer tools; do mkdir -p "$pkg"; touch "$pkg/__init__.py"; done; \
     pip install . ; \
     if [ "$FLAVOR" = cuda ]; then \
       pip uninstall -y faiss-cpu; \
       pip install "faiss-gpu>=1.8"; \
     fi; \
     pip uninstall -y clipdex; \
-    rm -rf shared indexer tools build ./*.egg-info
+    rm -rf clipdex shared indexer tools build ./*.egg-info
 
+COPY clipdex clipdex
 COPY shared shared
 COPY indexer indexer
 COPY tools tools

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from clipdex.synthetic import generate
 from shared.config import load_settings
 from shared.core import build_core
-from shared.synthetic import generate
 
 TINY_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
 READY_LINE = "the files found at start are indexed"
@@ -68,7 +68,7 @@ def jpegs(n: int, size: int) -> list[bytes]:
 
 def start_watcher(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "indexer", "watch", str(root)],
+        [sys.executable, "-m", "clipdex", "watch", str(root)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
+from clipdex.synthetic import generate
 from shared.config import load_settings
 from shared.core import Core, build_core
-from shared.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = ROOT / "tests" / "fixtures" / "configs"
@@ -77,7 +77,7 @@ def write_jpegs(folder: Path, n: int, size: int) -> list[Path]:
 
 def start_consumer(bootstrap: str, topic: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "indexer", "consume", "--bootstrap-servers", bootstrap, "--topic", topic],
+        [sys.executable, "-m", "clipdex", "consume", "--bootstrap-servers", bootstrap, "--topic", topic],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -38,14 +38,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from clipdex.synthetic import write_folder
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Record
 from indexer.sources.folder import FolderSource
 from shared.config import Settings, load_settings
 from shared.embedder import Embedder
 from shared.images import decode_image
-from shared.store import Store
-from shared.synthetic import write_folder
+from shared.sqlite.store import SqliteStore
 
 TINY_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
 
@@ -118,7 +118,7 @@ class Interleaved:
 async def clipdex_index(
     embedder: Embedder, settings: Settings, root: Path, tensors: list[torch.Tensor], seed_paths: list[Path]
 ) -> dict[str, Any]:
-    with Store(settings.db_path, vector_dtype=settings.vector_dtype) as store:
+    with SqliteStore(settings.db_path, vector_dtype=settings.vector_dtype) as store:
         store.bind_model(embedder.identity)
         pipeline = Pipeline.from_settings(store, embedder, settings, roots=[root])
         try:

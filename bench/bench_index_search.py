@@ -33,9 +33,11 @@ import faiss
 import numpy as np
 from vectors import DATASETS, base_and_queries
 
+from indexer.compaction import compact
 from shared.config import Settings
-from shared.index import IndexParams, LiveIndex, compact, index_kind
-from shared.store import Store, Upsert
+from shared.roles import Upsert
+from shared.sqlite.index import IndexParams, LiveIndex, index_kind
+from shared.sqlite.store import SqliteStore
 
 K = 10
 
@@ -58,7 +60,7 @@ def default_params(**overrides: Any) -> IndexParams:
     return replace(params, compact_delta_size=10**9, compact_max_age_s=1e12, **overrides)
 
 
-def fill_store(store: Store, base: np.ndarray, batch: int = 20_000) -> float:
+def fill_store(store: SqliteStore, base: np.ndarray, batch: int = 20_000) -> float:
     started = time.perf_counter()
     for lo in range(0, len(base), batch):
         ups = [
@@ -111,7 +113,7 @@ def run_size(n: int, nq: int, work: Path, builds: list[Build], flat_queries: int
     del exact
     store_dir = work / f"n{n}"
     shutil.rmtree(store_dir, ignore_errors=True)
-    store = Store(store_dir / "db.sqlite3")
+    store = SqliteStore(store_dir / "db.sqlite3")
     print(f"store filled in {fill_store(store, base):.1f} s", flush=True)
     del base
     rows = []

@@ -1,6 +1,6 @@
 """Memory per stored vector: SQLite bytes on disk (float32 and float16 embeddings) and index RAM.
 
-N synthetic 512-d unit vectors (bench/vectors.py) are written through Store.apply with a typical catalog
+N synthetic 512-d unit vectors (bench/vectors.py) are written through SqliteStore.apply with a typical catalog
 item (a 40-character id, a 60-character URL, a 64-hex sha256, two metadata keys), in batches of 1000.
 Disk is the database file after a WAL checkpoint, per vector. Index RAM is measured two ways for flat,
 IVF and HNSW mains: the process's resident memory before and after LiveIndex loads the main from disk
@@ -30,9 +30,11 @@ import faiss
 import numpy as np
 from vectors import base_and_queries
 
+from indexer.compaction import compact
 from shared.config import Settings
-from shared.index import IndexParams, compact
-from shared.store import Store, Upsert
+from shared.roles import Upsert
+from shared.sqlite.index import IndexParams
+from shared.sqlite.store import SqliteStore
 
 DIM = 512
 
@@ -43,7 +45,7 @@ def fill(path: Path, base: np.ndarray, dtype: str, page_size: int | None = None)
         db.execute(f"PRAGMA page_size = {page_size}")
         db.execute("VACUUM")
         db.close()
-    with Store(path, vector_dtype=dtype) as store:
+    with SqliteStore(path, vector_dtype=dtype) as store:
         for lo in range(0, len(base), 1000):
             store.apply(
                 upserts=[
@@ -69,14 +71,14 @@ import gc, os, sys
 from dataclasses import replace
 from pathlib import Path
 from shared.config import Settings
-from shared.index import IndexParams, LiveIndex
-from shared.store import Store
+from shared.sqlite.index import IndexParams, LiveIndex
+from shared.sqlite.store import SqliteStore
 
 def rss():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-store = Store(Path(sys.argv[1]))
+store = SqliteStore(Path(sys.argv[1]))
 params = replace(IndexParams.from_settings(Settings()), kind=sys.argv[3])
 live = LiveIndex(store, 512, params, Path(sys.argv[2]))
 gc.collect()
@@ -87,7 +89,7 @@ print(rss() - before)
 """
 
 
-def index_ram(db: Path, store: Store, params: IndexParams, index_dir: Path) -> tuple[int, int, str]:
+def index_ram(db: Path, store: SqliteStore, params: IndexParams, index_dir: Path) -> tuple[int, int, str]:
     """(resident bytes a fresh query process takes to load main, serialized bytes, kind)."""
     result = compact(store, params, DIM, index_dir)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -126,7 +128,7 @@ def main() -> None:
         defaults = replace(IndexParams.from_settings(Settings()), compact_delta_size=10**9, compact_max_age_s=1e12)
         print("\n| main index | RAM per vector (RSS after load) | serialized per vector |")
         print("| --- | ---: | ---: |")
-        with Store(work / "float32-None.sqlite3") as store:
+        with SqliteStore(work / "float32-None.sqlite3") as store:
             for label, params in (
                 ("flat", replace(defaults, kind="flat")),
                 ("IVF (defaults)", replace(defaults, kind="ivf")),

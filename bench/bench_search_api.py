@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from mcp import Client
 
+from indexer.compaction import compact
 from shared.config import Settings, load_settings
 from shared.embedder import Embedder
-from shared.index import IndexParams, LiveIndex, compact
-from shared.store import Store, Upsert
+from shared.roles import Upsert
+from shared.sqlite.index import IndexParams, LiveIndex
+from shared.sqlite.store import SqliteStore
 
 ADJECTIVES = ["red", "small", "old", "shiny", "wooden", "striped", "broken", "tall", "blue", "quiet", "empty", "wet"]
 NOUNS = ["bicycle", "lighthouse", "teapot", "dog", "mountain", "invoice", "sneaker", "kitchen", "bridge", "cat"]
@@ -73,7 +75,7 @@ def bench_settings(data_dir: Path, **overrides: Any) -> Settings:
 # -- filling the store ------------------------------------------------------------------------------------
 
 
-def fill(store: Store, n: int, dim: int, batch: int = 20_000) -> float:
+def fill(store: SqliteStore, n: int, dim: int, batch: int = 20_000) -> float:
     started = time.perf_counter()
     rng = np.random.default_rng(0)
     for start in range(0, n, batch):
@@ -194,7 +196,7 @@ def time_calls(fn: Callable[[int], Any], n: int, warmup: int = 3) -> list[float]
 def breakdown(settings: Settings, dim: int, vectors: list[np.ndarray]) -> dict[str, Any]:
     """Where a search's time goes after the text encoder, in process: FAISS top-10 and the item lookup.
     (The encoder's share is the served uncached minus cached text search: measured in the server.)"""
-    with Store(settings.db_path) as store:
+    with SqliteStore(settings.db_path) as store:
         index = LiveIndex(store, dim, IndexParams.from_settings(settings), settings.index_dir)
         index.refresh()
         faiss_ms = time_calls(lambda i: index.search(vectors[i % len(vectors)], 10), 200)
@@ -229,7 +231,7 @@ def run_size(n: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     embedder = Embedder.from_settings(settings)
     dim = embedder.identity.dim
     result: dict[str, Any] = {"items": n}
-    with Store(settings.db_path) as store:
+    with SqliteStore(settings.db_path) as store:
         store.bind_model(embedder.identity)
         result["fill_s"] = round(fill(store, n, dim), 1)
         flat = compact(store, IndexParams.from_settings(settings), dim, settings.index_dir)
@@ -242,7 +244,7 @@ def run_size(n: int, n_queries: int, workdir: Path) -> dict[str, Any]:
         result["flat"].update(measure(url, n, n_queries, "flat"))
         print(f"  {n:,} items, flat main: {json.dumps(result['flat'])}", flush=True)
         ivf_settings = bench_settings(data_dir, index_kind="ivf")
-        with Store(settings.db_path) as store:
+        with SqliteStore(settings.db_path) as store:
             ivf = compact(store, IndexParams.from_settings(ivf_settings), dim, settings.index_dir)
         result["compact_ivf_s"] = round(ivf.seconds, 1)
         wait_generation(url, ivf.generation)

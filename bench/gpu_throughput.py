@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from anywhere
 
+from clipdex.synthetic import generate
 from indexer.decode import decode_and_preprocess, decode_pool
 from indexer.embed import decode_and_embed
 from shared.embedder import Embedder, ModelSpec
-from shared.synthetic import generate
 
 TINY_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
 MAX_PIXELS = 64_000_000

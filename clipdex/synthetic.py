@@ -1,7 +1,7 @@
 """Synthetic images of coloured shapes, with captions: the data the demo model knows.
 
 Everything is drawn from one `random.Random`, so a seed fixes every pixel. The tiny CLIP in
-`tests/fixtures/models` was trained on these images (see `scripts/train_tiny_clip.py`); the demo, the
+`clipdex/models` was trained on these images (see `scripts/train_tiny_clip.py`); the demo, the
 end-to-end tests and the benchmarks render their folders with `write_folder`.
 
 Each image holds one main shape in one of `COLOURS`, on a muted, near-neutral background that is never

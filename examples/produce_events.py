@@ -7,7 +7,7 @@ runs outside Docker, against any broker:
     python examples/produce_events.py --bootstrap-servers localhost:9094 --topic catalog-images \
         --images-dir ./images/examples --count 24
 
-The images are coloured shapes (shared/synthetic.py), so queries such as "a red circle" find them with
+The images are coloured shapes (clipdex/synthetic.py), so queries such as "a red circle" find them with
 ViT-B-32 as well as with the demo model.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
-from shared.synthetic import write_folder
+from clipdex.synthetic import write_folder
 
 logger = logging.getLogger("produce_events")
 

@@ -2,7 +2,7 @@
 
 clipdex index DIR                 index a folder once (progress on stderr, a summary on stdout)
 clipdex watch DIR                 index a folder, then keep it indexed as files come, change and go
-clipdex consume ...               index catalog events from Kafka (indexer/sources/kafka.py)
+clipdex consume ...               index catalog events from Kafka (a consumer group member)
 clipdex status [--json]           counts, index state, model, freshness and lag
 clipdex compact [--if-needed]     fold the delta into a new main index now
 clipdex dlq list|retry|purge      the dead letters: what could not be indexed, and why
@@ -14,24 +14,25 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from indexer import service
+from indexer.compaction import compact, needs_compaction
 from indexer.events import parse_event
-from indexer.heartbeat import read_heartbeats
-from indexer.pipeline import open_pipeline
 from indexer.progress import ProgressBar
 from indexer.records import Record
-from indexer.service import index_folder, stop_on_signals, watch_folder
 from indexer.sources.folder import FolderSummary
-from indexer.sources.kafka import register_consume
+from indexer.sources.kafka_client import require_kafka
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
 from shared.errors import InvalidEvent
-from shared.index import IndexParams, compact, needs_compaction
-from shared.store import DeadLetter, Store
+from shared.roles import DeadLetter
+from shared.signals import stop_on_signals
+from shared.sqlite.index import IndexParams
+from shared.status import read_status
+from shared.stores import open_catalog, open_writer
 
 
 def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
@@ -61,7 +62,19 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     _batch_flags(watch)
     watch.set_defaults(func=_cmd_watch)
 
-    register_consume(sub)
+    consume = sub.add_parser(
+        "consume",
+        help="index catalog change events from a Kafka topic (consumer group, at least once)",
+        description="Consume {op, id, uri, metadata, version} events from a Kafka topic and index them. "
+        "Offsets are committed only after each micro-batch is durable in the store. SIGTERM or Ctrl-C "
+        "finishes the batch in flight, commits it, and exits 0.",
+    )
+    add_setting_flag(consume, "--bootstrap-servers", "kafka_bootstrap_servers")
+    add_setting_flag(consume, "--topic", "kafka_topic")
+    add_setting_flag(consume, "--group", "kafka_group")
+    add_setting_flag(consume, "--dlq-topic", "kafka_dlq_topic")
+    _batch_flags(consume)
+    consume.set_defaults(func=_cmd_consume)
 
     status = sub.add_parser("status", help="what is indexed, how fresh, and how far behind the indexer is")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -107,7 +120,7 @@ def _cmd_index(args: argparse.Namespace, settings: Settings) -> int:
         stop = asyncio.Event()
         stop_on_signals(stop)
         try:
-            return await index_folder(settings, args.dir, stop=stop, progress=progress)
+            return await service.index_folder(settings, args.dir, stop=stop, progress=progress)
         finally:
             if progress is not None:
                 progress.close()
@@ -138,11 +151,16 @@ def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> FolderSummary:
         stop = asyncio.Event()
         stop_on_signals(stop)
-        return await watch_folder(settings, args.dir, stop)
+        return await service.watch_folder(settings, args.dir, stop)
 
     summary = asyncio.run(main())
     print(format_summary(summary))
     return 0
+
+
+def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    require_kafka(settings)  # before anything loads
+    return asyncio.run(service.consume(settings))
 
 
 # -- status and compact ----------------------------------------------------------------------------------------
@@ -150,47 +168,8 @@ def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 def status_of(settings: Settings) -> dict[str, Any]:
     """Everything `clipdex status` shows, as plain data. Reads the store; loads no model."""
-    now = time.time()
-    out: dict[str, Any] = {"data_dir": str(settings.data_dir), "exists": settings.db_path.exists()}
-    if out["exists"]:
-        with Store(settings.db_path, vector_dtype=settings.vector_dtype) as store:
-            stats = store.stats()
-            identity = store.model_identity()
-            delta = store.delta_size(stats.meta.high_water)
-            age = store.oldest_uncompacted_age_s(stats.meta.high_water)
-        out.update(
-            items=stats.items,
-            failed=stats.failed,
-            dead_letters=stats.dead_letters,
-            vectors=stats.vectors,
-            tombstones=stats.tombstones,
-            delta_size=delta,
-            delta_age_s=age,
-            generation=stats.meta.generation,
-            model=None
-            if identity is None
-            else {"name": identity.name, "pretrained": identity.pretrained, "dim": identity.dim},
-            newest_indexed_at=_iso(stats.newest_indexed_at),
-            last_compaction_at=_iso(stats.last_compaction_at),
-        )
-    else:
-        out.update(items=0, failed=0, dead_letters=0, vectors=0, tombstones=0, delta_size=0, delta_age_s=None)
-        out.update(generation=0, model=None, newest_indexed_at=None, last_compaction_at=None)
-    indexers = read_heartbeats(settings.data_dir) if settings.data_dir.is_dir() else []
-    for hb in indexers:
-        hb["seconds_since_update"] = round(now - float(hb.get("updated_at", now)), 1)
-    running = [hb for hb in indexers if hb.get("state") == "running"]
-    # Lag: from event to durable, as the last batch measured it, while anything is still pending; a running
-    # indexer with nothing pending has caught up. None when no indexer runs.
-    lags = [
-        float(hb.get("lag_s") or 0.0) if int(hb.get("pending") or 0) > 0 else 0.0
-        for hb in running
-        if isinstance(hb.get("lag_s", 0.0), int | float)
-    ]
-    out["lag_s"] = round(max(lags), 3) if lags else None
-    out["pending"] = sum(int(hb.get("pending") or 0) for hb in running)
-    out["indexers"] = indexers
-    return out
+    with open_catalog(settings) as catalog:
+        return read_status(settings.data_dir, catalog).to_dict()
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -233,15 +212,18 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
         print(f"nothing to compact: no store in {settings.data_dir}")
         return 0
     params = IndexParams.from_settings(settings)
-    with Store(settings.db_path, vector_dtype=settings.vector_dtype) as store:
-        identity = store.model_identity()
+    with open_writer(settings, None) as store:
+        identity = store.catalog.model_identity()
         if identity is None:
             print("nothing to compact: the store holds no vectors yet")
             return 0
-        if args.if_needed and not needs_compaction(store, params):
+        if store.compaction is None:
+            print("nothing to compact: this store compacts by itself")
+            return 0
+        if args.if_needed and not needs_compaction(store.compaction, params):
             print("no threshold passed; not compacting")
             return 0
-        result = compact(store, params, identity.dim, settings.index_dir)
+        result = compact(store.compaction, params, identity.dim, settings.index_dir)
     print(
         f"compacted: main generation {result.generation}, {result.vectors} vectors ({result.kind}"
         f"{', rebuilt' if result.rebuilt else ''}), {result.purged} deleted vectors purged, {result.seconds:.2f} s"
@@ -277,10 +259,8 @@ def _letter_json(d: DeadLetter) -> dict[str, Any]:
 
 
 def _letters(settings: Settings, *, limit: int = 2**31) -> list[DeadLetter]:
-    if not settings.db_path.exists():
-        return []
-    with Store(settings.db_path, vector_dtype=settings.vector_dtype) as store:
-        return store.dead_letters(limit=limit)
+    with open_catalog(settings) as catalog:
+        return [] if catalog is None else catalog.dead_letters(limit=limit)
 
 
 def _chosen(args: argparse.Namespace, settings: Settings) -> list[DeadLetter] | None:
@@ -296,8 +276,9 @@ def _cmd_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
     if letters is None:
         return 2
     if letters:
-        with Store(settings.db_path, vector_dtype=settings.vector_dtype) as store:
-            store.delete_dead_letters([d.id for d in letters])
+        with open_catalog(settings) as catalog:
+            assert catalog is not None, "dead letters were listed, so the store exists"
+            catalog.delete_dead_letters([d.id for d in letters])
     print(f"purged {len(letters)} dead letters")
     return 0
 
@@ -309,17 +290,8 @@ def _cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters to retry")
         return 0
-    records = [retry_record(d) for d in letters]
-    roots = sorted({root for r in records if (root := _folder_root(r)) is not None})
-
-    async def main() -> tuple[int, int]:
-        async with open_pipeline(settings, roots=roots, compaction=False) as pipeline:
-            report = await pipeline.write(records)
-            # Only now that the retry is durable (new dead letters included) do the old ones go.
-            await asyncio.to_thread(pipeline.store.delete_dead_letters, [d.id for d in letters])
-            return report.records - report.failed, report.failed
-
-    done, failed = asyncio.run(main())
+    report = asyncio.run(service.retry(settings, letters, [retry_record(d) for d in letters]))
+    done, failed = report.records - report.failed, report.failed
     print(f"retried {len(letters)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
     return 0
 
@@ -332,17 +304,6 @@ def retry_record(letter: DeadLetter) -> Record:
     except InvalidEvent as exc:
         return Record(letter.source, letter.payload, None, str(exc))
     return Record(letter.source, letter.payload, event)
-
-
-def _folder_root(record: Record) -> Path | None:
-    """The watched folder a folder item came from: its uri minus its relative path."""
-    event = record.event
-    if record.source != "folder" or event is None or not event.uri:
-        return None
-    rel = event.metadata.get("path")
-    if isinstance(rel, str) and event.uri.endswith("/" + rel):
-        return Path(event.uri[: -len(rel) - 1])
-    return None
 
 
 __all__ = ["format_summary", "register", "retry_record", "status_of"]

@@ -4,7 +4,7 @@
             (dedup, versions)  (transient errors retried        (unchanged / reused   (embed.py: model off the
                                 with backoff, then dead letters) / new)               loop; on a GPU, decoding
                                                                                       overlaps the encode)
-            ─▶ store.apply: upserts + deletes + dead letters in ONE transaction ─▶ BatchReport
+            ─▶ writer.apply: upserts + deletes + dead letters in ONE transaction ─▶ BatchReport
 
 `write` returns once the batch is durable, so the caller may then commit its source position. A bad item
 is a dead letter and never makes `write` raise; a `StoreError` does, and the caller must stop without
@@ -18,22 +18,20 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.compaction import Compactor
 from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_and_hash
 from indexer.embed import decode_and_embed
-from indexer.records import BatchReport, Record
+from indexer.records import BatchReport, FailedRecord, Record
 from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError
 from shared.fetch import FetchPolicy, fetch_bytes
-from shared.store import Failure, Store, Upsert
+from shared.roles import Upsert, Writer
 from shared.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -77,8 +75,8 @@ def embed_batch_for(batch_size: int, device: str) -> int:
 class Pipeline:
     """One writer. `write` calls are serialised; the model runs in one dedicated thread."""
 
-    def __init__(self, store: Store, embedder: Embedder, fetch: Fetch, options: PipelineOptions) -> None:
-        self.store = store
+    def __init__(self, writer: Writer, embedder: Embedder, fetch: Fetch, options: PipelineOptions) -> None:
+        self.writer = writer
         self.embedder = embedder
         self.options = options
         self._fetch = fetch
@@ -94,12 +92,12 @@ class Pipeline:
 
     @classmethod
     def from_settings(
-        cls, store: Store, embedder: Embedder, settings: Settings, *, roots: Sequence[Path] = ()
+        cls, writer: Writer, embedder: Embedder, settings: Settings, *, roots: Sequence[Path] = ()
     ) -> Pipeline:
         """Paths may resolve under CLIPDEX_ALLOWED_ROOTS and `roots` (the watched folder)."""
         policy = FetchPolicy.from_settings(settings, extra_roots=roots)
         return cls(
-            store,
+            writer,
             embedder,
             functools.partial(fetch_bytes, policy=policy),
             PipelineOptions.from_settings(settings, device=embedder.device.type),
@@ -120,7 +118,7 @@ class Pipeline:
         report = BatchReport(records=len(records))
         if not records:
             return report
-        stored = await asyncio.to_thread(self.store.states, pending_ids(records))
+        stored = await asyncio.to_thread(self.writer.states, pending_ids(records))
         batch = plan(records, stored)
         report.skipped, report.superseded = len(batch.skipped), batch.superseded
         failures = list(batch.invalid)
@@ -132,7 +130,7 @@ class Pipeline:
             else:
                 failures.append(outcome)
         lookup = [f.sha256 for f in fetched if not _same_content(f)]
-        known = await asyncio.to_thread(self.store.embeddings_by_sha, lookup) if lookup else {}
+        known = await asyncio.to_thread(self.writer.embeddings_by_sha, lookup) if lookup else {}
         sorted_ = classify(fetched, known)
 
         vectors, decode_failures = await self._embed(sorted_, report)
@@ -145,7 +143,8 @@ class Pipeline:
                 failures.append(_failure(item.work, decode_failures[item.sha256], item.tries))
 
         write_started = time.perf_counter()
-        result = await asyncio.to_thread(self.store.apply, upserts, batch.store_deletes, failures)
+        dead_letters = [f.dead_letter() for f in failures]
+        result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters)
         report.write_ms = (time.perf_counter() - write_started) * 1000
 
         report.indexed = result.indexed - len(sorted_.reused)
@@ -153,14 +152,14 @@ class Pipeline:
         report.reused = len(sorted_.reused)
         report.deleted = result.deleted
         report.failed = len(failures)
-        report.failures = [(f.id or f.payload, f.reason) for f in failures]
+        report.failures = failures
         report.total_ms = (time.perf_counter() - started) * 1000
         logger.debug("wrote batch records=%d %s total_ms=%.0f", report.records, report.log_fields(), report.total_ms)
         return report
 
     # -- stages ---------------------------------------------------------------------------------------------
 
-    async def _fetch_one(self, work: Work) -> Fetched | Failure:
+    async def _fetch_one(self, work: Work) -> Fetched | FailedRecord:
         """Read and hash one image; a transient failure is retried with backoff, then dead-lettered."""
         loop = asyncio.get_running_loop()
         tries = 0
@@ -217,53 +216,5 @@ def _upsert(item: Fetched, vector: Embedding | None) -> Upsert:
     )
 
 
-def _failure(work: Work, exc: ItemError, tries: int) -> Failure:
-    return Failure(
-        source=work.record.source,
-        payload=work.record.raw,
-        reason=f"{type(exc).__name__}: {exc}",
-        id=work.item_id,
-        uri=work.event.uri,
-        tries=tries,
-    )
-
-
-# -- composition -------------------------------------------------------------------------------------------
-
-
-def open_writer(settings: Settings) -> tuple[Store, Embedder]:
-    """The store and the model of an indexer process, the store bound to the model's identity.
-
-    No FAISS index is loaded: a process that only writes does not need one."""
-    store = Store(settings.db_path, vector_dtype=settings.vector_dtype)
-    try:
-        embedder = Embedder.from_settings(settings)
-        store.bind_model(embedder.identity)
-    except BaseException:
-        store.close()
-        raise
-    return store, embedder
-
-
-@asynccontextmanager
-async def open_pipeline(
-    settings: Settings,
-    *,
-    roots: Sequence[Path] = (),
-    compaction: bool = True,
-) -> AsyncIterator[Pipeline]:
-    """A pipeline over its own store and model, with compaction on thresholds running beside it."""
-    store, embedder = await asyncio.to_thread(open_writer, settings)
-    try:
-        pipeline = Pipeline.from_settings(store, embedder, settings, roots=roots)
-        try:
-            if compaction:
-                async with Compactor.from_settings(store, settings, embedder.identity.dim).running():
-                    yield pipeline
-            else:
-                yield pipeline
-        finally:
-            await asyncio.to_thread(pipeline.close)
-    finally:
-        embedder.close()
-        store.close()
+def _failure(work: Work, exc: ItemError, tries: int) -> FailedRecord:
+    return FailedRecord(work.record, f"{type(exc).__name__}: {exc}", work.item_id, tries)

@@ -2,16 +2,19 @@
 
 A source (Kafka, a folder) reads records, calls `await sink.write(records)`, and only after it returns
 commits its position: `write` returns once the batch is durable in the store. An invalid record is not
-an error of `write`: it becomes a dead letter and its position still moves on.
+an error of `write`: it becomes a dead letter and its position still moves on. The report names each
+failed record itself (and so its position), so a source knows which of its messages failed without
+matching names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from indexer.events import Event
+from shared.roles import Failure
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,32 @@ class Record:
     event: Event | None  # None when the message could not be parsed
     error: str | None = None  # why it could not be parsed
     position: object = None  # the source's own position (a Kafka (partition, offset), a file mtime, ...)
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    """A record that could not be indexed, and why: it becomes a dead letter."""
+
+    record: Record
+    reason: str
+    item_id: str | None = None  # None when the record is not a valid event
+    tries: int = 1
+
+    @property
+    def name(self) -> str:
+        """How people know it: the item id, or the raw message or path."""
+        return self.item_id or self.record.raw
+
+    def dead_letter(self) -> Failure:
+        event = self.record.event
+        return Failure(
+            source=self.record.source,
+            payload=self.record.raw,
+            reason=self.reason,
+            id=self.item_id,
+            uri=None if event is None or self.item_id is None else event.uri,
+            tries=self.tries,
+        )
 
 
 @dataclass
@@ -33,7 +62,7 @@ class BatchReport:
     skipped: int = 0  # older version than the stored one
     superseded: int = 0  # a later event for the same id in the same batch won
     failed: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (id or raw, reason)
+    failures: list[FailedRecord] = field(default_factory=list)
     decode_ms: float = 0.0
     embed_ms: float = 0.0
     write_ms: float = 0.0
@@ -46,6 +75,12 @@ class BatchReport:
             f"skipped={self.skipped} failed={self.failed} decode_ms={self.decode_ms:.0f} "
             f"embed_ms={self.embed_ms:.0f} write_ms={self.write_ms:.0f}"
         )
+
+    def summary(self, max_failures: int = 10) -> dict[str, Any]:
+        """Plain data for a heartbeat file: the counts, timings and the first few failures."""
+        out: dict[str, Any] = {k: v for k, v in vars(self).items() if k != "failures"}
+        out["failures"] = [(f.name, f.reason) for f in self.failures[:max_failures]]
+        return out
 
 
 class Sink(Protocol):

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from indexer.events import Event
-from indexer.records import Record
-from shared.store import Delete, Failure, StoredState
+from indexer.records import FailedRecord, Record
+from shared.roles import Delete, StoredState
 from shared.types import Embedding, namespaced_id
 
 
@@ -43,7 +43,7 @@ class Work:
 class Plan:
     upserts: list[Work] = field(default_factory=list)
     deletes: list[Work] = field(default_factory=list)
-    invalid: list[Failure] = field(default_factory=list)
+    invalid: list[FailedRecord] = field(default_factory=list)
     skipped: list[Work] = field(default_factory=list)  # older than the stored version
     superseded: int = 0  # a later event for the same id in the batch won
 
@@ -66,7 +66,7 @@ def plan(records: Sequence[Record], stored: Mapping[str, StoredState]) -> Plan:
         item_id = item_id_of(record)
         if record.event is None or item_id is None:
             reason = record.error or "not a valid event"
-            out.invalid.append(Failure(record.source, record.raw, f"InvalidEvent: {reason}"))
+            out.invalid.append(FailedRecord(record, f"InvalidEvent: {reason}"))
             continue
         previous = winners.get(item_id)
         if previous is not None:

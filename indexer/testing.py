@@ -1,11 +1,13 @@
-"""An in-memory stand-in for a Kafka broker and a group member, for unit tests of the Kafka source.
+"""The indexer's fakes, for unit tests: an in-memory Kafka broker and group member, a dead-letter
+publisher that keeps what it is given, and a sink that stands in for the pipeline.
 
     broker = MemoryBroker("events", partitions=2)
     broker.produce(b'{"op": "delete", "id": "a"}', key=b"a")
-    source = KafkaSource(MemoryConsumer(broker), sink, batch_size=64, max_wait_ms=10)
+    source = KafkaSource(MemoryConsumer(broker), FakeSink(), batch_size=64, max_wait_ms=10)
 
 Faults are scripted: `broker.fail_starts = 2` makes the next two joins fail as an unreachable broker would,
-`fail_fetches` and `fail_commits` likewise; `await consumer.revoke()` runs a rebalance.
+`fail_fetches` and `fail_commits` likewise; `await consumer.revoke()` runs a rebalance. Integration tests
+use the real things (a tansu broker, the pipeline over a real store).
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from collections.abc import Sequence
 
-from indexer.sources.kafka import BrokerError, CommitLost, Message, Offsets, RevokeHandler
+from indexer.records import BatchReport, FailedRecord, Record
+from indexer.sources.kafka import BrokerError, CommitLost, DeadLetterMessage, Message, Offsets, RevokeHandler
+from shared.errors import StoreError
+from shared.types import namespaced_id
 
 
 class MemoryBroker:
@@ -96,3 +102,51 @@ class MemoryConsumer:
     def _seek_committed(self) -> None:
         topic = self.broker.topic
         self._positions = {p: self.broker.committed.get((topic, p), 0) for p in range(len(self.broker.partitions))}
+
+
+class MemoryDeadLetters:
+    """A `DeadLetterPublisher` that keeps what was published."""
+
+    def __init__(self) -> None:
+        self.published: list[DeadLetterMessage] = []
+        self.closed = False
+
+    async def publish(self, letters: Sequence[DeadLetterMessage]) -> None:
+        self.published.extend(letters)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeSink:
+    """A `Sink` that records what it was given; it can fail the store, fail chosen ids as the pipeline
+    would (invalid records always fail), or hold a batch in flight."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Record]] = []
+        self.store_error_on: int | None = None  # the batch number that raises StoreError
+        self.fail_ids: dict[str, str] = {}  # event id -> reason
+        self.gate: asyncio.Event | None = None  # when set: write waits for it
+        self.entered = asyncio.Event()
+
+    async def write(self, records: Sequence[Record]) -> BatchReport:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.store_error_on is not None and len(self.batches) == self.store_error_on:
+            raise StoreError("database or disk is full")
+        self.batches.append(list(records))
+        report = BatchReport(records=len(records))
+        for r in records:
+            if r.event is None:
+                report.failures.append(FailedRecord(r, r.error or "?"))
+            elif r.event.id in self.fail_ids:
+                report.failures.append(FailedRecord(r, self.fail_ids[r.event.id], namespaced_id(r.source, r.event.id)))
+            else:
+                report.indexed += 1
+        report.failed = len(report.failures)
+        return report
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.event.id for batch in self.batches for r in batch if r.event is not None]

@@ -1,7 +1,7 @@
 """Train `clipdex-shapes`, a tiny open_clip model that knows coloured shapes, on the CPU in minutes.
 
 No pretrained CLIP can be downloaded where clipdex is built, and random weights cannot show that a text
-query finds the right images. So this script renders captioned images with `shared.synthetic`, trains a
+query finds the right images. So this script renders captioned images with `clipdex.synthetic`, trains a
 real open_clip architecture on them with the CLIP contrastive loss, and writes to `--out`:
 
     clipdex-shapes.json         the open_clip config (a directory for open_clip.add_model_config)
@@ -47,7 +47,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared.synthetic import COLOURS, SHAPES, article, render_sample
+from clipdex.synthetic import COLOURS, SHAPES, article, render_sample
 
 logger = logging.getLogger("train_tiny_clip")
 
@@ -133,7 +133,7 @@ def main() -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/models")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "clipdex/models")
     parser.add_argument("--seed", type=int, default=20240501)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=128)

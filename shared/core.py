@@ -1,16 +1,21 @@
-"""The composition root of the shared core: settings in, a wired store + embedder + index + search out."""
+"""The read side's composition: settings in, the model + an opened reader + search out.
+
+`clipdex serve`, `clipdex mcp`, one-shot searches and `clipdex run` each build one Core; `run` hands its
+embedder to the indexer too, so one process loads the model once.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.config import Settings
 from shared.embedder import Embedder
-from shared.index import IndexParams, LiveIndex
+from shared.roles import Catalog, VectorSearch
 from shared.search import SearchService
-from shared.store import Store
+from shared.stores import ReadSide, open_reader
 
 logger = logging.getLogger(__name__)
 
@@ -18,16 +23,23 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Core:
     settings: Settings
-    store: Store
     embedder: Embedder
-    index: LiveIndex
+    reader: ReadSide
     search: SearchService
     _refresher: Refresher | None = field(default=None, repr=False)
 
+    @property
+    def catalog(self) -> Catalog:
+        return self.reader.catalog
+
+    @property
+    def vectors(self) -> VectorSearch:
+        return self.reader.vectors
+
     def start_refresh(self) -> None:
-        """Follow the store in a background thread (new vectors, tombstones, new main generations)."""
+        """Follow the store in a background thread (new vectors, deletes, new main generations)."""
         if self._refresher is None:
-            self._refresher = Refresher(self.index, self.settings.refresh_interval_ms / 1000)
+            self._refresher = Refresher(self.vectors.refresh, self.settings.refresh_interval_ms / 1000)
             self._refresher.start()
 
     def close(self) -> None:
@@ -35,27 +47,25 @@ class Core:
             self._refresher.stop()
             self._refresher = None
         self.embedder.close()
-        self.store.close()
+        self.reader.close()
 
 
 def build_core(settings: Settings, *, embedder: Embedder | None = None) -> Core:
-    """Open the store, load the model, bind the store to it, and load the index."""
-    store = Store(settings.db_path, vector_dtype=settings.vector_dtype)
+    """Load the model (unless given), and open the store as a reader bound to it."""
+    owned = embedder is None
+    embedder = embedder or Embedder.from_settings(settings)
     try:
-        embedder = embedder or Embedder.from_settings(settings)
-        identity = embedder.identity
-        store.bind_model(identity)
-        index = LiveIndex(store, identity.dim, IndexParams.from_settings(settings), settings.index_dir)
-        index.refresh()
+        reader = open_reader(settings, embedder.identity)
     except BaseException:
-        store.close()
+        if owned:
+            embedder.close()
         raise
-    return Core(settings, store, embedder, index, SearchService(store, index, embedder))
+    return Core(settings, embedder, reader, SearchService(reader.vectors, reader.catalog, embedder))
 
 
 class Refresher:
-    def __init__(self, index: LiveIndex, interval_s: float) -> None:
-        self.index = index
+    def __init__(self, refresh: Callable[[], None], interval_s: float) -> None:
+        self.refresh = refresh
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clipdex-refresh", daemon=True)
@@ -70,6 +80,6 @@ class Refresher:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.index.refresh()
+                self.refresh()
             except Exception:  # keep serving the last good state, and say why it is not newer
                 logger.exception("index refresh failed; serving the last good state")

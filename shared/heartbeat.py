@@ -1,9 +1,11 @@
-"""What a running indexer tells `clipdex status` (another process): a small JSON file per source.
+"""What a running indexer tells status readers in other processes (`clipdex status`, a server's
+`index_status`): a small JSON file per source.
 
     <data dir>/indexer-<source>.json   {"source", "pid", "state", "updated_at", "lag_s", "pending", ...}
 
-Written atomically (temporary file, rename) after every batch and every few seconds when idle, so a
-reader sees the last whole state, and a file whose process is gone reads as stopped.
+Written by the indexer's sources (`Heartbeat`) atomically (temporary file, rename) after every batch and
+every few seconds when idle, so a reader (`read_heartbeats`, `shared.status`) sees the last whole state,
+and a file whose process is gone reads as stopped.
 """
 
 from __future__ import annotations
@@ -12,11 +14,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from indexer.records import BatchReport
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,11 @@ class Heartbeat:
         self.path = data_dir / f"{_PREFIX}{source}.json"
         self.state: dict[str, Any] = {"source": source, "pid": os.getpid(), "started_at": time.time(), **fixed}
 
-    def beat(self, *, state: str = "running", report: BatchReport | None = None, **fields: Any) -> None:
+    def beat(self, *, state: str = "running", last_batch: Mapping[str, Any] | None = None, **fields: Any) -> None:
         """Record the current state; never raises (a status file is not worth stopping the indexer for)."""
         self.state.update(fields, state=state, updated_at=time.time())
-        if report is not None:
-            last = asdict(report)
-            last["failures"] = last["failures"][:10]
-            self.state["last_batch"] = last
+        if last_batch is not None:
+            self.state["last_batch"] = dict(last_batch)
             self.state["last_batch_at"] = time.time()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,19 @@
-"""Search by text, by image, or by a stored item's vector; results carry id, uri, score and metadata."""
+"""Search by text, by image, or by a stored item's vector; results carry id, uri, score and metadata.
+
+`SearchService` turns a query into a vector (the model, or a stored vector) and asks the backend's
+`VectorSearch` for the best items; it never sees how the backend searches.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Set
 
-import numpy as np
 from PIL import Image
 
 from shared.embedder import Embedder
 from shared.errors import InvalidRequest, NotFound
-from shared.index import LiveIndex
-from shared.store import Store
+from shared.roles import Catalog, VectorSearch
 from shared.types import Embedding, Filters, Hit, IndexInfo, SearchResult
 
 logger = logging.getLogger(__name__)
@@ -20,9 +22,9 @@ MAX_TOP_K = 100
 
 
 class SearchService:
-    def __init__(self, store: Store, index: LiveIndex, embedder: Embedder) -> None:
-        self.store = store
-        self.index = index
+    def __init__(self, vectors: VectorSearch, catalog: Catalog, embedder: Embedder) -> None:
+        self.vectors = vectors
+        self.catalog = catalog
         self.embedder = embedder
 
     def search_text(
@@ -47,13 +49,12 @@ class SearchService:
     ) -> SearchResult:
         """Items like a stored one, by its stored vector (no model call), without the item itself."""
         _check_top_k(top_k)
-        stored = self.store.item_vector(item_id)
-        if stored is None:
-            item = self.store.get_item(item_id)
+        vector = self.vectors.item_vector(item_id)
+        if vector is None:
+            item = self.catalog.get_item(item_id)
             if item is None:
                 raise NotFound(f"no item with id {item_id!r}")
             raise NotFound(f"item {item_id!r} has no vector (status {item.status}: {item.reason})")
-        _, vector = stored
         hits = self.search_vector(vector, top_k, filters, min_score, exclude={item_id})
         return SearchResult(hits, self.info())
 
@@ -66,40 +67,11 @@ class SearchService:
         exclude: Set[str] = frozenset(),
     ) -> list[Hit]:
         """The top_k live items by cosine similarity that pass the filters, best first."""
-        filters = filters or Filters()
-        selective = not filters.empty or bool(exclude)
-        fetch = top_k * 4 + len(exclude) if selective else top_k
-        vector = np.asarray(vector, dtype=np.float32)
-        while True:  # widen the candidate list until top_k pass the filters or candidates run out
-            candidates = self.index.search(vector, fetch)
-            items = self.store.items_for_vectors([vid for vid, _ in candidates])
-            hits: list[Hit] = []
-            below_min = False
-            for vid, score in candidates:
-                if min_score is not None and score < min_score:
-                    below_min = True
-                    break
-                item = items.get(vid)
-                if item is None or item.id in exclude or not filters.matches(item):
-                    continue  # deleted since the index last refreshed, or filtered out
-                hits.append(Hit(item.id, item.uri, score, item.metadata))
-                if len(hits) == top_k:
-                    return hits
-            if below_min or len(candidates) < fetch:
-                return hits
-            fetch *= 4
+        return self.vectors.search(vector, top_k, filters, min_score, exclude)
 
     def info(self) -> IndexInfo:
-        """Size and freshness of the searched index. Every result carries it, so it must stay cheap:
-        store.stats() scans every vector row (a quarter of a second at 100k vectors)."""
-        size = self.index.size  # one live vector per searchable item
-        return IndexInfo(
-            items=size,
-            vectors=size,
-            delta_size=self.index.delta_size,
-            generation=self.index.generation,
-            newest_indexed_at=self.store.newest_indexed_at(),
-        )
+        """Size and freshness of the searched index, which every result carries."""
+        return self.vectors.info()
 
 
 def _check_top_k(top_k: int) -> None:

@@ -15,8 +15,6 @@ Embedding = NDArray[np.float32]
 Metadata = dict[str, Any]
 MetaValue = str | int | float | bool | None
 
-Source = Literal["kafka", "folder", "api"]
-
 
 def namespaced_id(source: str, raw_id: str) -> str:
     """Item ids are namespaced by source, so a catalog id never collides with a folder path."""

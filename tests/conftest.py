@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from clipdex import demo
 from shared.config import Settings, load_settings
 from shared.embedder import Embedder, ModelSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_CONFIGS = FIXTURES / "configs"
 TINY_MODEL = "clipdex-tiny"  # 32 px ViT, 1 layer, random weights: fast, meaningless results
+SHAPES_MODELS = demo.MODEL_DIR  # the demo's model, trained on coloured shapes: real retrieval
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
 

@@ -3,8 +3,7 @@
     build_app(core, settings) -> Starlette        the app, for uvicorn or an ASGI test client
     serve_http(core, settings, stop, ...)          run it with uvicorn until `stop` is set
 
-`clipdex serve` builds its own Core; `clipdex run` shares one Core between the folder indexer and this
-server by calling `serve_http` with it.
+`clipdex serve` builds its own Core; `clipdex run` shares the Core's model with its folder indexer.
 """
 
 from __future__ import annotations
@@ -120,12 +119,12 @@ async def serve_http(
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await _first(task, server.listening.wait(), stop.wait())
+        await first_of(task, server.listening.wait(), stop.wait())
         if server.listening.is_set():
             logger.info("serving HTTP on http://%s:%d (MCP at /mcp, API docs at /docs)", _show(settings.host), port)
             if ready is not None:
                 ready.set()
-            await _first(task, stop.wait())
+            await first_of(task, stop.wait())
     finally:
         server.should_exit = True
         with _startup_exit():
@@ -133,7 +132,7 @@ async def serve_http(
         sock.close()
 
 
-async def _first(task: asyncio.Task[None], *waits: Coroutine[Any, Any, Any]) -> None:
+async def first_of(task: asyncio.Task[None], *waits: Coroutine[Any, Any, Any]) -> None:
     """Wait until the task ends or one of the other awaitables finishes; cancel the others."""
     others = [asyncio.ensure_future(w) for w in waits]
     try:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
-
-import anyio
 
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
@@ -18,8 +15,9 @@ from shared.core import Core, build_core
 from shared.errors import InvalidRequest
 from shared.fetch import FetchPolicy
 from shared.images import decode_image
+from shared.signals import stop_on_signals
 from shared.types import Filters, SearchResult
-from tools.app import serve_http
+from tools.app import first_of, serve_http
 from tools.auth import check_bind
 from tools.http_api import filter_value
 from tools.mcp_server import build_mcp_server
@@ -95,9 +93,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _serve_until_signal(core: Core, settings: Settings, *, insecure: bool) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     await serve_http(core, settings, stop, insecure=insecure)
 
 
@@ -105,11 +101,24 @@ def cmd_mcp(args: argparse.Namespace, settings: Settings) -> int:
     core = build_core(settings)
     try:
         core.start_refresh()
-        server = build_mcp_server(Queries(core, FetchPolicy.from_settings(settings), Metrics()))
-        anyio.run(server.run_stdio_async)
+        asyncio.run(_mcp_until_signal(core, settings))
     finally:
         core.close()
     return 0
+
+
+async def _mcp_until_signal(core: Core, settings: Settings) -> None:
+    """Serve MCP on stdio until the client closes stdin or a signal comes (a call in flight is cancelled:
+    every tool is a read)."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    server = build_mcp_server(Queries(core, FetchPolicy.from_settings(settings), Metrics()))
+    task = asyncio.create_task(server.run_stdio_async())
+    try:
+        await first_of(task, stop.wait())
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 # -- one-shot searches ------------------------------------------------------------------------------------

@@ -133,15 +133,15 @@ class HttpApi:
     # -- operations -------------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        index = self.queries.core.index
+        info = self.queries.core.vectors.info()
         return JSONResponse(
-            {"status": "ok", "items": index.size, "generation": index.generation, "delta_size": index.delta_size}
+            {"status": "ok", "items": info.items, "generation": info.generation, "delta_size": info.delta_size}
         )
 
     async def prometheus(self, request: Request) -> Response:
         core = self.queries.core
-        stats = await anyio.to_thread.run_sync(core.store.stats)
-        return Response(self.metrics.render(stats, core.index), media_type=CONTENT_TYPE)
+        stats = await anyio.to_thread.run_sync(core.catalog.stats)
+        return Response(self.metrics.render(stats, core.vectors.state()), media_type=CONTENT_TYPE)
 
 
 def search_args(params: QueryParams) -> SearchArgs:

@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from shared.index import LiveIndex
-from shared.store import StoreStats
+from shared.roles import SearcherState, StoreStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -118,7 +117,7 @@ class Metrics:
     def timer(self, transport: str, kind: str) -> RequestTimer:
         return RequestTimer(self, transport, kind)
 
-    def render(self, stats: StoreStats, index: LiveIndex) -> str:
+    def render(self, stats: StoreStats, index: SearcherState) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.latency, self.http_responses):
             lines += metric.render()
@@ -129,9 +128,9 @@ class Metrics:
             Sample("clipdex_vectors", "Live vectors in the store.", stats.vectors),
             Sample("clipdex_tombstones", "Deleted or replaced vectors not yet purged.", stats.tombstones),
             Sample("clipdex_dead_letters", "Dead letters (refused events or files) in the store.", stats.dead_letters),
-            Sample("clipdex_store_changes", "Store change counter; grows with each write.", stats.meta.seq),
+            Sample("clipdex_store_changes", "Store change counter; grows with each write.", stats.changes),
             Sample("clipdex_index_generation", "Main index generation this server searches.", index.generation),
-            Sample("clipdex_index_vectors", "Vectors in the index this server searches.", index.size),
+            Sample("clipdex_index_vectors", "Vectors in the index this server searches.", index.vectors),
             Sample("clipdex_index_delta_vectors", "Vectors in the in-memory delta index.", index.delta_size),
             Sample(
                 "clipdex_index_refresh_age_seconds",

@@ -13,7 +13,6 @@ import binascii
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ from shared.errors import ClipdexError, ImageRejected, InvalidRequest, NotFound
 from shared.fetch import FetchPolicy, fetch_bytes, fetch_url, read_path
 from shared.images import decode_image, thumbnail_jpeg
 from shared.search import MAX_TOP_K
+from shared.status import Status, read_status
 from shared.types import Filters, Item, SearchResult
 from tools.metrics import Metrics
-from tools.schemas import DeadLetterOut, IndexStatusOut, ModelOut
+from tools.schemas import IndexStatusOut
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Queries:
     def _item(self, item_id: str) -> Item:
         if not item_id.strip():
             raise InvalidRequest("the item id is empty")
-        item = self.core.store.get_item(item_id)
+        item = self.core.catalog.get_item(item_id)
         if item is None:
             raise NotFound(f"no item with id {item_id!r}; ids come from search results")
         return item
@@ -190,32 +190,12 @@ class Queries:
     # -- status -----------------------------------------------------------------------------------------
 
     async def status(self, transport: str) -> IndexStatusOut:
-        return await self._call(transport, "status", self._status)
+        return await self._call(transport, "status", lambda: IndexStatusOut.of(self.status_sync()))
 
-    def _status(self) -> IndexStatusOut:
+    def status_sync(self) -> Status:
+        """The store, the indexers' lag (`shared.status`), and this server's own index."""
         core = self.core
-        stats = core.store.stats()
-        identity = core.embedder.identity
-        index = core.index
-        return IndexStatusOut(
-            items=stats.items,
-            failed=stats.failed,
-            vectors=stats.vectors,
-            tombstones=stats.tombstones,
-            dead_letters=stats.dead_letters,
-            recent_dead_letters=[
-                DeadLetterOut(item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
-                for d in core.store.dead_letters(limit=5)
-            ],
-            model=ModelOut(name=identity.name, pretrained=identity.pretrained, dim=identity.dim),
-            index_vectors=index.size,
-            delta_size=index.delta_size,
-            generation=index.generation,
-            last_compaction_at=stats.last_compaction_at,
-            newest_indexed_at=stats.newest_indexed_at,
-            pending_changes=max(0, stats.meta.seq - index.seq),
-            refreshed_seconds_ago=round(max(0.0, time.time() - index.refreshed_at), 3),
-        )
+        return read_status(core.settings.data_dir, core.catalog, searcher=core.vectors.state(), recent_dead_letters=5)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 

@@ -6,11 +6,14 @@ two front doors cannot drift apart.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.roles import DeadLetter
+from shared.status import Status
 from shared.types import Filters, Hit, IndexInfo, Item, MetaValue, SearchResult
 
 FilterValue = str | int | float | bool | None
@@ -95,7 +98,7 @@ class SearchOutput(BaseModel):
 
 class ItemOut(BaseModel):
     id: str
-    source: str = Field(description='"folder", "kafka" or "api".')
+    source: str = Field(description='"folder" or "kafka".')
     uri: str
     status: str = Field(description='"indexed" (searchable) or "failed" (see reason).')
     reason: str | None = Field(description="Why the item failed, if it did.")
@@ -136,6 +139,18 @@ class DeadLetterOut(BaseModel):
     tries: int
     at: datetime
 
+    @classmethod
+    def of(cls, d: DeadLetter) -> DeadLetterOut:
+        return cls(item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
+
+
+class IndexerOut(BaseModel):
+    source: str = Field(description='"folder" or "kafka".')
+    state: str = Field(description='"running", "connecting", "stopped" or "failed".')
+    lag_s: float | None = Field(description="Event to durable, as its last batch measured it.")
+    pending: int = Field(description="Events it has seen and not yet written.")
+    seconds_since_update: float = Field(description="How long ago it last reported.")
+
 
 class IndexStatusOut(BaseModel):
     items: int = Field(description="Searchable items.")
@@ -152,6 +167,46 @@ class IndexStatusOut(BaseModel):
     newest_indexed_at: datetime | None
     pending_changes: int = Field(description="Store changes this server has not picked up yet (lag).")
     refreshed_seconds_ago: float = Field(description="How long ago this server last read new vectors.")
+    lag_s: float | None = Field(
+        description="How far the indexers lag behind their sources, event to searchable, in seconds "
+        "(0 when they have caught up; null when no indexer is running)."
+    )
+    pending: int = Field(description="Events the running indexers have seen and not yet indexed.")
+    indexers: list[IndexerOut] = Field(description="The indexers writing to this store, running or last seen.")
+
+    @classmethod
+    def of(cls, status: Status) -> IndexStatusOut:
+        """A server's status: the store's counts, the indexers' lag, and its own index (status.searcher)."""
+        stats, searcher, model = status.stats, status.searcher, status.model
+        assert searcher is not None and model is not None, "a server's store is bound to its model"
+        return cls(
+            items=stats.items,
+            failed=stats.failed,
+            vectors=stats.vectors,
+            tombstones=stats.tombstones,
+            dead_letters=stats.dead_letters,
+            recent_dead_letters=[DeadLetterOut.of(d) for d in status.recent_dead_letters],
+            model=ModelOut(name=model.name, pretrained=model.pretrained, dim=model.dim),
+            index_vectors=searcher.vectors,
+            delta_size=searcher.delta_size,
+            generation=searcher.generation,
+            last_compaction_at=stats.last_compaction_at,
+            newest_indexed_at=stats.newest_indexed_at,
+            pending_changes=searcher.pending_changes,
+            refreshed_seconds_ago=round(max(0.0, time.time() - searcher.refreshed_at), 3),
+            lag_s=status.lag_s,
+            pending=status.pending,
+            indexers=[
+                IndexerOut(
+                    source=str(hb.get("source")),
+                    state=str(hb.get("state")),
+                    lag_s=hb.get("lag_s") if isinstance(hb.get("lag_s"), int | float) else None,
+                    pending=int(hb.get("pending") or 0),
+                    seconds_since_update=float(hb.get("seconds_since_update") or 0.0),
+                )
+                for hb in status.indexers
+            ],
+        )
 
 
 class ErrorOut(BaseModel):

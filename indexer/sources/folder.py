@@ -32,12 +32,12 @@ from watchfiles import Change, awatch
 
 from indexer.batcher import MicroBatcher
 from indexer.events import MAX_ID_LENGTH, Event
-from indexer.heartbeat import Heartbeat
 from indexer.records import BatchReport, Record, Sink
 from indexer.sources.settle import FileStat, Settled, Settler
 from shared.config import Settings
 from shared.errors import ConfigError
-from shared.store import Store
+from shared.heartbeat import Heartbeat
+from shared.roles import Catalog
 from shared.types import Item, namespaced_id
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,17 @@ def delete_record(rel: str, seen_at: float) -> Record:
     return _record({"op": "delete", "id": rel}, FilePosition(None, seen_at))
 
 
+def root_of(record: Record) -> Path | None:
+    """The watched folder a folder record came from: its uri minus its relative path."""
+    event = record.event
+    if record.source != SOURCE or event is None or not event.uri:
+        return None
+    rel = event.metadata.get("path")
+    if isinstance(rel, str) and event.uri.endswith("/" + rel):
+        return Path(event.uri[: -len(rel) - 1])
+    return None
+
+
 def _record(fields: dict[str, Any], position: FilePosition) -> Record:
     try:
         event = Event.model_validate(fields)
@@ -188,7 +199,7 @@ class FolderSummary:
         self.unchanged += report.unchanged
         self.deleted += report.deleted
         self.failed += report.failed
-        self.failures.extend(report.failures)
+        self.failures.extend((f.name, f.reason) for f in report.failures)
 
 
 Progress = Callable[[int, int, FolderSummary], None]
@@ -199,7 +210,7 @@ class FolderSource:
         self,
         root: Path,
         sink: Sink,
-        store: Store,
+        catalog: Catalog,
         *,
         batch_size: int = 64,
         max_wait_s: float = 0.2,
@@ -213,7 +224,7 @@ class FolderSource:
             raise ConfigError(f"{root} is not a directory")
         self.root = Path(os.path.abspath(root))
         self.sink = sink
-        self.store = store
+        self.catalog = catalog
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.force_polling = force_polling
@@ -229,12 +240,12 @@ class FolderSource:
 
     @classmethod
     def from_settings(
-        cls, root: Path, sink: Sink, store: Store, settings: Settings, *, heartbeat: Heartbeat | None = None
+        cls, root: Path, sink: Sink, catalog: Catalog, settings: Settings, *, heartbeat: Heartbeat | None = None
     ) -> FolderSource:
         return cls(
             root,
             sink,
-            store,
+            catalog,
             batch_size=settings.batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000,
             settle_s=settings.watch_settle_ms / 1000,
@@ -378,7 +389,7 @@ class FolderSource:
                 self.settler.observe(rel)
             elif change == Change.deleted:
                 # a folder moved away or removed: its files may not be reported one by one
-                for item_id in self.store.item_ids(source=SOURCE, prefix=namespaced_id(SOURCE, rel + "/")):
+                for item_id in self.catalog.item_ids(source=SOURCE, prefix=namespaced_id(SOURCE, rel + "/")):
                     self.settler.observe(item_id.removeprefix(f"{SOURCE}:"))
             elif os.path.isdir(path):  # a folder moved in
                 for sub, stat in scan(self.root, rel).items():
@@ -424,7 +435,7 @@ class FolderSource:
 
     def _reconcile(self) -> Reconciliation:
         files = scan(self.root)
-        found = reconcile(self.root, files, self.store.items(source=SOURCE))
+        found = reconcile(self.root, files, self.catalog.items(source=SOURCE))
         if found.foreign:
             logger.warning(
                 "%d folder items of another folder are in this store; they are left alone (use one data "
@@ -448,9 +459,9 @@ class FolderSource:
             lag_ms,
             self.batcher.pending() + len(self.settler),
         )
-        for name, reason in report.failures:
-            logger.warning("dead letter: %s: %s", name, reason)
-        self._beat("running", report=report, lag_s=lag_ms / 1000)
+        for failed in report.failures:
+            logger.warning("dead letter: %s: %s", failed.name, failed.reason)
+        self._beat("running", last_batch=report.summary(), lag_s=lag_ms / 1000)
         return report
 
     def _beat(self, state: str, **fields: Any) -> None:

@@ -11,35 +11,26 @@ so a crash anywhere replays the events that were not yet durable (the store make
 - The broker unreachable at start, or gone for a while mid-stream: retried with backoff, logged, no crash.
 - A StoreError from the sink: consumption stops WITHOUT committing; the events replay on restart.
 
-`Consumer` is the few verbs the source needs from a broker client: `AioKafkaConsumer` is the real one,
-`indexer.sources.kafka_testing.MemoryConsumer` the fake for unit tests.
+`Consumer` is the few verbs the source needs from a broker client, `DeadLetterPublisher` the one it needs
+from a producer: `indexer.sources.kafka_client` adapts aiokafka to both, `indexer.testing` has the fakes.
+Records carry their (partition, offset), and the sink reports failed records themselves, so a failed
+record's message is known by its position.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-
-from indexer.dlq import DeadLetterPublisher, KafkaDeadLetters, dead_letters_for
 from indexer.events import parse_event
-from indexer.heartbeat import Heartbeat
-from indexer.pipeline import open_pipeline
-from indexer.records import BatchReport, Record, Sink
-from indexer.service import stop_on_signals
-from shared.cliargs import add_setting_flag
-from shared.config import Settings
-from shared.errors import ClipdexError, ConfigError, InvalidEvent, StoreError
+from indexer.records import BatchReport, FailedRecord, Record, Sink
+from shared.errors import ClipdexError, InvalidEvent, StoreError
+from shared.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +83,57 @@ class Consumer(Protocol):
         ...
 
     async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeadLetterMessage:
+    """A message that could not be indexed, as published to the dead-letter topic: the original key and
+    value, with headers that say why and where it came from (as Kafka Connect does)."""
+
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("clipdex.reason", self.reason.encode()),
+            ("clipdex.topic", self.topic.encode()),
+            ("clipdex.partition", str(self.partition).encode()),
+            ("clipdex.offset", str(self.offset).encode()),
+        ]
+
+
+class DeadLetterPublisher(Protocol):
+    """Best effort, beside the dead letters kept in the store (the record that counts)."""
+
+    async def publish(self, letters: Sequence[DeadLetterMessage]) -> None:
+        """Publish, or log why not. Never raises."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def dead_letters_for(messages: Sequence[Message], failures: Sequence[FailedRecord]) -> list[DeadLetterMessage]:
+    """The messages of a batch that became dead letters, found by the failed records' positions."""
+    by_position = {(m.partition, m.offset): m for m in messages}
+    letters: dict[tuple[int, int], DeadLetterMessage] = {}
+    for failed in failures:
+        position = _position(failed.record)
+        m = None if position is None else by_position.get(position)
+        if position is None or m is None:
+            logger.debug("a failure of %r has no message in the batch (position %r)", failed.name, position)
+        elif position not in letters:
+            letters[position] = DeadLetterMessage(m.key, m.value, failed.reason, m.topic, m.partition, m.offset)
+    return [letters[p] for p in sorted(letters)]
+
+
+def _position(record: Record) -> tuple[int, int] | None:
+    """A Kafka record's (partition, offset)."""
+    p = record.position
+    return (p[0], p[1]) if isinstance(p, tuple) and len(p) == 2 else None
 
 
 @dataclass(frozen=True)
@@ -239,7 +281,7 @@ class KafkaSource:
         records = [to_record(m) for m in messages]
         report = await self._sink.write(records)  # durable when it returns; a StoreError propagates
         if self._dead_letters is not None:
-            letters = dead_letters_for(messages, records, report.failures)
+            letters = dead_letters_for(messages, report.failures)
             if letters:
                 await self._dead_letters.publish(letters)
         offsets = next_offsets(messages)
@@ -300,9 +342,9 @@ class KafkaSource:
             lag_ms,
             "?" if pending is None else pending,
         )
-        for name, reason in report.failures:
-            logger.warning("dead letter: %s: %s", name[:200], reason)
-        self._beat("running", report=report, lag_s=lag_ms / 1000)
+        for failed in report.failures:
+            logger.warning("dead letter: %s: %s", failed.name[:200], failed.reason)
+        self._beat("running", last_batch=report.summary(), lag_s=lag_ms / 1000)
 
     def _beat(self, state: str, **fields: Any) -> None:
         if self._heartbeat is not None:
@@ -314,210 +356,3 @@ class KafkaSource:
 
     def _summary(self) -> tuple[int, int, dict[str, int]]:
         return self.stats.batches, self.stats.records, self._resume_points()
-
-
-# -- the real broker client -------------------------------------------------------------------------------
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    def __init__(self, on_revoked: RevokeHandler, fetched: dict[TopicPartition, int]) -> None:
-        self._on_revoked = on_revoked
-        self._fetched = fetched
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked:
-            await self._on_revoked()
-            for tp in revoked:
-                self._fetched.pop(tp, None)
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        logger.info("assigned partitions %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
-
-
-class AioKafkaConsumer:
-    """`Consumer` on aiokafka: a group member with auto commit off, reading new groups from the start."""
-
-    def __init__(
-        self,
-        bootstrap_servers: str,
-        topic: str,
-        group: str,
-        *,
-        max_poll_interval_ms: int = 300_000,
-        session_timeout_ms: int = 10_000,
-        fetch_max_wait_ms: int = 100,
-        request_timeout_ms: int = 40_000,
-        client_id: str = "clipdex-indexer",
-    ) -> None:
-        self.bootstrap_servers = bootstrap_servers
-        self.topic = topic
-        self.group = group
-        self._max_poll_interval_ms = max_poll_interval_ms
-        self._session_timeout_ms = session_timeout_ms
-        self._fetch_max_wait_ms = fetch_max_wait_ms
-        # A join waits up to the session timeout for the other members; a request must outlast it.
-        self._request_timeout_ms = max(request_timeout_ms, session_timeout_ms + 5_000)
-        self._client_id = client_id
-        self._consumer: AIOKafkaConsumer | None = None
-        self._fetched: dict[TopicPartition, int] = {}  # the next offset to fetch, for the lag
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> AioKafkaConsumer:
-        servers, topic = require_kafka(settings)
-        # A batch must finish well within max_poll_interval_ms or the group evicts this member; allow
-        # half a second per image, twenty times what ViT-B-32 takes on a laptop CPU, and never < 5 min.
-        poll_interval_ms = max(300_000, settings.batch_size * 500)
-        return cls(
-            servers,
-            topic,
-            settings.kafka_group,
-            max_poll_interval_ms=poll_interval_ms,
-            session_timeout_ms=settings.kafka_session_timeout_ms,
-            # How long the broker may hold a fetch that finds nothing new. Apache Kafka answers a held fetch
-            # as soon as data arrives; tansu answers it late (bench_freshness_kafka: p50 0.27 s with the
-            # default 500 ms, 0.18 s with 100 ms), so keep it well under the batch wait.
-            fetch_max_wait_ms=min(500, max(10, settings.max_batch_wait_ms // 2)),
-        )
-
-    async def start(self, on_revoked: RevokeHandler) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
-            group_id=self.group,
-            client_id=self._client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_interval_ms=self._max_poll_interval_ms,
-            session_timeout_ms=self._session_timeout_ms,
-            heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
-            request_timeout_ms=self._request_timeout_ms,
-            fetch_max_wait_ms=self._fetch_max_wait_ms,
-        )
-        consumer.subscribe([self.topic], listener=_Listener(on_revoked, self._fetched))
-        try:
-            await consumer.start()
-        except KafkaError as exc:
-            await _quietly(consumer.stop())
-            raise BrokerError(f"{exc}", retriable=bool(exc.retriable) or _is_connection(exc)) from exc
-        self._consumer = consumer
-
-    async def fetch(self, max_records: int, timeout_ms: int) -> list[Message]:
-        consumer = self._started()
-        try:
-            batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        except KafkaError as exc:
-            raise BrokerError(f"{exc}", retriable=bool(exc.retriable)) from exc
-        messages = [
-            Message(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
-            for tp in sorted(batches, key=lambda tp: tp.partition)
-            for m in batches[tp]
-        ]
-        for m in messages:
-            self._fetched[TopicPartition(m.topic, m.partition)] = m.offset + 1
-        return messages
-
-    async def commit(self, offsets: Offsets) -> None:
-        consumer = self._started()
-        try:
-            await consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
-        except (CommitFailedError, IllegalStateError) as exc:
-            raise CommitLost(f"{exc}") from exc
-        except KafkaError as exc:
-            raise BrokerError(f"{exc}", retriable=bool(exc.retriable)) from exc
-
-    def lag(self) -> int | None:
-        if self._consumer is None or not self._fetched:
-            return None
-        total = 0
-        for tp, position in self._fetched.items():
-            high = self._consumer.highwater(tp)
-            if high is None:
-                return None
-            total += max(0, high - position)
-        return total
-
-    async def stop(self) -> None:
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
-            self._fetched.clear()
-            await _quietly(consumer.stop())
-
-    def _started(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
-            raise BrokerError("the consumer is not started", retriable=False)
-        return self._consumer
-
-
-def _is_connection(exc: KafkaError) -> bool:
-    return "bootstrap" in str(exc).lower() or "connect" in type(exc).__name__.lower()
-
-
-async def _quietly(step: Awaitable[Any]) -> None:
-    try:
-        await step
-    except Exception:  # closing a client that never connected is not worth a crash
-        logger.debug("ignored an error while closing a Kafka client", exc_info=True)
-
-
-def require_kafka(settings: Settings) -> tuple[str, str]:
-    if not settings.kafka_bootstrap_servers:
-        raise ConfigError("no Kafka broker: pass --bootstrap-servers HOST:PORT or set CLIPDEX_KAFKA_BOOTSTRAP_SERVERS")
-    if not settings.kafka_topic:
-        raise ConfigError("no Kafka topic: pass --topic T or set CLIPDEX_KAFKA_TOPIC")
-    return settings.kafka_bootstrap_servers, settings.kafka_topic
-
-
-# -- `clipdex consume` ----------------------------------------------------------------------------------------
-
-OpenSink = Callable[[Settings], AbstractAsyncContextManager[Sink]]  # the pipeline, opened and closed
-
-
-def register_consume(sub: Any) -> None:  # argparse's _SubParsersAction is private
-    """Add `clipdex consume --bootstrap-servers HOST:PORT --topic T [--group G]`."""
-    parser = sub.add_parser(
-        "consume",
-        help="index catalog change events from a Kafka topic (consumer group, at least once)",
-        description="Consume {op, id, uri, metadata, version} events from a Kafka topic and index them. "
-        "Offsets are committed only after each micro-batch is durable in the store. SIGTERM or Ctrl-C "
-        "finishes the batch in flight, commits it, and exits 0.",
-    )
-    add_setting_flag(parser, "--bootstrap-servers", "kafka_bootstrap_servers")
-    add_setting_flag(parser, "--topic", "kafka_topic")
-    add_setting_flag(parser, "--group", "kafka_group")
-    add_setting_flag(parser, "--dlq-topic", "kafka_dlq_topic")
-    add_setting_flag(parser, "--batch-size", "batch_size", type=int)
-    add_setting_flag(parser, "--max-wait-ms", "max_batch_wait_ms", type=int)
-    parser.set_defaults(func=_cmd_consume)
-
-
-def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
-    require_kafka(settings)
-    return asyncio.run(consume(settings))
-
-
-async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> int:
-    """The composition root of the Kafka indexer: the pipeline (store + model) and a consumer, until a signal."""
-    servers, topic = require_kafka(settings)
-    stop = asyncio.Event()
-    stop_on_signals(stop)  # from here on: a signal while the model loads is a clean exit too
-    async with open_sink(settings) as sink:
-        dead_letters = KafkaDeadLetters(servers, settings.kafka_dlq_topic) if settings.kafka_dlq_topic else None
-        source = KafkaSource(
-            AioKafkaConsumer.from_settings(settings),
-            sink,
-            batch_size=settings.batch_size,
-            max_wait_ms=settings.max_batch_wait_ms,
-            dead_letters=dead_letters,
-            heartbeat=Heartbeat(settings.data_dir, SOURCE, topic=topic, group=settings.kafka_group, servers=servers),
-            stop=stop,
-            describe=f"Kafka broker {servers} (topic {topic}, group {settings.kafka_group})",
-        )
-        try:
-            await source.run()
-        except StoreError as exc:
-            print(
-                f"clipdex consume: error: the store failed, so the batch in flight was not committed; its "
-                f"events replay on restart. Fix the store, then start again. ({exc})",
-                file=sys.stderr,
-            )
-            return 1
-    return 0

@@ -6,20 +6,20 @@
 - delta: an in-memory flat index of the live vectors above the high-water mark, which every query process
   keeps current by following the store's change counter (`LiveIndex.refresh`).
 - tombstones: vector ids deleted since main was built, dropped at search time (oversample, then drop) and
-  purged from main by the next compaction (`compact`).
+  purged from main by the next compaction (`indexer.compaction`, the writer's side, which builds new
+  generations with the functions here).
 
 Searches run while a refresh or a compaction runs: a new main is built aside and swapped in whole.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +29,7 @@ import faiss
 import numpy as np
 
 from shared.config import Settings
-from shared.errors import StoreError
-from shared.store import IndexMeta, Store
+from shared.roles import ChangeFeed, IndexMeta
 from shared.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -150,10 +149,10 @@ def read_main(index_dir: Path, generation: int) -> Any:
     return faiss.read_index(str(main_path(index_dir, generation)))
 
 
-def build_from_store(store: Store, params: IndexParams, dim: int, upto: int) -> Any:
+def build_from_store(feed: ChangeFeed, params: IndexParams, dim: int, upto: int) -> Any:
     """A main index of every live vector up to `upto`, read from the store (the truth)."""
     ids_parts, vec_parts = [], []
-    for ids, vecs in store.live_vectors(upto=upto):
+    for ids, vecs in feed.live_vectors(upto=upto):
         ids_parts.append(ids)
         vec_parts.append(vecs)
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
@@ -190,8 +189,8 @@ class LiveIndex:
     """Main + delta + tombstones, kept current from the store. Thread-safe: `search` may run in many
     threads while `refresh` runs in another."""
 
-    def __init__(self, store: Store, dim: int, params: IndexParams, index_dir: Path) -> None:
-        self.store = store
+    def __init__(self, feed: ChangeFeed, dim: int, params: IndexParams, index_dir: Path) -> None:
+        self.feed = feed
         self.dim = dim
         self.params = params
         self.index_dir = index_dir
@@ -209,11 +208,11 @@ class LiveIndex:
     def refresh(self) -> None:
         """Pick up a new main generation, new vectors and tombstones. Cheap when nothing changed."""
         with self._refresh_lock:
-            meta = self.store.index_meta()
+            meta = self.feed.index_meta()
             if meta.generation != self._main.generation:
                 self._reload(meta)
             elif meta.seq != self._seq:
-                changes = self.store.changes_since(self._seq)
+                changes = self.feed.changes_since(self._seq)
                 with self._lock:
                     if len(changes.tombstoned_ids):
                         self._delta.remove_ids(changes.tombstoned_ids)
@@ -235,16 +234,16 @@ class LiveIndex:
             if self.params.use_gpu:
                 index = to_gpu(index)
             delta = new_index("flat", self.dim, self.params)
-            with self.store.read():  # one snapshot, so the next refresh neither misses nor repeats a change
-                now = self.store.index_meta()
+            with self.feed.snapshot():  # one snapshot, so the next refresh neither misses nor repeats a change
+                now = self.feed.index_meta()
                 if now.generation != generation and attempt + 1 < attempts:
                     # A compaction committed while main loaded, and purged tombstones this main still
                     # holds: pairing it with today's store would resurrect deleted vectors. Load the new one.
                     meta = now
                     continue
-                for ids, vecs in self.store.live_vectors(above=high_water):
+                for ids, vecs in self.feed.live_vectors(above=high_water):
                     delta.add_with_ids(vecs, ids)
-                tombstones = {int(v) for v in self.store.tombstoned_ids(upto=high_water, after_seq=meta.main_seq)}
+                tombstones = {int(v) for v in self.feed.tombstoned_ids(upto=high_water, after_seq=meta.main_seq)}
             break
         with self._lock:
             self._main = _Main(index, generation, high_water)
@@ -274,7 +273,7 @@ class LiveIndex:
                 main_path(self.index_dir, generation),
                 exc,
             )
-            return build_from_store(self.store, self.params, self.dim, upto=high_water)
+            return build_from_store(self.feed, self.params, self.dim, upto=high_water)
 
     # -- searching ------------------------------------------------------------------------------------------
 
@@ -346,116 +345,3 @@ def to_gpu(index: Any) -> Any:
     gpu: Any = faiss.index_cpu_to_gpu(resources, 0, index)
     gpu.referenced_resources = resources
     return gpu
-
-
-# -- compaction (the writer's side) --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CompactionResult:
-    generation: int
-    vectors: int
-    kind: str
-    rebuilt: bool
-    purged: int
-    seconds: float
-
-
-def needs_compaction(store: Store, params: IndexParams) -> bool:
-    meta = store.index_meta()
-    delta = store.delta_size(meta.high_water)
-    if delta >= params.compact_delta_size:
-        return True
-    # Deletes add nothing to the delta, but every reader filters their tombstones on each search
-    # (oversampling more and more) until a compaction purges them.
-    if store.tombstone_count(upto=meta.high_water, after_seq=meta.main_seq) >= params.compact_delta_size:
-        return True
-    age = store.oldest_uncompacted_age_s(meta.high_water)
-    return age is not None and age >= params.compact_max_age_s
-
-
-def compact(
-    store: Store,
-    params: IndexParams,
-    dim: int,
-    index_dir: Path,
-    *,
-    before_swap: Callable[[], None] | None = None,
-) -> CompactionResult:
-    """Fold the delta into a new main generation and purge tombstones.
-
-    A crash anywhere before the generation is recorded leaves the previous generation in force. A file
-    lock keeps two writers (the indexer and `clipdex compact`) from compacting at once.
-    """
-    started = time.monotonic()
-    index_dir.mkdir(parents=True, exist_ok=True)
-    with open(index_dir / "compact.lock", "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        meta = store.index_meta()
-        upto, seq = store.snapshot_for_compaction()
-        base = _current_main(store, index_dir, dim, meta.generation)
-        if base is not None:
-            dead = store.tombstoned_ids(upto=meta.high_water)
-            if len(dead):
-                base.remove_ids(dead)
-            for ids, vecs in store.live_vectors(above=meta.high_water, upto=upto):
-                base.add_with_ids(vecs, ids)
-            if params.choose_kind(base.ntotal) != index_kind(base) or _ivf_outgrown(base, params):
-                base = None
-        rebuilt = base is None
-        if base is None:
-            base = build_from_store(store, params, dim, upto=upto)
-        generation = meta.generation + 1
-        write_main(base, index_dir, generation)
-        if before_swap is not None:
-            before_swap()
-        purged = store.record_generation(generation, upto, seq, index_kind(base))
-        _remove_old_generations(index_dir, keep={generation, meta.generation})
-    result = CompactionResult(
-        generation, int(base.ntotal), index_kind(base), rebuilt, purged, time.monotonic() - started
-    )
-    logger.info(
-        "compacted: generation %d, %d vectors (%s%s), %d tombstones purged, %.2f s",
-        result.generation,
-        result.vectors,
-        result.kind,
-        ", rebuilt" if rebuilt else "",
-        purged,
-        result.seconds,
-    )
-    return result
-
-
-def _current_main(store: Store, index_dir: Path, dim: int, generation: int) -> Any | None:
-    """The current main to extend in place, or None when it must be rebuilt from the store."""
-    if generation == 0:
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    try:
-        index = read_main(index_dir, generation)
-    except (RuntimeError, OSError) as exc:
-        logger.warning("main generation %d unreadable (%s); rebuilding it from the store", generation, exc)
-        return None
-    if index_kind(index) == "hnsw" or index.d != dim:
-        return None  # HNSW cannot remove vectors
-    return index
-
-
-def _ivf_outgrown(index: Any, params: IndexParams) -> bool:
-    """An IVF trained when the collection was a quarter of its size has lists too long: retrain."""
-    if index_kind(index) != "ivf":
-        return False
-    return bool(params.nlist(int(index.ntotal)) > 2 * faiss.extract_index_ivf(index).nlist)
-
-
-def _remove_old_generations(index_dir: Path, keep: set[int]) -> None:
-    for path in index_dir.glob("main-*.faiss*"):
-        stem = path.name.split(".")[0]
-        try:
-            generation = int(stem.removeprefix("main-"))
-        except ValueError:
-            continue
-        if generation not in keep or path.name.endswith(".tmp"):
-            try:
-                path.unlink()
-            except OSError as exc:
-                raise StoreError(f"cannot remove old index file {path}: {exc}") from exc

@@ -1,5 +1,8 @@
 """The SQLite store: the source of truth. FAISS files are derived from it and can be rebuilt from it.
 
+`SqliteStore` implements every store role of `shared.roles`: the Writer, the Catalog, the ChangeFeed
+that FAISS live indexes refresh from, and the CompactionLedger.
+
 Tables: `items` (one row per live or failed item), `vectors` (embeddings, with a tombstone flag and a
 change counter `seq` bumped on insert and on tombstone), `dead_letters`, and `meta` (model identity,
 main-index generation and high-water mark, the change counter).
@@ -18,7 +21,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,19 @@ from typing import Any
 import numpy as np
 
 from shared.errors import ModelMismatchError, StoreError
-from shared.types import Embedding, Item, Metadata, ModelIdentity
+from shared.roles import (
+    ApplyResult,
+    Changes,
+    DeadLetter,
+    Delete,
+    Failure,
+    IndexMeta,
+    StoredState,
+    StoreStats,
+    Upsert,
+    VectorIds,
+)
+from shared.types import Embedding, Item, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -74,102 +88,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
-# -- what a batch writes ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Upsert:
-    """Index or update one item. `embedding=None` is a metadata-only update of an unchanged image."""
-
-    id: str
-    source: str
-    uri: str
-    sha256: str
-    metadata: Metadata
-    embedding: Embedding | None
-    version: int | None = None
-
-
-@dataclass(frozen=True)
-class Delete:
-    id: str
-
-
-@dataclass(frozen=True)
-class Failure:
-    """An item that could not be indexed. It is marked failed (an older good vector stays searchable)
-    and a dead letter keeps the raw event or path and the reason."""
-
-    source: str
-    payload: str
-    reason: str
-    id: str | None = None
-    uri: str | None = None
-    tries: int = 1
-
-
-@dataclass
-class ApplyResult:
-    indexed: int = 0
-    updated: int = 0  # metadata-only
-    deleted: int = 0
-    failed: int = 0
-    vector_ids: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class StoredState:
-    """What the resolver needs to know about an item already stored."""
-
-    sha256: str | None
-    version: int | None
-    status: str
-    has_vector: bool
-
-
-@dataclass(frozen=True)
-class IndexMeta:
-    generation: int  # 0: no main index yet
-    high_water: int  # highest vector_id contained in main
-    main_seq: int  # the change counter when main was built
-    seq: int  # the change counter now
-
-
-@dataclass(frozen=True)
-class Changes:
-    seq: int
-    added_ids: np.ndarray  # int64
-    added: Embedding
-    tombstoned_ids: np.ndarray  # int64
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    id: int
-    source: str
-    item_id: str | None
-    payload: str
-    reason: str
-    tries: int
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    items: int
-    failed: int
-    vectors: int
-    dead_letters: int
-    tombstones: int
-    newest_indexed_at: datetime | None
-    last_compaction_at: datetime | None
-    meta: IndexMeta
-
-
 # -- the store ----------------------------------------------------------------------------------------------
 
 
-class Store:
+class SqliteStore:
     """One connection, guarded by a lock, so one Store may be shared by the threads of a process."""
 
     def __init__(self, path: Path, *, vector_dtype: str = "float32", readonly: bool = False) -> None:
@@ -210,7 +132,7 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> SqliteStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -244,6 +166,11 @@ class Store:
                     self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StoreError(f"store read failed ({self.path}): {exc}") from exc
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        with self.read():
+            yield
 
     def _meta(self, key: str) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -441,7 +368,7 @@ class Store:
 
     def live_vectors(
         self, *, above: int = 0, upto: int | None = None, chunk: int = 50_000
-    ) -> Iterator[tuple[np.ndarray, Embedding]]:
+    ) -> Iterator[tuple[VectorIds, Embedding]]:
         """(ids, embeddings) of live vectors with above < vector_id <= upto, in chunks, by id."""
         limit = upto if upto is not None else 2**62
         last = above
@@ -457,7 +384,7 @@ class Store:
             last = rows[-1][0]
             yield np.array([r[0] for r in rows], dtype=np.int64), self._decode([r[1] for r in rows])
 
-    def tombstoned_ids(self, *, upto: int, after_seq: int = 0) -> np.ndarray:
+    def tombstoned_ids(self, *, upto: int, after_seq: int = 0) -> VectorIds:
         with self._lock:
             rows = self._db.execute(
                 "SELECT vector_id FROM vectors WHERE tombstoned = 1 AND vector_id <= ? AND seq > ?",
@@ -560,6 +487,9 @@ class Store:
             dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
             newest = self._newest_vector_time(db)
             last_compaction = self._meta_opt("last_compaction_at")
+            meta = self.index_meta()
+            delta = self.delta_size(meta.high_water)
+            delta_age = self.oldest_uncompacted_age_s(meta.high_water)
         return StoreStats(
             items=int(items),
             failed=int(failed),
@@ -568,7 +498,10 @@ class Store:
             tombstones=int(tombs),
             newest_indexed_at=_dt(newest) if newest else None,
             last_compaction_at=_dt(float(last_compaction)) if last_compaction else None,
-            meta=self.index_meta(),
+            generation=meta.generation,
+            delta_size=delta,
+            delta_age_s=delta_age,
+            changes=meta.seq,
         )
 
     def newest_indexed_at(self) -> datetime | None:

@@ -25,14 +25,14 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from shared import synthetic
+from clipdex import synthetic
 from tests.brokers import publish, stop_process
-from tests.conftest import FIXTURES
+from tests.conftest import SHAPES_MODELS
 from tests.unit.test_tools_fixtures import clipdex_command, free_port
 
 pytestmark = pytest.mark.e2e
 
-MODELS = FIXTURES / "models"
+MODELS = SHAPES_MODELS
 PER_SOURCE = 200
 TIMEOUT_S = 180  # generous: two indexers and a server share two cores; latency is the benchmarks' job
 

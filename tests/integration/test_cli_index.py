@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer.cli import build_parser
+from clipdex.cli import build_parser
+from clipdex.synthetic import write_folder
 from shared.cliargs import setting_overrides
 from shared.config import load_settings
-from shared.store import Store
-from shared.synthetic import write_folder
+from shared.sqlite.store import SqliteStore
 from tests.conftest import TINY_MODEL, tiny_env
 
 pytestmark = pytest.mark.integration
 
-CLIPDEX = [sys.executable, "-m", "indexer"]
+CLIPDEX = [sys.executable, "-m", "clipdex"]
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_a_fixed_file_is_indexed_by_dlq_retry_and_purge_empties_the_dead_letters
     (folder / "gone.jpg").unlink()
     code, out = in_process(data, monkeypatch, capsys, "dlq", "retry", str(letter["id"]))
     assert code == 0 and "1 done, 0 failed again" in out
-    with Store(data / "clipdex.sqlite3") as store:
+    with SqliteStore(data / "clipdex.sqlite3") as store:
         item = store.get_item("folder:broken.jpg")
         assert item is not None and item.status == "indexed"
         assert [d.item_id for d in store.dead_letters()] == ["folder:gone.jpg"]
@@ -118,14 +118,14 @@ def test_a_fixed_file_is_indexed_by_dlq_retry_and_purge_empties_the_dead_letters
 
 def test_a_store_failure_exits_non_zero_with_a_clear_message(folder: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with Store(data / "clipdex.sqlite3") as store, sqlite3.connect(store.path) as db:
+    with SqliteStore(data / "clipdex.sqlite3") as store, sqlite3.connect(store.path) as db:
         db.execute(
             "CREATE TRIGGER full BEFORE INSERT ON items BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
         )
     result = clipdex(data, "index", str(folder))
     assert result.returncode != 0
     assert "clipdex: error: store write failed" in result.stderr and "disk is full" in result.stderr
-    with Store(data / "clipdex.sqlite3") as store:
+    with SqliteStore(data / "clipdex.sqlite3") as store:
         assert store.stats().vectors == 0  # nothing half-written
 
 

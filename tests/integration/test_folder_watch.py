@@ -25,7 +25,7 @@ from indexer.service import watch_folder
 from indexer.sources.folder import FolderSummary
 from shared.config import Settings
 from shared.core import Core, build_core
-from shared.store import Store
+from shared.sqlite.store import SqliteStore
 from tests.conftest import tiny_settings_for
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def reader(settings: Settings) -> Any:
     def get() -> Core:
         if not cores:
             cores.append(build_core(settings))
-        cores[0].index.refresh()
+        cores[0].vectors.refresh()
         return cores[0]
 
     yield get
@@ -106,7 +106,7 @@ def reader(settings: Settings) -> Any:
 
 
 def stored(settings: Settings, item_id: str) -> Any:
-    with Store(settings.db_path) as store:
+    with SqliteStore(settings.db_path) as store:
         return store.get_item(item_id)
 
 
@@ -137,7 +137,7 @@ async def test_a_file_written_slowly_in_chunks_is_indexed_once_when_complete(set
         summary = await watcher.finish()
     assert item.status == "indexed" and item.sha256 == hashlib.sha256(data).hexdigest()
     assert (summary.indexed, summary.failed) == (1, 0)
-    with Store(settings.db_path) as store:
+    with SqliteStore(settings.db_path) as store:
         assert store.stats().dead_letters == 0 and store.stats().vectors == 1
 
 
@@ -149,19 +149,20 @@ async def test_rename_reuses_the_vector_and_delete_removes_from_search(
     (root / "sub").mkdir()
     async with watching(settings, root) as watcher:  # both found by the start-up scan
         core = reader()
-        vector_a = core.store.item_vector("folder:a.jpg")
-        vector_b = core.store.item_vector("folder:b.jpg")
+        vector_a = core.vectors.item_vector("folder:a.jpg")
+        vector_b = core.vectors.item_vector("folder:b.jpg")
         assert vector_a is not None and vector_b is not None
 
         os.rename(root / "a.jpg", root / "sub" / "renamed.jpg")
-        moved = await until(lambda: core.store.item_vector("folder:sub/renamed.jpg"), what="the renamed file")
-        await until(lambda: core.store.get_item("folder:a.jpg") is None, what="the old name to go")
-        assert np.array_equal(moved[1], vector_a[1])
+        await until(lambda: core.vectors.item_vector("folder:sub/renamed.jpg") is not None, what="the renamed file")
+        moved = core.vectors.item_vector("folder:sub/renamed.jpg")
+        await until(lambda: core.catalog.get_item("folder:a.jpg") is None, what="the old name to go")
+        assert np.array_equal(moved, vector_a)
 
-        assert "folder:b.jpg" in {h.id for h in reader().search.search_vector(vector_b[1], 5)}
+        assert "folder:b.jpg" in {h.id for h in reader().search.search_vector(vector_b, 5)}
         (root / "b.jpg").unlink()
-        await until(lambda: core.store.get_item("folder:b.jpg") is None, what="the delete")
-        hits = {h.id for h in reader().search.search_vector(vector_b[1], 5)}
+        await until(lambda: core.catalog.get_item("folder:b.jpg") is None, what="the delete")
+        hits = {h.id for h in reader().search.search_vector(vector_b, 5)}
         assert "folder:b.jpg" not in hits and "folder:sub/renamed.jpg" in hits
         summary = await watcher.finish()
     assert (summary.indexed, summary.reused, summary.deleted) == (2, 1, 2)  # the rename needed no model call
@@ -183,7 +184,7 @@ async def test_files_added_while_the_watcher_was_down_are_indexed_at_the_next_st
     (root / ".hidden.jpg").write_bytes(jpeg(5))
     (root / "notes.txt").write_text("not an image")
     async with watching(settings, root) as watcher:
-        with Store(settings.db_path) as store:
+        with SqliteStore(settings.db_path) as store:
             assert sorted(store.item_ids(source="folder")) == ["folder:deep/er/new.png", "folder:kept.jpg"]
         os.rename(root / "new.jpg.part", root / "new.jpg")  # the download completes
         await until(lambda: stored(settings, "folder:new.jpg"), what="the completed download")

@@ -18,11 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from indexer.compaction import compact
 from shared.core import Refresher
 from shared.embedder import Embedder
-from shared.index import IndexParams, LiveIndex, compact
+from shared.roles import Delete, Upsert
 from shared.search import SearchService
-from shared.store import Delete, Store, Upsert
+from shared.sqlite.index import IndexParams, LiveIndex
+from shared.sqlite.search import IndexSearch
+from shared.sqlite.store import SqliteStore
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +39,14 @@ def unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def put(store: Store, vecs: np.ndarray, prefix: str) -> dict[str, int]:
+def put(store: SqliteStore, vecs: np.ndarray, prefix: str) -> dict[str, int]:
     ups = [
         Upsert(f"{prefix}-{i}", "api", f"mem://{prefix}-{i}", f"sha-{prefix}-{i}", {}, v) for i, v in enumerate(vecs)
     ]
     return dict(zip([u.id for u in ups], store.apply(upserts=ups).vector_ids, strict=True))
 
 
-def brute_top(store: Store, query: np.ndarray, k: int) -> list[int]:
+def brute_top(store: SqliteStore, query: np.ndarray, k: int) -> list[int]:
     ids, vecs = zip(*store.live_vectors(), strict=True)
     all_ids, mat = np.concatenate(ids), np.concatenate(vecs)
     return [int(all_ids[i]) for i in np.argsort(-(mat @ query), kind="stable")[:k]]
@@ -92,8 +95,9 @@ COMPACTOR = """
     from pathlib import Path
     import faiss
     import shared.index as index_module
-    from shared.index import IndexParams, compact
-    from shared.store import Store
+    from indexer.compaction import compact
+    from shared.sqlite.index import IndexParams
+    from shared.sqlite.store import SqliteStore
 
     db, index_dir, where, flag = sys.argv[1:]
 
@@ -111,7 +115,7 @@ COMPACTOR = """
         index_module.faiss.write_index = half_then_stop
     hook = stop_here if where == "before-swap" else None
     params = IndexParams("flat", 200_000, None, None, 16, 64, 10**6, 1e9)
-    compact(Store(Path(db)), params, 16, Path(index_dir), before_swap=hook)
+    compact(SqliteStore(Path(db)), params, 16, Path(index_dir), before_swap=hook)
 """
 
 
@@ -120,7 +124,7 @@ def test_a_compactor_killed_with_sigkill_leaves_the_previous_generation_in_force
     where: str, tmp_path: Path, children: list[subprocess.Popen[str]]
 ) -> None:
     rng = np.random.default_rng(1)
-    store = Store(tmp_path / "db.sqlite3")
+    store = SqliteStore(tmp_path / "db.sqlite3")
     put(store, unit_vectors(rng, 300), "a")
     compact(store, PARAMS, DIM, tmp_path / "index")  # generation 1
     put(store, unit_vectors(rng, 40), "b")
@@ -159,13 +163,13 @@ READER = """
     import json, sys, threading
     from pathlib import Path
     import numpy as np
-    from shared.index import IndexParams, LiveIndex
-    from shared.store import Store
+    from shared.sqlite.index import IndexParams, LiveIndex
+    from shared.sqlite.store import SqliteStore
 
     # What a query server does (shared.core.Refresher), without importing torch: a quick start.
     db, index_dir, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
     params = IndexParams("flat", 200_000, None, None, 16, 64, 10**6, 1e9)
-    index = LiveIndex(Store(Path(db)), 16, params, Path(index_dir))
+    index = LiveIndex(SqliteStore(Path(db)), 16, params, Path(index_dir))
     index.refresh()
     stop = threading.Event()
 
@@ -214,7 +218,7 @@ def test_a_reader_in_another_process_sees_writes_deletes_and_compactions_within_
     interval = 0.2
     slack = 1.5  # process scheduling on a busy 2-core machine
     rng = np.random.default_rng(2)
-    store = Store(tmp_path / "db.sqlite3")
+    store = SqliteStore(tmp_path / "db.sqlite3")
     put(store, unit_vectors(rng, 100), "base")
     proc = python(READER, str(tmp_path / "db.sqlite3"), str(tmp_path / "index"), str(interval))
     children.append(proc)
@@ -249,12 +253,12 @@ def test_searches_never_return_a_deleted_item_while_writes_refreshes_and_compact
     tmp_path: Path, tiny_embedder: Embedder
 ) -> None:
     rng = np.random.default_rng(3)
-    store = Store(tmp_path / "db.sqlite3")
+    store = SqliteStore(tmp_path / "db.sqlite3")
     put(store, unit_vectors(rng, 200), "seed")
     index = LiveIndex(store, DIM, PARAMS, tmp_path / "index")
     index.refresh()
-    service = SearchService(store, index, tiny_embedder)
-    refresher = Refresher(index, 0.01)
+    service = SearchService(IndexSearch(store, index), store, tiny_embedder)
+    refresher = Refresher(index.refresh, 0.01)
     refresher.start()
     deleted_at: dict[str, float] = {}  # item id -> when its delete committed
     lock = threading.Lock()

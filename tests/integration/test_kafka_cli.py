@@ -49,7 +49,7 @@ class Consumer:
     def start(self) -> subprocess.Popen[bytes]:
         with self.log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "indexer", "consume", *self.args],
+                [sys.executable, "-m", "clipdex", "consume", *self.args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -18,16 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.dlq import KafkaDeadLetters
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Record
-from indexer.sources.kafka import AioKafkaConsumer, KafkaSource, SourceStats, consume
+from indexer.service import consume
+from indexer.sources.kafka import KafkaSource, SourceStats
+from indexer.sources.kafka_client import AioKafkaConsumer, KafkaDeadLetters
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import StoreError
-from shared.index import IndexParams, LiveIndex
 from shared.search import SearchService
-from shared.store import Store
+from shared.sqlite.index import IndexParams, LiveIndex
+from shared.sqlite.search import IndexSearch
+from shared.sqlite.store import SqliteStore
 from tests.brokers import (
     SESSION_TIMEOUT_MS,
     TansuBroker,
@@ -84,7 +86,7 @@ async def consume_until(
 ) -> SourceStats:
     """Run the real source and pipeline until `done(stats)`, then stop it (finishing its batch)."""
     dlq = KafkaDeadLetters(settings.kafka_bootstrap_servers or "", settings.kafka_dlq_topic or "")
-    store = Store(settings.db_path)
+    store = SqliteStore(settings.db_path)
     store.bind_model(embedder.identity)
     pipeline = Pipeline.from_settings(store, embedder, settings)
     source = KafkaSource(
@@ -124,12 +126,12 @@ def live_vectors(db: Path) -> dict[str, int]:
 
 def searchable_ids(settings: Settings, embedder: Embedder) -> set[str]:
     """Every id a search can return: a reader with its own store connection and index, as a server has."""
-    store = Store(settings.db_path)
+    store = SqliteStore(settings.db_path)
     try:
         index = LiveIndex(store, embedder.identity.dim, IndexParams.from_settings(settings), settings.index_dir)
         index.refresh()
         probe = np.ones(embedder.identity.dim, dtype=np.float32) / np.sqrt(embedder.identity.dim)
-        hits = SearchService(store, index, embedder).search_vector(probe, top_k=1000)
+        hits = SearchService(IndexSearch(store, index), store, embedder).search_vector(probe, top_k=1000)
         return {h.id for h in hits}
     finally:
         store.close()
@@ -173,7 +175,7 @@ async def test_events_are_indexed_bad_ones_dead_lettered_and_offsets_committed(
     live = {"a0", "a1", "a2", "a4", "a5", "a6", "a7", "keyed"}
     assert searchable_ids(settings, tiny_embedder) == {f"kafka:{i}" for i in live}
     assert live_vectors(settings.db_path) == {f"kafka:{i}": 1 for i in live}  # one live vector each
-    with Store(settings.db_path) as store:
+    with SqliteStore(settings.db_path) as store:
         a1_vectors = store.item_ids()
         a2 = store.get_item("kafka:a2")
         a4 = store.get_item("kafka:a4")
@@ -276,7 +278,7 @@ async def test_a_second_member_joining_mid_stream_takes_partitions_and_nothing_i
     tiny_embedder: Embedder,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("INFO", logger="indexer.sources.kafka")
+    caplog.set_level("INFO", logger="indexer.sources")  # the source and its aiokafka adapter
     ids = [f"m{i}" for i in range(120)]
     for i, item in enumerate(ids):
         write_image(tmp_path / "images" / f"{item}.png", 2000 + i, size=32)

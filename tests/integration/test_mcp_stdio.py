@@ -9,7 +9,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 from shared.embedder import Embedder
-from shared.store import Store
+from shared.sqlite.store import SqliteStore
 from tests.conftest import tiny_env
 from tests.unit.test_tools_fixtures import clipdex_command, fill_store
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 async def test_clipdex_mcp_over_stdio_lists_tools_and_searches(tmp_path: Path, tiny_embedder: Embedder) -> None:
     data = tmp_path / "data"
-    with Store(data / "clipdex.sqlite3") as store:
+    with SqliteStore(data / "clipdex.sqlite3") as store:
         catalog = fill_store(store, tiny_embedder, tmp_path / "images")
     command, *args = clipdex_command()
     params = StdioServerParameters(command=command, args=[*args, "mcp"], env=tiny_env(data), cwd=tmp_path)

@@ -19,7 +19,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from shared import synthetic
+from clipdex import synthetic
 from tests.conftest import tiny_env
 from tests.unit.test_tools_fixtures import clipdex_command, free_port
 

@@ -20,10 +20,11 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from indexer.compaction import compact
 from shared.config import Settings
 from shared.embedder import Embedder
-from shared.index import IndexParams, compact
-from shared.store import Store
+from shared.sqlite.index import IndexParams
+from shared.sqlite.store import SqliteStore
 from tests.brokers import stop_process
 from tests.conftest import tiny_env, tiny_settings_for
 from tests.unit.test_tools_fixtures import (
@@ -57,7 +58,7 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("serve")
     data, root = base / "data", base / "images"
-    with Store(data / "clipdex.sqlite3") as store:
+    with SqliteStore(data / "clipdex.sqlite3") as store:
         catalog = fill_store(store, tiny_embedder, root)
     port = free_port()
     env = tiny_env(data) | {
@@ -191,7 +192,7 @@ async def test_a_new_item_appears_without_a_restart(
 ) -> None:
     query = "a lighthouse at dusk, painted in oils"
     vector = tiny_embedder.encode_text(query).vector
-    with Store(served.settings.db_path) as store:  # this test process is the "indexer"
+    with SqliteStore(served.settings.db_path) as store:  # this test process is the "indexer"
         add_items(store, ["kafka:fresh"], vector[None, :], {"new": True})
         assert await _first_hit_when(api, query, lambda first: first == "kafka:fresh") == "kafka:fresh"
         delete_items(store, ["kafka:fresh"])
@@ -223,7 +224,7 @@ async def test_concurrent_searches_while_items_are_added_deleted_and_compacted(
     compactions: list[int] = []
     generation_before = (await api.get("/health")).json()["generation"]
 
-    with Store(settings.db_path) as store:
+    with SqliteStore(settings.db_path) as store:
         doomed = served.catalog.synthetic_ids[:10]
         delete_items(store, doomed)
         deleted_at.update({i: time.monotonic() for i in doomed})

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from shared.synthetic import COLOURS, SHAPES, class_caption, write_folder
+from clipdex.synthetic import COLOURS, SHAPES, class_caption, write_folder
+from tests.conftest import SHAPES_MODELS
 
-MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+MODELS = SHAPES_MODELS
 WEIGHTS = MODELS / "clipdex-shapes.safetensors"
 CLASSES = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from indexer.cli import build_parser
+from clipdex.cli import build_parser
 from indexer.events import parse_event
 from shared.cliargs import setting_overrides
 from shared.config import Settings, env_name, load_settings

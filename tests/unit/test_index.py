@@ -14,11 +14,13 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
+import shared.index as index_module
 from faiss.contrib.datasets import SyntheticDataset
 
-import shared.index as index_module
-from shared.index import IndexParams, LiveIndex, compact, main_path, needs_compaction
-from shared.store import Delete, Store, Upsert
+from indexer.compaction import compact, needs_compaction
+from shared.roles import Delete, Upsert
+from shared.sqlite.index import IndexParams, LiveIndex, main_path
+from shared.sqlite.store import SqliteStore
 
 DIM = 32
 
@@ -56,7 +58,7 @@ def clustered_vectors(n: int, nq: int, dim: int = DIM, seed: int = 1338) -> tupl
 class Oracle:
     """The live set as the truth: item id → (vector id, vector). Writes go to the store and here."""
 
-    store: Store
+    store: SqliteStore
     live: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
     counter: int = 0
 
@@ -113,14 +115,14 @@ def recall_at(index: LiveIndex, oracle: Oracle, queries: np.ndarray, k: int) -> 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
-    with Store(tmp_path / "db.sqlite3") as s:
+    with SqliteStore(tmp_path / "db.sqlite3") as s:
         yield s
 
 
 # -- exactness with a flat main --------------------------------------------------------------------------
 
 
-def test_random_sequence_of_writes_and_compactions_is_exact_at_every_step(store: Store, tmp_path: Path) -> None:
+def test_random_sequence_of_writes_and_compactions_is_exact_at_every_step(store: SqliteStore, tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     pick = random.Random(7)
     oracle = Oracle(store)
@@ -152,7 +154,7 @@ def test_random_sequence_of_writes_and_compactions_is_exact_at_every_step(store:
     assert index.generation == compactions
 
 
-def test_search_is_exact_with_more_tombstones_than_k_in_main(store: Store, tmp_path: Path) -> None:
+def test_search_is_exact_with_more_tombstones_than_k_in_main(store: SqliteStore, tmp_path: Path) -> None:
     """Deleting the best matches after compaction: oversampling must widen until k live ones are found."""
     rng = np.random.default_rng(3)
     oracle = Oracle(store)
@@ -170,7 +172,9 @@ def test_search_is_exact_with_more_tombstones_than_k_in_main(store: Store, tmp_p
     assert_exact(index, oracle, query[None, :], 100)
 
 
-def test_a_deleted_vector_added_and_removed_between_refreshes_is_never_found(store: Store, tmp_path: Path) -> None:
+def test_a_deleted_vector_added_and_removed_between_refreshes_is_never_found(
+    store: SqliteStore, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(4)
     oracle = Oracle(store)
     index = LiveIndex(store, DIM, params(), tmp_path / "index")
@@ -189,7 +193,9 @@ def test_a_deleted_vector_added_and_removed_between_refreshes_is_never_found(sto
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_ann_main_keeps_recall_at_10_through_writes_and_compactions(kind: str, store: Store, tmp_path: Path) -> None:
+def test_ann_main_keeps_recall_at_10_through_writes_and_compactions(
+    kind: str, store: SqliteStore, tmp_path: Path
+) -> None:
     base, queries = clustered_vectors(6000, 50)
     oracle = Oracle(store)
     p = params(kind="auto", ann_threshold=1000) if kind == "ivf" else params(kind="hnsw")
@@ -214,7 +220,9 @@ def test_ann_main_keeps_recall_at_10_through_writes_and_compactions(kind: str, s
         assert not {vid for vid, _ in index.search(q, 50)} & deleted_ids
 
 
-def test_auto_kind_switches_to_ivf_above_the_threshold_and_rebuilds_when_outgrown(store: Store, tmp_path: Path) -> None:
+def test_auto_kind_switches_to_ivf_above_the_threshold_and_rebuilds_when_outgrown(
+    store: SqliteStore, tmp_path: Path
+) -> None:
     base, _ = clustered_vectors(8000, 1)
     oracle = Oracle(store)
     p = params(kind="auto", ann_threshold=1500)
@@ -233,7 +241,7 @@ def test_auto_kind_switches_to_ivf_above_the_threshold_and_rebuilds_when_outgrow
 # -- crashes and damaged files -----------------------------------------------------------------------------
 
 
-def _seeded(store: Store, tmp_path: Path, n: int = 200) -> tuple[Oracle, IndexParams, np.ndarray]:
+def _seeded(store: SqliteStore, tmp_path: Path, n: int = 200) -> tuple[Oracle, IndexParams, np.ndarray]:
     rng = np.random.default_rng(11)
     oracle = Oracle(store)
     p = params(kind="flat")
@@ -254,7 +262,7 @@ def _raise_boom(*args: object, **kwargs: object) -> None:
 
 @pytest.mark.parametrize("where", ["before_swap", "os.replace", "faiss.write_index"])
 def test_a_compaction_that_fails_midway_leaves_the_previous_generation_in_force(
-    where: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: str, store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     oracle, p, queries = _seeded(store, tmp_path)
     reader = LiveIndex(store, DIM, p, tmp_path / "index")
@@ -285,7 +293,7 @@ def test_a_compaction_that_fails_midway_leaves_the_previous_generation_in_force(
 
 @pytest.mark.parametrize("damage", ["missing", "garbage", "truncated"])
 def test_a_missing_or_corrupt_main_is_rebuilt_from_the_store_with_a_warning(
-    damage: str, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    damage: str, store: SqliteStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     oracle, p, queries = _seeded(store, tmp_path)
     path = main_path(tmp_path / "index", 1)
@@ -309,7 +317,7 @@ def test_a_missing_or_corrupt_main_is_rebuilt_from_the_store_with_a_warning(
 # -- compaction triggers ---------------------------------------------------------------------------------------
 
 
-def test_needs_compaction_by_delta_size_and_by_age(store: Store, tmp_path: Path) -> None:
+def test_needs_compaction_by_delta_size_and_by_age(store: SqliteStore, tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     oracle = Oracle(store)
     assert not needs_compaction(store, params(compact_delta_size=10))
@@ -322,7 +330,7 @@ def test_needs_compaction_by_delta_size_and_by_age(store: Store, tmp_path: Path)
     assert not needs_compaction(store, params(compact_delta_size=10, compact_max_age_s=1e-6))
 
 
-def test_deletes_alone_trigger_a_compaction(store: Store, tmp_path: Path) -> None:
+def test_deletes_alone_trigger_a_compaction(store: SqliteStore, tmp_path: Path) -> None:
     """A catalog that only deletes adds nothing to the delta; its tombstones must still be purged."""
     rng = np.random.default_rng(14)
     oracle = Oracle(store)
@@ -341,7 +349,7 @@ def test_deletes_alone_trigger_a_compaction(store: Store, tmp_path: Path) -> Non
 
 
 def test_concurrent_refreshes_never_add_a_vector_twice(
-    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The refresher thread and a caller refreshing after a write may overlap."""
     rng = np.random.default_rng(6)
@@ -350,9 +358,9 @@ def test_concurrent_refreshes_never_add_a_vector_twice(
     index.refresh()
     oracle.put_many(unit_vectors(rng, 20))
     both_read = threading.Barrier(2, timeout=0.5)
-    original = Store.changes_since
+    original = SqliteStore.changes_since
 
-    def changes_then_wait(self: Store, seq: int) -> Any:
+    def changes_then_wait(self: SqliteStore, seq: int) -> Any:
         changes = original(self, seq)
         # Let the other refresh read the same changes before either applies them; when refreshes are
         # serialised, the second never gets here while the first waits, and the barrier times out.
@@ -360,7 +368,7 @@ def test_concurrent_refreshes_never_add_a_vector_twice(
             both_read.wait()
         return changes
 
-    monkeypatch.setattr(Store, "changes_since", changes_then_wait)
+    monkeypatch.setattr(SqliteStore, "changes_since", changes_then_wait)
     threads = [threading.Thread(target=index.refresh) for _ in range(2)]
     for t in threads:
         t.start()
@@ -371,7 +379,7 @@ def test_concurrent_refreshes_never_add_a_vector_twice(
     assert len({vid for vid, _ in hits}) == 20
 
 
-def test_size_counts_each_live_vector_once_after_deletes_in_the_delta(store: Store, tmp_path: Path) -> None:
+def test_size_counts_each_live_vector_once_after_deletes_in_the_delta(store: SqliteStore, tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     oracle = Oracle(store)
     p = params()
@@ -388,7 +396,7 @@ def test_size_counts_each_live_vector_once_after_deletes_in_the_delta(store: Sto
     assert index.size == len(oracle.live) == 14
 
 
-def test_searches_run_while_refresh_and_compaction_run(store: Store, tmp_path: Path) -> None:
+def test_searches_run_while_refresh_and_compaction_run(store: SqliteStore, tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     oracle = Oracle(store)
     p = params(kind="flat")
@@ -435,7 +443,7 @@ def test_searches_run_while_refresh_and_compaction_run(store: Store, tmp_path: P
     assert_exact(index, oracle, queries, 10)
 
 
-def test_index_files_of_old_generations_are_removed(store: Store, tmp_path: Path) -> None:
+def test_index_files_of_old_generations_are_removed(store: SqliteStore, tmp_path: Path) -> None:
     rng = np.random.default_rng(10)
     oracle = Oracle(store)
     for _ in range(4):
@@ -447,7 +455,7 @@ def test_index_files_of_old_generations_are_removed(store: Store, tmp_path: Path
 
 
 def test_a_compaction_committed_while_a_reader_loads_main_is_not_missed(
-    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The writer's compaction purges tombstones the reader's old main still needs filtered: the reader must
     not pair the old main with the new store state."""
@@ -478,10 +486,10 @@ def test_a_compaction_committed_while_a_reader_loads_main_is_not_missed(
     assert index.generation == 2
 
 
-def test_index_meta_is_read_in_one_snapshot(store: Store) -> None:
+def test_index_meta_is_read_in_one_snapshot(store: SqliteStore) -> None:
     rng = np.random.default_rng(13)
     Oracle(store).put_many(unit_vectors(rng, 10))
-    writer = Store(store.path)
+    writer = SqliteStore(store.path)
     fired = []
 
     def commit_meanwhile(sql: str) -> None:  # another process records a generation while we read

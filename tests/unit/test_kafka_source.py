@@ -5,18 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from indexer.cli import main
-from indexer.dlq import DeadLetter, KafkaDeadLetters, MemoryDeadLetters, dead_letters_for
-from indexer.heartbeat import Heartbeat, read_heartbeats
-from indexer.records import BatchReport, Record
-from indexer.sources.kafka import Backoff, KafkaSource, Message, next_offsets, to_record
-from indexer.sources.kafka_testing import MemoryBroker, MemoryConsumer
+from clipdex.cli import main
+from indexer.records import FailedRecord, Record
+from indexer.sources.kafka import (
+    Backoff,
+    DeadLetterMessage,
+    KafkaSource,
+    Message,
+    dead_letters_for,
+    next_offsets,
+    to_record,
+)
+from indexer.sources.kafka_client import KafkaDeadLetters
+from indexer.testing import FakeSink, MemoryBroker, MemoryConsumer, MemoryDeadLetters
 from shared.errors import StoreError
+from shared.heartbeat import Heartbeat, read_heartbeats
 from tests.brokers import free_port
 
 FAST = Backoff(initial_s=0.001, max_s=0.005)
@@ -24,40 +32,6 @@ FAST = Backoff(initial_s=0.001, max_s=0.005)
 
 def upsert(item_id: str, uri: str = "/img/a.jpg", **extra: object) -> bytes:
     return json.dumps({"op": "upsert", "id": item_id, "uri": uri, **extra}).encode()
-
-
-class FakeSink:
-    """Records what it was given; can fail the store, report item failures, or hold a batch in flight."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Record]] = []
-        self.store_error_on: int | None = None  # the batch number that raises StoreError
-        self.fail_ids: dict[str, str] = {}
-        self.gate: asyncio.Event | None = None  # when set: write waits for it
-        self.entered = asyncio.Event()
-
-    async def write(self, records: Sequence[Record]) -> BatchReport:
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.store_error_on is not None and len(self.batches) == self.store_error_on:
-            raise StoreError("database or disk is full")
-        self.batches.append(list(records))
-        report = BatchReport(records=len(records))
-        for r in records:
-            if r.event is None:
-                report.failed += 1
-                report.failures.append((r.raw, r.error or "?"))
-            elif r.event.id in self.fail_ids:
-                report.failed += 1
-                report.failures.append((f"kafka:{r.event.id}", self.fail_ids[r.event.id]))
-            else:
-                report.indexed += 1
-        return report
-
-    @property
-    def ids(self) -> list[str]:
-        return [r.event.id for batch in self.batches for r in batch if r.event is not None]
 
 
 def source_for(
@@ -195,11 +169,14 @@ async def test_items_the_sink_failed_are_published_as_dead_letters_with_the_sink
     assert headers["clipdex.offset"] == b"1" and headers["clipdex.topic"] == b"events"
 
 
-def test_with_two_events_for_one_id_the_dead_letter_is_the_last_one() -> None:
-    messages = [Message("t", 0, i, None, upsert("same", uri=f"/{i}.jpg")) for i in range(3)]
+def test_dead_letters_are_the_failed_records_messages_found_by_position() -> None:
+    messages = [Message("t", p, o, None, upsert("same", uri=f"/{p}-{o}.jpg")) for p in (0, 1) for o in range(3)]
     records = [to_record(m) for m in messages]
-    letters = dead_letters_for(messages, records, [("same", "not an image")])
-    assert [m.offset for m in letters] == [2]
+    tried = records[4]  # partition 1, offset 1: the same id as the others, and the same raw value as none
+    letters = dead_letters_for(messages, [FailedRecord(tried, "not an image", "kafka:same")])
+    assert [(m.partition, m.offset, m.reason) for m in letters] == [(1, 1, "not an image")]
+    elsewhere = Record("kafka", "{}", None, "not JSON", (7, 7))  # a position that is not in the batch
+    assert dead_letters_for(messages, [FailedRecord(elsewhere, "not JSON")]) == []
 
 
 async def test_an_unreachable_broker_at_start_is_retried_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
@@ -338,7 +315,7 @@ async def test_clipdex_status_hears_from_the_consumer_through_its_heartbeat(tmp_
 
 async def test_an_unreachable_dead_letter_topic_is_logged_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     letters = KafkaDeadLetters(f"127.0.0.1:{free_port()}", "events.dlq", timeout_s=2)
-    letter = DeadLetter(b"k", b"{oops", "not JSON", "events", 0, 7)
+    letter = DeadLetterMessage(b"k", b"{oops", "not JSON", "events", 0, 7)
     await letters.publish([letter])  # nothing listens there
     await letters.close()
     assert "could not publish 1 dead letters to events.dlq" in caplog.text

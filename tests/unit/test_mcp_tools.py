@@ -20,7 +20,7 @@ from shared.core import Core, build_core
 from shared.embedder import Embedder
 from shared.fetch import FetchPolicy
 from tests.conftest import tiny_settings_for
-from tests.unit.test_tools_fixtures import COLOURS, Catalog, fill_store, png_bytes
+from tests.unit.test_tools_fixtures import COLOURS, Catalog, fill_data_dir, png_bytes
 from tools.mcp_server import MAX_IMAGES, build_mcp_server
 from tools.metrics import Metrics
 from tools.queries import Queries
@@ -69,11 +69,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> 
         max_image_bytes=20_000,
         max_pixels=10_000,
     )
+    catalog = fill_data_dir(settings, tiny_embedder, base / "images")
     core = build_core(settings, embedder=tiny_embedder)
-    catalog = fill_store(core.store, tiny_embedder, base / "images")
-    core.index.refresh()
     yield core, catalog
-    core.store.close()  # not core.close(): the embedder is the session's
+    core.reader.close()  # not core.close(): the embedder is the session's
 
 
 @pytest.fixture
@@ -219,11 +218,11 @@ async def test_find_similar_by_id_ranks_the_nearest_stored_vector_first(
     server: Any, world: tuple[Core, Catalog]
 ) -> None:
     core, catalog = world
-    stored = core.store.item_vector(catalog.synthetic_ids[3])
+    stored = core.vectors.item_vector(catalog.synthetic_ids[3])
     assert stored is not None
     others = [i for i in catalog.synthetic_ids if i != catalog.synthetic_ids[3]]
-    vectors = {i: core.store.item_vector(i)[1] for i in others}  # type: ignore[index]
-    nearest = max(vectors, key=lambda i: float(vectors[i] @ stored[1]))
+    vectors = {i: core.vectors.item_vector(i) for i in others}
+    nearest = max(vectors, key=lambda i: float(vectors[i] @ stored))  # type: ignore[operator]
     result = await call(server, "find_similar", item_id=catalog.synthetic_ids[3], top_k=3, filters={"source": "kafka"})
     assert hit_ids(result)[0] == nearest
 

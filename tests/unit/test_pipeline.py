@@ -27,7 +27,7 @@ from indexer.records import Record
 from shared.embedder import Embedder
 from shared.errors import FetchFailed, SourceNotFound, StoreError
 from shared.fetch import FetchPolicy, fetch_bytes
-from shared.store import Store
+from shared.sqlite.store import SqliteStore
 
 MAX_PIXELS = 10_000_000
 
@@ -66,12 +66,12 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "data" / "clipdex.sqlite3") as s:
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    with SqliteStore(tmp_path / "data" / "clipdex.sqlite3") as s:
         yield s
 
 
-def make_pipeline(store: Store, embedder: Any, root: Path, fetch: Any = None, **options: Any) -> Pipeline:
+def make_pipeline(store: SqliteStore, embedder: Any, root: Path, fetch: Any = None, **options: Any) -> Pipeline:
     policy = FetchPolicy(roots=(Path(os.path.realpath(root)),), hosts=frozenset(), max_bytes=5_000_000)
     opts = PipelineOptions(max_pixels=MAX_PIXELS, decode_workers=2, embed_batch=4, retry_backoff_s=0.01)
     opts = PipelineOptions(**{**opts.__dict__, **options})
@@ -79,7 +79,7 @@ def make_pipeline(store: Store, embedder: Any, root: Path, fetch: Any = None, **
 
 
 @pytest.fixture
-def pipeline(store: Store, tiny_embedder: Embedder, root: Path) -> Iterator[Pipeline]:
+def pipeline(store: SqliteStore, tiny_embedder: Embedder, root: Path) -> Iterator[Pipeline]:
     p = make_pipeline(store, tiny_embedder, root)
     yield p
     p.close()
@@ -95,7 +95,9 @@ def put(root: Path, name: str, data: bytes) -> str:
 # -- indexing and the resolve rules -------------------------------------------------------------------------
 
 
-async def test_new_images_are_embedded_and_stored_in_one_batch(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_new_images_are_embedded_and_stored_in_one_batch(
+    pipeline: Pipeline, store: SqliteStore, root: Path
+) -> None:
     records = [record(f"sku-{i}", put(root, f"{i}.jpg", jpeg(i)), metadata={"n": i}) for i in range(6)]
     report = await pipeline.write(records)
     assert (report.records, report.indexed, report.failed) == (6, 6, 0)
@@ -106,7 +108,9 @@ async def test_new_images_are_embedded_and_stored_in_one_batch(pipeline: Pipelin
     assert stored is not None and np.isclose(np.linalg.norm(stored[1]), 1.0)
 
 
-async def test_the_same_image_again_is_a_metadata_only_update(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_the_same_image_again_is_a_metadata_only_update(
+    pipeline: Pipeline, store: SqliteStore, root: Path
+) -> None:
     uri = put(root, "a.jpg", jpeg(1))
     await pipeline.write([record("a", uri, metadata={"v": 1})])
     before = store.item_vector("kafka:a")
@@ -121,14 +125,16 @@ async def test_the_same_image_again_is_a_metadata_only_update(pipeline: Pipeline
     assert store.stats().vectors == 1
 
 
-async def test_a_new_image_for_an_old_id_replaces_its_vector(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_a_new_image_for_an_old_id_replaces_its_vector(
+    pipeline: Pipeline, store: SqliteStore, root: Path
+) -> None:
     await pipeline.write([record("a", put(root, "a.jpg", jpeg(1)))])
     await pipeline.write([record("a", put(root, "a2.jpg", jpeg(2)))])
     stats = store.stats()
     assert (stats.items, stats.vectors, stats.tombstones) == (1, 1, 1)
 
 
-async def test_in_a_batch_the_last_event_for_an_id_wins(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_in_a_batch_the_last_event_for_an_id_wins(pipeline: Pipeline, store: SqliteStore, root: Path) -> None:
     first, last = put(root, "1.jpg", jpeg(1)), put(root, "2.jpg", jpeg(2))
     report = await pipeline.write([record("a", first), record("a", last), record("b", first), record("b", op="delete")])
     assert report.superseded == 2
@@ -138,7 +144,9 @@ async def test_in_a_batch_the_last_event_for_an_id_wins(pipeline: Pipeline, stor
     assert pipeline.images_embedded == 1
 
 
-async def test_an_event_older_than_the_stored_version_is_skipped(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_an_event_older_than_the_stored_version_is_skipped(
+    pipeline: Pipeline, store: SqliteStore, root: Path
+) -> None:
     await pipeline.write([record("a", put(root, "new.jpg", jpeg(1)), version=5)])
     report = await pipeline.write(
         [record("a", put(root, "old.jpg", jpeg(2)), version=3), record("a", op="delete", version=4)]
@@ -154,7 +162,7 @@ async def test_an_event_older_than_the_stored_version_is_skipped(pipeline: Pipel
     assert b is not None and b.version == 6
 
 
-async def test_a_copy_or_rename_reuses_the_stored_vector(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_a_copy_or_rename_reuses_the_stored_vector(pipeline: Pipeline, store: SqliteStore, root: Path) -> None:
     data = jpeg(1)
     await pipeline.write([record("a", put(root, "a.jpg", data))])
     calls = pipeline.model_calls
@@ -167,7 +175,7 @@ async def test_a_copy_or_rename_reuses_the_stored_vector(pipeline: Pipeline, sto
 
 
 async def test_the_same_new_content_twice_in_a_batch_is_embedded_once(
-    pipeline: Pipeline, store: Store, root: Path
+    pipeline: Pipeline, store: SqliteStore, root: Path
 ) -> None:
     data = jpeg(9)
     report = await pipeline.write([record("a", put(root, "a.jpg", data)), record("b", put(root, "b.jpg", data))])
@@ -176,7 +184,7 @@ async def test_the_same_new_content_twice_in_a_batch_is_embedded_once(
     assert a is not None and b is not None and np.array_equal(a[1], b[1])
 
 
-async def test_an_empty_batch_writes_nothing(pipeline: Pipeline, store: Store) -> None:
+async def test_an_empty_batch_writes_nothing(pipeline: Pipeline, store: SqliteStore) -> None:
     report = await pipeline.write([])
     assert report.records == 0 and store.index_meta().seq == 0
 
@@ -185,7 +193,7 @@ async def test_an_empty_batch_writes_nothing(pipeline: Pipeline, store: Store) -
 
 
 async def test_bad_items_become_dead_letters_and_the_good_ones_are_indexed(
-    pipeline: Pipeline, store: Store, root: Path, tmp_path: Path
+    pipeline: Pipeline, store: SqliteStore, root: Path, tmp_path: Path
 ) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -210,7 +218,7 @@ async def test_bad_items_become_dead_letters_and_the_good_ones_are_indexed(
     report = await pipeline.write(records)
 
     assert (report.indexed, report.failed) == (2, len(bad) + 1)
-    reasons = dict(report.failures)
+    reasons = {f.name: f.reason for f in report.failures}
     for name, (_, why) in bad.items():
         assert reasons[f"kafka:{name}"]
         assert any(w in reasons[f"kafka:{name}"] for w in why.split("|")), reasons[f"kafka:{name}"]
@@ -225,7 +233,7 @@ async def test_bad_items_become_dead_letters_and_the_good_ones_are_indexed(
     assert failed is not None and failed.status == "failed" and failed.reason
 
 
-async def test_a_failed_update_keeps_the_older_good_vector(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_a_failed_update_keeps_the_older_good_vector(pipeline: Pipeline, store: SqliteStore, root: Path) -> None:
     await pipeline.write([record("a", put(root, "a.jpg", jpeg(1)))])
     report = await pipeline.write([record("a", put(root, "broken.jpg", b"garbage"))])
     assert report.failed == 1
@@ -234,7 +242,7 @@ async def test_a_failed_update_keeps_the_older_good_vector(pipeline: Pipeline, s
 
 
 async def test_transient_fetch_failures_are_retried_then_dead_lettered(
-    store: Store, tiny_embedder: Embedder, root: Path
+    store: SqliteStore, tiny_embedder: Embedder, root: Path
 ) -> None:
     data = jpeg(3)
     calls: dict[str, int] = {}
@@ -265,7 +273,19 @@ async def test_transient_fetch_failures_are_retried_then_dead_lettered(
 # -- the store fails: nothing is half-written, and the replay succeeds -----------------------------------------
 
 
-async def test_a_store_failure_raises_and_writes_nothing(pipeline: Pipeline, store: Store, root: Path) -> None:
+async def test_with_several_events_for_one_id_the_failure_names_the_last_one(
+    pipeline: Pipeline, store: SqliteStore, root: Path
+) -> None:
+    records = [record("same", str(root / f"missing-{i}.jpg")) for i in range(3)]
+    records = [Record(r.source, r.raw, r.event, position=(0, i)) for i, r in enumerate(records)]
+    report = await pipeline.write(records)
+    assert [(f.name, f.record.position) for f in report.failures] == [("kafka:same", (0, 2))]
+    assert "missing-2.jpg" in report.failures[0].reason
+    (letter,) = store.dead_letters()
+    assert json.loads(letter.payload)["uri"].endswith("missing-2.jpg")
+
+
+async def test_a_store_failure_raises_and_writes_nothing(pipeline: Pipeline, store: SqliteStore, root: Path) -> None:
     records = [record(f"s{i}", put(root, f"{i}.jpg", jpeg(i))) for i in range(3)] + [record("bad", str(root / "x.jpg"))]
     with sqlite3.connect(store.path) as db:  # the disk "fills up" after the vectors are written
         db.execute(
@@ -274,7 +294,7 @@ async def test_a_store_failure_raises_and_writes_nothing(pipeline: Pipeline, sto
     with pytest.raises(StoreError, match="disk is full"):
         await pipeline.write(records)
     stats = store.stats()
-    assert (stats.items, stats.vectors, stats.dead_letters, stats.meta.seq) == (0, 0, 0, 0)
+    assert (stats.items, stats.vectors, stats.dead_letters, stats.changes) == (0, 0, 0, 0)
 
     with sqlite3.connect(store.path) as db:
         db.execute("DROP TRIGGER full")
@@ -303,7 +323,7 @@ class SlowModel:
 
 
 async def test_the_event_loop_keeps_running_while_the_model_works(
-    store: Store, tiny_embedder: Embedder, root: Path
+    store: SqliteStore, tiny_embedder: Embedder, root: Path
 ) -> None:
     p = make_pipeline(store, SlowModel(tiny_embedder, 0.3), root, embed_batch=8)
     gaps: list[float] = []

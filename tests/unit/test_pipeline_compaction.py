@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from indexer.compaction import Compactor
-from shared.index import IndexParams
-from shared.store import Store, Upsert
+from shared.roles import Upsert
+from shared.sqlite.index import IndexParams
+from shared.sqlite.store import SqliteStore
 
 DIM = 8
 
@@ -19,7 +20,7 @@ def params(delta_size: int) -> IndexParams:
     return IndexParams("flat", 1000, None, None, 32, 64, compact_delta_size=delta_size, compact_max_age_s=3600)
 
 
-def add(store: Store, n: int, start: int = 0) -> None:
+def add(store: SqliteStore, n: int, start: int = 0) -> None:
     rng = np.random.default_rng(start)
     vectors = rng.normal(size=(n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -27,7 +28,7 @@ def add(store: Store, n: int, start: int = 0) -> None:
 
 
 def test_compacts_only_past_a_threshold(tmp_path: Path) -> None:
-    with Store(tmp_path / "db.sqlite3") as store:
+    with SqliteStore(tmp_path / "db.sqlite3") as store:
         compactor = Compactor(store, params(5), DIM, tmp_path / "index")
         add(store, 4)
         assert compactor.compact_if_needed() is None
@@ -39,7 +40,7 @@ def test_compacts_only_past_a_threshold(tmp_path: Path) -> None:
 
 
 async def test_compacts_in_the_background_while_the_loop_runs(tmp_path: Path) -> None:
-    with Store(tmp_path / "db.sqlite3") as store:
+    with SqliteStore(tmp_path / "db.sqlite3") as store:
         compactor = Compactor(store, params(3), DIM, tmp_path / "index", check_interval_s=0.02)
         async with compactor.running():
             add(store, 3)

@@ -17,7 +17,7 @@ from indexer.pipeline import embed_batch_for
 from indexer.records import Record
 from indexer.resolve import Fetched, Work, classify, pending_ids, plan
 from shared.errors import ImageRejected
-from shared.store import StoredState
+from shared.roles import StoredState
 
 
 def rec(item_id: str, op: str = "upsert", version: int | None = None, source: str = "kafka") -> Record:
@@ -43,7 +43,7 @@ def test_plan_sorts_a_batch() -> None:
     assert [w.item_id for w in batch.skipped] == ["kafka:old"]
     assert batch.superseded == 1
     assert [f.reason for f in batch.invalid] == ["InvalidEvent: not JSON"]
-    assert batch.invalid[0].payload == "junk"
+    assert batch.invalid[0].record.raw == "junk" and batch.invalid[0].dead_letter().payload == "junk"
 
 
 def test_an_equal_version_is_not_older() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from indexer.cli import build_parser
+from clipdex.cli import build_parser
 from indexer.events import parse_event
 from indexer.records import BatchReport
 from shared.config import Settings, env_name

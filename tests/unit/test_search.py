@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer.compaction import compact
 from shared.embedder import Embedder
 from shared.errors import InvalidRequest, NotFound
-from shared.index import IndexParams, LiveIndex, compact
+from shared.roles import Delete, Failure, Upsert
 from shared.search import SearchService
-from shared.store import Delete, Failure, Store, Upsert
+from shared.sqlite.index import IndexParams, LiveIndex
+from shared.sqlite.search import IndexSearch
+from shared.sqlite.store import SqliteStore
 from shared.types import Filters
 
 DIM = 32
@@ -36,9 +39,9 @@ def towards(target: np.ndarray, cos: float, seed: int) -> np.ndarray:
 
 class World:
     def __init__(self, tmp_path: Path, embedder: Embedder) -> None:
-        self.store = Store(tmp_path / "db.sqlite3")
+        self.store = SqliteStore(tmp_path / "db.sqlite3")
         self.index = LiveIndex(self.store, DIM, PARAMS, tmp_path / "index")
-        self.search = SearchService(self.store, self.index, embedder)
+        self.search = SearchService(IndexSearch(self.store, self.index), self.store, embedder)
         self.tmp_path = tmp_path
 
     def add(self, item_id: str, vector: np.ndarray, source: str = "kafka", **metadata: Any) -> None:
@@ -174,7 +177,7 @@ class NoModel:
 
 
 def test_similar_to_item_excludes_itself_and_makes_no_model_call(ranked: World) -> None:
-    service = SearchService(ranked.store, ranked.index, NoModel())  # type: ignore[arg-type]
+    service = SearchService(IndexSearch(ranked.store, ranked.index), ranked.store, NoModel())  # type: ignore[arg-type]
     hits = service.similar_to_item("item-0", top_k=3).hits
     assert "item-0" not in ids(hits) and len(hits) == 3
     stored = ranked.store.item_vector("item-0")

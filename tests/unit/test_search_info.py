@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from shared.embedder import Embedder
-from shared.index import IndexParams, LiveIndex
+from shared.roles import Delete, Upsert
 from shared.search import SearchService
-from shared.store import Delete, Store, Upsert
+from shared.sqlite.index import IndexParams, LiveIndex
+from shared.sqlite.search import IndexSearch
+from shared.sqlite.store import SqliteStore
 from tests.conftest import tiny_settings_for
 
 
@@ -24,10 +26,10 @@ def test_info_matches_the_store_without_reading_its_stats(
 ) -> None:
     settings = tiny_settings_for(tmp_path)
     rng = np.random.default_rng(0)
-    with Store(settings.db_path) as store:
+    with SqliteStore(settings.db_path) as store:
         dim = tiny_embedder.identity.dim
         index = LiveIndex(store, dim, IndexParams.from_settings(settings), settings.index_dir)
-        service = SearchService(store, index, tiny_embedder)
+        service = SearchService(IndexSearch(store, index), store, tiny_embedder)
         index.refresh()
         assert service.info().items == 0 and service.info().newest_indexed_at is None
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from shared.errors import ModelMismatchError, StoreError
-from shared.store import Delete, Failure, Store, Upsert
+from shared.roles import Delete, Failure, Upsert
+from shared.sqlite.store import SqliteStore
 from shared.types import ModelIdentity
 
 DIM = 8
@@ -26,12 +27,12 @@ def up(item_id: str, sha: str, embedding: np.ndarray | None, **metadata: object)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "db.sqlite3") as s:
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    with SqliteStore(tmp_path / "db.sqlite3") as s:
         yield s
 
 
-def counts(store: Store) -> tuple[int, int, int, int]:
+def counts(store: SqliteStore) -> tuple[int, int, int, int]:
     """(items, live vectors, tombstones, dead letters), read with a second connection."""
     db = sqlite3.connect(store.path)
     try:
@@ -48,7 +49,7 @@ def counts(store: Store) -> tuple[int, int, int, int]:
 # -- one transaction per batch ---------------------------------------------------------------------------
 
 
-def test_a_batch_that_fails_midway_leaves_nothing_behind(store: Store) -> None:
+def test_a_batch_that_fails_midway_leaves_nothing_behind(store: SqliteStore) -> None:
     store.apply(upserts=[up("a", "sha-a", vec(1))])
     before = (counts(store), store.index_meta())
     with pytest.raises(StoreError, match="metadata-only update of 'nope'"):
@@ -62,7 +63,9 @@ def test_a_batch_that_fails_midway_leaves_nothing_behind(store: Store) -> None:
     assert store.item_vector("a") is not None and store.get_item("a").sha256 == "sha-a"  # type: ignore[union-attr]
 
 
-def test_a_crash_inside_the_transaction_rolls_everything_back(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_inside_the_transaction_rolls_everything_back(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def crash(*args: object) -> None:
         raise RuntimeError("power cut")
 
@@ -76,9 +79,9 @@ def test_a_crash_inside_the_transaction_rolls_everything_back(store: Store, monk
     assert counts(store) == (1, 1, 0, 0)
 
 
-def test_a_committed_batch_is_visible_to_another_connection(store: Store, tmp_path: Path) -> None:
+def test_a_committed_batch_is_visible_to_another_connection(store: SqliteStore, tmp_path: Path) -> None:
     store.apply(upserts=[up("a", "sha-a", vec(1)), up("b", "sha-b", vec(2))])
-    with Store(tmp_path / "db.sqlite3") as other:
+    with SqliteStore(tmp_path / "db.sqlite3") as other:
         assert sorted(other.item_ids()) == ["a", "b"]
         np.testing.assert_allclose(other.item_vector("a")[1], vec(1))  # type: ignore[index]
 
@@ -86,7 +89,7 @@ def test_a_committed_batch_is_visible_to_another_connection(store: Store, tmp_pa
 # -- updates, replacements, deletes ---------------------------------------------------------------------------
 
 
-def test_same_id_and_hash_is_a_metadata_only_update_without_a_new_vector(store: Store) -> None:
+def test_same_id_and_hash_is_a_metadata_only_update_without_a_new_vector(store: SqliteStore) -> None:
     first = store.apply(upserts=[up("a", "sha-a", vec(1), colour="red")])
     seq = store.index_meta().seq
     result = store.apply(upserts=[up("a", "sha-a", None, colour="blue")])
@@ -98,13 +101,13 @@ def test_same_id_and_hash_is_a_metadata_only_update_without_a_new_vector(store: 
     assert store.changes_since(seq).added_ids.size == 0
 
 
-def test_a_metadata_only_update_of_changed_content_is_refused(store: Store) -> None:
+def test_a_metadata_only_update_of_changed_content_is_refused(store: SqliteStore) -> None:
     store.apply(upserts=[up("a", "sha-a", vec(1))])
     with pytest.raises(StoreError, match="no vector for that hash"):
         store.apply(upserts=[up("a", "sha-other", None)])
 
 
-def test_a_replacement_tombstones_the_old_vector(store: Store) -> None:
+def test_a_replacement_tombstones_the_old_vector(store: SqliteStore) -> None:
     old = store.apply(upserts=[up("a", "sha-a", vec(1))]).vector_ids[0]
     seq = store.index_meta().seq
     new = store.apply(upserts=[up("a", "sha-a2", vec(2))]).vector_ids[0]
@@ -119,7 +122,7 @@ def test_a_replacement_tombstones_the_old_vector(store: Store) -> None:
     assert store.states(["a"])["a"].sha256 == "sha-a2"
 
 
-def test_a_delete_tombstones_the_vector_and_removes_the_item(store: Store) -> None:
+def test_a_delete_tombstones_the_vector_and_removes_the_item(store: SqliteStore) -> None:
     vid = store.apply(upserts=[up("a", "sha-a", vec(1)), up("b", "sha-b", vec(2))]).vector_ids[0]
     seq = store.index_meta().seq
     result = store.apply(deletes=[Delete("a"), Delete("never-seen")])
@@ -130,7 +133,7 @@ def test_a_delete_tombstones_the_vector_and_removes_the_item(store: Store) -> No
     assert counts(store) == (1, 1, 1, 0)
 
 
-def test_embeddings_by_sha_prefers_a_live_vector_and_survives_a_delete(store: Store) -> None:
+def test_embeddings_by_sha_prefers_a_live_vector_and_survives_a_delete(store: SqliteStore) -> None:
     """A renamed file (delete + new id, same bytes) reuses the stored vector without a model call."""
     store.apply(upserts=[up("old-name", "sha-x", vec(1))])
     store.apply(deletes=[Delete("old-name")])
@@ -142,7 +145,7 @@ def test_embeddings_by_sha_prefers_a_live_vector_and_survives_a_delete(store: St
 # -- failures and dead letters ----------------------------------------------------------------------------------
 
 
-def test_a_failure_of_a_new_item_marks_it_failed_and_writes_a_dead_letter(store: Store) -> None:
+def test_a_failure_of_a_new_item_marks_it_failed_and_writes_a_dead_letter(store: SqliteStore) -> None:
     store.apply(failures=[Failure("kafka", '{"id": "a"}', "ImageRejected: truncated", id="a", uri="u", tries=3)])
     item = store.get_item("a")
     assert item is not None and (item.status, item.reason, item.vector_id) == (
@@ -160,7 +163,7 @@ def test_a_failure_of_a_new_item_marks_it_failed_and_writes_a_dead_letter(store:
     assert store.stats().failed == 1 and store.stats().items == 0
 
 
-def test_a_failed_update_keeps_the_older_good_vector(store: Store) -> None:
+def test_a_failed_update_keeps_the_older_good_vector(store: SqliteStore) -> None:
     vid = store.apply(upserts=[up("a", "sha-a", vec(1))]).vector_ids[0]
     store.apply(failures=[Failure("kafka", "raw", "FetchFailed: HTTP 503", id="a")])
     item = store.get_item("a")
@@ -172,12 +175,12 @@ def test_a_failed_update_keeps_the_older_good_vector(store: Store) -> None:
     assert store.get_item("a").reason is None  # type: ignore[union-attr]
 
 
-def test_an_unparseable_event_is_a_dead_letter_without_an_item(store: Store) -> None:
+def test_an_unparseable_event_is_a_dead_letter_without_an_item(store: SqliteStore) -> None:
     store.apply(failures=[Failure("kafka", "not json", "InvalidEvent: not JSON")])
     assert counts(store) == (0, 0, 0, 1)
 
 
-def test_dead_letters_are_listed_newest_first_and_can_be_deleted(store: Store) -> None:
+def test_dead_letters_are_listed_newest_first_and_can_be_deleted(store: SqliteStore) -> None:
     store.apply(failures=[Failure("folder", f"p{i}", f"r{i}") for i in range(5)])
     letters = store.dead_letters(limit=3)
     assert [d.payload for d in letters] == ["p4", "p3", "p2"]
@@ -191,11 +194,11 @@ TINY = ModelIdentity("clipdex-tiny", "none", 32, "abc123def4567890")
 OTHER = ModelIdentity("ViT-B-32", "laion2b_s34b_b79k", 512, "fedcba9876543210")
 
 
-def test_a_store_refuses_a_second_model_even_after_reopening(store: Store, tmp_path: Path) -> None:
+def test_a_store_refuses_a_second_model_even_after_reopening(store: SqliteStore, tmp_path: Path) -> None:
     store.bind_model(TINY)
     store.bind_model(TINY)  # the same model again is fine
     store.close()
-    with Store(tmp_path / "db.sqlite3") as reopened:
+    with SqliteStore(tmp_path / "db.sqlite3") as reopened:
         assert reopened.model_identity() == TINY
         with pytest.raises(ModelMismatchError) as err:
             reopened.bind_model(OTHER)
@@ -204,13 +207,13 @@ def test_a_store_refuses_a_second_model_even_after_reopening(store: Store, tmp_p
         assert part in message
 
 
-def test_the_same_weights_from_another_path_are_the_same_model(store: Store) -> None:
+def test_the_same_weights_from_another_path_are_the_same_model(store: SqliteStore) -> None:
     store.bind_model(ModelIdentity("ViT-B-32", "/models/vit-b-32.safetensors", 512, "fedcba9876543210"))
     store.bind_model(ModelIdentity("ViT-B-32", "/mnt/weights/vit-b-32.safetensors", 512, "fedcba9876543210"))
     assert store.model_identity() == ModelIdentity("ViT-B-32", "/models/vit-b-32.safetensors", 512, "fedcba9876543210")
 
 
-def test_the_same_architecture_with_other_weights_is_refused(store: Store) -> None:
+def test_the_same_architecture_with_other_weights_is_refused(store: SqliteStore) -> None:
     store.bind_model(TINY)
     with pytest.raises(ModelMismatchError, match=r"weights abc123def456.*weights 000000000000"):
         store.bind_model(ModelIdentity("clipdex-tiny", "none", 32, "0000000000000000"))
@@ -220,18 +223,18 @@ def test_the_same_architecture_with_other_weights_is_refused(store: Store) -> No
 
 
 def test_float16_vectors_take_half_the_bytes_and_round_trip_closely(tmp_path: Path) -> None:
-    with Store(tmp_path / "f16.sqlite3", vector_dtype="float16") as s:
+    with SqliteStore(tmp_path / "f16.sqlite3", vector_dtype="float16") as s:
         s.apply(upserts=[up("a", "sha-a", vec(1))])
         np.testing.assert_allclose(s.item_vector("a")[1], vec(1), atol=1e-3)  # type: ignore[index]
         assert s.item_vector("a")[1].dtype == np.float32  # type: ignore[index]
     db = sqlite3.connect(tmp_path / "f16.sqlite3")
     assert db.execute("SELECT length(embedding) FROM vectors").fetchone()[0] == DIM * 2
     db.close()
-    with Store(tmp_path / "f16.sqlite3", vector_dtype="float32") as reopened:  # the stored dtype wins
+    with SqliteStore(tmp_path / "f16.sqlite3", vector_dtype="float32") as reopened:  # the stored dtype wins
         assert reopened.vector_dtype == np.float16
 
 
-def test_item_ids_filter_by_source_and_prefix(store: Store) -> None:
+def test_item_ids_filter_by_source_and_prefix(store: SqliteStore) -> None:
     store.apply(
         upserts=[
             Upsert("folder:cats/a.jpg", "folder", "/x/cats/a.jpg", "s1", {}, vec(1)),
@@ -245,7 +248,7 @@ def test_item_ids_filter_by_source_and_prefix(store: Store) -> None:
     assert len(store.item_ids()) == 4
 
 
-def test_record_generation_purges_only_the_tombstones_main_no_longer_holds(store: Store) -> None:
+def test_record_generation_purges_only_the_tombstones_main_no_longer_holds(store: SqliteStore) -> None:
     ids = store.apply(upserts=[up(f"i{n}", f"s{n}", vec(n)) for n in range(4)]).vector_ids
     store.apply(deletes=[Delete("i0")])
     upto, seq = store.snapshot_for_compaction()
@@ -260,14 +263,14 @@ def test_record_generation_purges_only_the_tombstones_main_no_longer_holds(store
 def test_an_unopenable_path_is_a_store_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     with pytest.raises(StoreError, match="taken"):
-        Store(tmp_path / "taken")
+        SqliteStore(tmp_path / "taken")
 
 
 def test_a_512_d_float32_vector_costs_well_under_two_pages_on_disk(tmp_path: Path) -> None:
     """A 2 KiB embedding row must not fill a page alone (4.2 KiB per vector with 4 KiB pages)."""
     rng = np.random.default_rng(0)
     n = 1000
-    with Store(tmp_path / "db.sqlite3") as s:
+    with SqliteStore(tmp_path / "db.sqlite3") as s:
         for lo in range(0, n, 500):
             s.apply(
                 upserts=[
@@ -288,7 +291,7 @@ def test_an_existing_store_keeps_its_page_size(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "old.sqlite3")
     db.execute("CREATE TABLE t (x)")  # a database made with the default 4 KiB pages
     db.close()
-    with Store(tmp_path / "old.sqlite3") as s:
+    with SqliteStore(tmp_path / "old.sqlite3") as s:
         s.apply(upserts=[up("a", "sha-a", vec(1))])
         assert s.item_vector("a") is not None
     db = sqlite3.connect(tmp_path / "old.sqlite3")

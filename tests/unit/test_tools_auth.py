@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from indexer import cli
+from clipdex import cli
 from shared.errors import ConfigError
 from tests.conftest import tiny_settings_for
 from tools.auth import HostPolicy, check_bind, is_loopback

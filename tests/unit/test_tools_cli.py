@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer import cli
+from clipdex import cli
 from shared.embedder import Embedder
-from shared.store import Store
+from shared.sqlite.store import SqliteStore
 from tests.conftest import tiny_env
 from tests.unit.test_tools_fixtures import Catalog, fill_store
 
@@ -21,7 +21,7 @@ def catalog(tmp_path: Path, tiny_embedder: Embedder, monkeypatch: pytest.MonkeyP
         if name.startswith("CLIPDEX_"):
             monkeypatch.setenv(name, value)
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)  # keep pytest's log capture
-    with Store(data / "clipdex.sqlite3") as store:
+    with SqliteStore(data / "clipdex.sqlite3") as store:
         return fill_store(store, tiny_embedder, tmp_path / "images")
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shared.config import Settings
 from shared.embedder import Embedder
-from shared.store import Delete, Failure, Store, Upsert
+from shared.roles import Delete, Failure, Upsert, Writer
+from shared.stores import open_writer
 from shared.types import Embedding
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
@@ -53,7 +55,7 @@ class Catalog:
         return len(self.image_ids) + len(self.synthetic_ids) + 1  # + the nested image
 
 
-def fill_store(store: Store, embedder: Embedder, root: Path, *, seed: int = 0) -> Catalog:
+def fill_store(store: Writer, embedder: Embedder, root: Path, *, seed: int = 0) -> Catalog:
     """Three coloured images and a nested one under `root` (real embeddings), N_SYNTHETIC catalog items
     with random vectors and URL uris, and one failed item with a dead letter."""
     store.bind_model(embedder.identity)
@@ -85,7 +87,13 @@ def fill_store(store: Store, embedder: Embedder, root: Path, *, seed: int = 0) -
     return Catalog(root, image_ids, synthetic, "kafka:bad", "folder:sub/dir/x.png")
 
 
-def add_items(store: Store, ids: list[str], vectors: Embedding, metadata: dict[str, object] | None = None) -> None:
+def fill_data_dir(settings: Settings, embedder: Embedder, root: Path) -> Catalog:
+    """`fill_store` through the store of `settings` opened as a writer, as an indexer opens it."""
+    with open_writer(settings, embedder.identity) as store:
+        return fill_store(store.writer, embedder, root)
+
+
+def add_items(store: Writer, ids: list[str], vectors: Embedding, metadata: dict[str, object] | None = None) -> None:
     store.apply(
         upserts=[
             Upsert(i, "kafka", f"https://img.example.com/{i}.jpg", sha(i.encode()), dict(metadata or {}), v)
@@ -94,13 +102,13 @@ def add_items(store: Store, ids: list[str], vectors: Embedding, metadata: dict[s
     )
 
 
-def delete_items(store: Store, ids: list[str]) -> None:
+def delete_items(store: Writer, ids: list[str]) -> None:
     store.apply(deletes=[Delete(i) for i in ids])
 
 
 def clipdex_command() -> list[str]:
-    script = Path(sys.executable).with_name("clipdex")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "indexer"]
+    """`python -m clipdex`: the code under test, whichever clipdex the environment's script points to."""
+    return [sys.executable, "-m", "clipdex"]
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from shared.core import Core, build_core
 from shared.embedder import Embedder
 from tests.conftest import tiny_settings_for
-from tests.unit.test_tools_fixtures import COLOURS, Catalog, fill_store, png_bytes
+from tests.unit.test_tools_fixtures import COLOURS, Catalog, fill_data_dir, png_bytes
 from tools.app import build_app
 
 BASE = "http://127.0.0.1:8765"
@@ -27,11 +27,10 @@ RED = png_bytes(COLOURS["red"])
 def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Catalog]]:
     base = tmp_path_factory.mktemp("http")
     settings = tiny_settings_for(base / "data", allowed_roots=[str(base / "images")], max_upload_bytes=MAX_UPLOAD)
+    catalog = fill_data_dir(settings, tiny_embedder, base / "images")
     core = build_core(settings, embedder=tiny_embedder)
-    catalog = fill_store(core.store, tiny_embedder, base / "images")
-    core.index.refresh()
     yield core, catalog
-    core.store.close()
+    core.reader.close()  # not core.close(): the embedder is the session's
 
 
 @pytest.fixture

@@ -1,0 +1,286 @@
+"""The store roles: the narrow interfaces that callers depend on, never a backend's class.
+
+    indexer: pipeline ─────────▶ Writer            one micro-batch in one transaction; the resolver's lookups
+    status, items, dead letters ▶ Catalog           items, dead letters, counts
+    search: SearchService ─────▶ VectorSearch      the best live items for a vector, and how fresh they are
+    ── the SQLite backend's own seams ──
+    FAISS LiveIndex ───────────▶ ChangeFeed        vectors added and deleted since a change counter
+    indexer: compaction ───────▶ CompactionLedger  the main index's generations, on top of the feed
+
+A backend implements the first three; `shared.stores` opens the one the settings choose. The SQLite
+backend (`shared.sqlite`: the store is the truth, FAISS files are derived) also implements the last two,
+because its search processes keep their own FAISS index current and its indexer compacts it. A backend
+that searches and compacts by itself (a vector database) needs neither.
+
+Nothing here names SQLite or FAISS: ids, vectors (`Embedding`), items and counts only. The dataclasses
+below are what the roles take and return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence, Set
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from shared.types import Embedding, Filters, Hit, IndexInfo, Item, Metadata, ModelIdentity
+
+VectorIds = NDArray[np.int64]
+
+
+# -- what a micro-batch writes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """Index or update one item. `embedding=None` is a metadata-only update of an unchanged image."""
+
+    id: str
+    source: str
+    uri: str
+    sha256: str
+    metadata: Metadata
+    embedding: Embedding | None
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    id: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An item that could not be indexed. It is marked failed (an older good vector stays searchable)
+    and a dead letter keeps the raw event or path and the reason."""
+
+    source: str
+    payload: str
+    reason: str
+    id: str | None = None
+    uri: str | None = None
+    tries: int = 1
+
+
+@dataclass
+class ApplyResult:
+    indexed: int = 0
+    updated: int = 0  # metadata-only
+    deleted: int = 0
+    failed: int = 0
+    vector_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What the resolver needs to know about an item already stored."""
+
+    sha256: str | None
+    version: int | None
+    status: str
+    has_vector: bool
+
+
+class Writer(Protocol):
+    """The indexer's door to the store: one writer per store at a time."""
+
+    def bind_model(self, identity: ModelIdentity) -> None:
+        """Record the model on first use; raise ModelMismatchError for any other model afterwards."""
+        ...
+
+    def states(self, ids: Sequence[str]) -> dict[str, StoredState]:
+        """What is stored for these item ids (absent ids are not in the result)."""
+        ...
+
+    def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
+        """Stored embeddings of these contents: a renamed or copied image needs no model call."""
+        ...
+
+    def apply(
+        self, upserts: Sequence[Upsert] = (), deletes: Sequence[Delete] = (), failures: Sequence[Failure] = ()
+    ) -> ApplyResult:
+        """Write one micro-batch atomically: all of it is durable when this returns, or none of it
+        (StoreError). Replacing an item's vector and deleting an item take the old vector out of search."""
+        ...
+
+
+# -- the catalog: items, dead letters, counts -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    source: str
+    item_id: str | None
+    payload: str
+    reason: str
+    tries: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counts and the state of the stored index. A backend without main generations or a delta (one
+    that compacts by itself) reports 0 for them."""
+
+    items: int  # searchable
+    failed: int
+    vectors: int  # live
+    dead_letters: int
+    tombstones: int  # deleted or replaced vectors not yet purged
+    newest_indexed_at: datetime | None
+    last_compaction_at: datetime | None
+    generation: int  # of the main index (0: none yet)
+    delta_size: int  # live vectors not yet compacted into main
+    delta_age_s: float | None  # how old the oldest of them is
+    changes: int  # a counter that grows with every write
+
+
+class Catalog(Protocol):
+    """Items, dead letters and counts: what status, item lookups and a folder's reconciliation read."""
+
+    def model_identity(self) -> ModelIdentity | None:
+        """The model the store was built with; None before the first write."""
+        ...
+
+    def get_item(self, item_id: str) -> Item | None: ...
+
+    def items(self, source: str | None = None, prefix: str = "") -> list[Item]:
+        """Every item (of one source, with ids starting with `prefix`), by id."""
+        ...
+
+    def item_ids(self, source: str | None = None, prefix: str = "") -> dict[str, str | None]:
+        """id → content hash of the items of one source whose ids start with `prefix`."""
+        ...
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest first."""
+        ...
+
+    def delete_dead_letters(self, ids: Sequence[int]) -> int: ...
+
+    def stats(self) -> StoreStats:
+        """Counts over the whole store: not for every query (a quarter of a second at 100k vectors)."""
+        ...
+
+
+# -- the read side: searching vectors -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearcherState:
+    """What one search process holds, for status and metrics."""
+
+    vectors: int  # searchable vectors
+    delta_size: int  # of them, not yet in a main index (0 where the backend has none)
+    generation: int  # the main index generation searched (0 where the backend has none)
+    pending_changes: int  # store changes this process has not picked up yet
+    refreshed_at: float  # time.time() of the last refresh; 0.0: never
+
+
+class VectorSearch(Protocol):
+    """The read side's door to the vectors. A backend that filters inside its own search (a vector
+    database) pushes `filters` and `exclude` down; results must be the same either way."""
+
+    def search(
+        self,
+        query: Embedding,
+        top_k: int,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+        exclude: Set[str] = frozenset(),
+    ) -> list[Hit]:
+        """The top_k live items by cosine similarity to `query` that pass `filters`, best first; none
+        scoring below `min_score`, none whose id is in `exclude`."""
+        ...
+
+    def item_vector(self, item_id: str) -> Embedding | None:
+        """The stored vector of a searchable item (find-similar by id needs no model call)."""
+        ...
+
+    def info(self) -> IndexInfo:
+        """Size and freshness, attached to every result: cheap."""
+        ...
+
+    def state(self) -> SearcherState: ...
+
+    def refresh(self) -> None:
+        """Catch up with the store's writes (a no-op where the backend searches the store itself)."""
+        ...
+
+
+# -- the SQLite backend's seams: the change feed and compaction --------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    generation: int  # 0: no main index yet
+    high_water: int  # highest vector_id contained in main
+    main_seq: int  # the change counter when main was built
+    seq: int  # the change counter now
+
+
+@dataclass(frozen=True)
+class Changes:
+    seq: int
+    added_ids: VectorIds
+    added: Embedding
+    tombstoned_ids: VectorIds
+
+
+class ChangeFeed(Protocol):
+    """What a search process's own index refreshes from: vectors by id (int64, growing), a change counter
+    bumped by every insert and tombstone, and the main index generation to load. The ids it hands out
+    resolve back to items here too."""
+
+    def index_meta(self) -> IndexMeta: ...
+
+    def changes_since(self, seq: int) -> Changes:
+        """Vectors added and tombstoned after `seq`, read in one snapshot."""
+        ...
+
+    def live_vectors(
+        self, *, above: int = 0, upto: int | None = None, chunk: int = 50_000
+    ) -> Iterator[tuple[VectorIds, Embedding]]:
+        """(ids, embeddings) of live vectors with above < id <= upto, in chunks, by id."""
+        ...
+
+    def tombstoned_ids(self, *, upto: int, after_seq: int = 0) -> VectorIds: ...
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Reads inside the block see one consistent state of the store."""
+        ...
+
+    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
+        """Live items by their current vector id; a tombstoned vector has none."""
+        ...
+
+    def item_vector(self, item_id: str) -> tuple[int, Embedding] | None: ...
+
+    def newest_indexed_at(self) -> datetime | None:
+        """When the newest vector was written; cheap at any size."""
+        ...
+
+
+class CompactionLedger(ChangeFeed, Protocol):
+    """What compaction reads and records: the delta's size and age, and the main generation in force."""
+
+    def delta_size(self, high_water: int) -> int: ...
+
+    def tombstone_count(self, *, upto: int, after_seq: int) -> int:
+        """Vectors up to `upto` tombstoned after `after_seq`: the deleted vectors a main index still holds."""
+        ...
+
+    def oldest_uncompacted_age_s(self, high_water: int) -> float | None: ...
+
+    def snapshot_for_compaction(self) -> tuple[int, int]:
+        """(highest vector id, change counter) at one instant."""
+        ...
+
+    def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
+        """Point readers at a new main index; purge the tombstones it no longer holds; return how many."""
+        ...
