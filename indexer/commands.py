@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer import service
-from indexer.compaction import compact, needs_compaction
+from indexer.compaction import Compactor
 from indexer.events import parse_event
 from indexer.progress import ProgressBar
 from indexer.records import Record
@@ -30,7 +30,6 @@ from shared.config import Settings
 from shared.errors import InvalidEvent
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
-from shared.sqlite.index import IndexParams
 from shared.status import read_status
 from shared.stores import open_catalog, open_writer
 
@@ -211,7 +210,6 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.db_path.exists():
         print(f"nothing to compact: no store in {settings.data_dir}")
         return 0
-    params = IndexParams.from_settings(settings)
     with open_writer(settings, None) as store:
         identity = store.catalog.model_identity()
         if identity is None:
@@ -220,10 +218,11 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
         if store.compaction is None:
             print("nothing to compact: this store compacts by itself")
             return 0
-        if args.if_needed and not needs_compaction(store.compaction, params):
+        compactor = Compactor.from_settings(store.compaction, settings, identity.dim)
+        result = compactor.compact_if_needed() if args.if_needed else compactor.compact()
+        if result is None:
             print("no threshold passed; not compacting")
             return 0
-        result = compact(store.compaction, params, identity.dim, settings.index_dir)
     print(
         f"compacted: main generation {result.generation}, {result.vectors} vectors ({result.kind}"
         f"{', rebuilt' if result.rebuilt else ''}), {result.purged} deleted vectors purged, {result.seconds:.2f} s"

@@ -164,6 +164,10 @@ class Compactor:
         """Blocking: compact when a threshold is passed."""
         if not needs_compaction(self.ledger, self.params):
             return None
+        return self.compact()
+
+    def compact(self) -> CompactionResult:
+        """Blocking: compact now."""
         result = compact(self.ledger, self.params, self.dim, self.index_dir)
         self.compactions += 1
         return result
