@@ -1,8 +1,13 @@
-"""Fixtures shared by every tier: a clean environment, a tiny random-weight CLIP, settings in tmp_path."""
+"""Fixtures shared by every tier: a clean environment, a tiny random-weight CLIP, settings in tmp_path,
+and (for the integration and e2e tiers) a Kafka-protocol broker: one tansu process per session on a
+loopback port, or the external broker named by CLIPDEX_TEST_KAFKA_BOOTSTRAP, with a fresh topic for
+every test."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +16,7 @@ import pytest
 from clipdex import demo
 from shared.config import Settings, load_settings
 from shared.embedder import Embedder, ModelSpec
+from tests.brokers import EXTERNAL_BOOTSTRAP, TansuBroker, create_topic, unique_topic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_CONFIGS = FIXTURES / "configs"
@@ -52,6 +58,11 @@ def tiny_embedder() -> Iterator[Embedder]:
     embedder.close()
 
 
+def clipdex_command() -> list[str]:
+    """`python -m clipdex`: the code under test, whichever clipdex the environment's script points to."""
+    return [sys.executable, "-m", "clipdex"]
+
+
 def tiny_env(data_dir: Path) -> dict[str, str]:
     """Environment for a clipdex subprocess that uses the tiny model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")}
@@ -65,3 +76,23 @@ def tiny_env(data_dir: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    if EXTERNAL_BOOTSTRAP:
+        yield EXTERNAL_BOOTSTRAP
+        return
+    broker = TansuBroker()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.close()
+
+
+@pytest.fixture
+def kafka_topic(kafka_bootstrap: str) -> str:
+    """A new topic with 3 partitions."""
+    topic = unique_topic()
+    asyncio.run(create_topic(kafka_bootstrap, topic, partitions=3))
+    return topic

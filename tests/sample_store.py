@@ -1,12 +1,10 @@
-"""Helpers for the read-side tests (no tests here): a store filled with a few real images (embedded by
-the tiny model) and many synthetic items, the way an indexer would have written it."""
+"""A sample store for the read-side tests: a few real images (embedded by the tiny model) and many
+synthetic items, written the way an indexer would have written them."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +39,7 @@ def sha(data: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class Catalog:
+class Sample:
     """What `fill_store` wrote: the ids by kind, and the folder of image files."""
 
     root: Path
@@ -55,7 +53,7 @@ class Catalog:
         return len(self.image_ids) + len(self.synthetic_ids) + 1  # + the nested image
 
 
-def fill_store(store: Writer, embedder: Embedder, root: Path, *, seed: int = 0) -> Catalog:
+def fill_store(store: Writer, embedder: Embedder, root: Path, *, seed: int = 0) -> Sample:
     """Three coloured images and a nested one under `root` (real embeddings), N_SYNTHETIC catalog items
     with random vectors and URL uris, and one failed item with a dead letter."""
     store.bind_model(embedder.identity)
@@ -84,10 +82,10 @@ def fill_store(store: Writer, embedder: Embedder, root: Path, *, seed: int = 0) 
         ups.append(Upsert(item_id, "kafka", uri, f"{i:064x}", meta, vecs[i]))
     failure = Failure("kafka", '{"op": "upsert", "id": "bad"}', "not an image (unrecognised format)", id="kafka:bad")
     store.apply(upserts=ups, failures=[failure])
-    return Catalog(root, image_ids, synthetic, "kafka:bad", "folder:sub/dir/x.png")
+    return Sample(root, image_ids, synthetic, "kafka:bad", "folder:sub/dir/x.png")
 
 
-def fill_data_dir(settings: Settings, embedder: Embedder, root: Path) -> Catalog:
+def fill_data_dir(settings: Settings, embedder: Embedder, root: Path) -> Sample:
     """`fill_store` through the store of `settings` opened as a writer, as an indexer opens it."""
     with open_writer(settings, embedder.identity) as store:
         return fill_store(store.writer, embedder, root)
@@ -104,14 +102,3 @@ def add_items(store: Writer, ids: list[str], vectors: Embedding, metadata: dict[
 
 def delete_items(store: Writer, ids: list[str]) -> None:
     store.apply(deletes=[Delete(i) for i in ids])
-
-
-def clipdex_command() -> list[str]:
-    """`python -m clipdex`: the code under test, whichever clipdex the environment's script points to."""
-    return [sys.executable, "-m", "clipdex"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -26,9 +26,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from clipdex import synthetic
-from tests.brokers import publish, stop_process
-from tests.conftest import SHAPES_MODELS
-from tests.unit.test_tools_fixtures import clipdex_command, free_port
+from tests.brokers import free_port, publish, stop_process
+from tests.conftest import SHAPES_MODELS, clipdex_command
 
 pytestmark = pytest.mark.e2e
 

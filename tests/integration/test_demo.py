@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import tiny_env
-from tests.unit.test_tools_fixtures import clipdex_command, free_port
+from tests.brokers import free_port
+from tests.conftest import clipdex_command, tiny_env
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ from mcp.client.stdio import StdioServerParameters
 
 from shared.embedder import Embedder
 from shared.sqlite.store import SqliteStore
-from tests.conftest import tiny_env
-from tests.unit.test_tools_fixtures import clipdex_command, fill_store
+from tests.conftest import clipdex_command, tiny_env
+from tests.sample_store import fill_store
 
 pytestmark = pytest.mark.integration
 

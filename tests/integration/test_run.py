@@ -20,8 +20,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from clipdex import synthetic
-from tests.conftest import tiny_env
-from tests.unit.test_tools_fixtures import clipdex_command, free_port
+from tests.brokers import free_port
+from tests.conftest import clipdex_command, tiny_env
 
 pytestmark = pytest.mark.integration
 

@@ -25,19 +25,9 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.sqlite.index import IndexParams
 from shared.sqlite.store import SqliteStore
-from tests.brokers import stop_process
-from tests.conftest import tiny_env, tiny_settings_for
-from tests.unit.test_tools_fixtures import (
-    COLOURS,
-    Catalog,
-    add_items,
-    clipdex_command,
-    delete_items,
-    fill_store,
-    free_port,
-    png_bytes,
-    unit_vectors,
-)
+from tests.brokers import free_port, stop_process
+from tests.conftest import clipdex_command, tiny_env, tiny_settings_for
+from tests.sample_store import COLOURS, Sample, add_items, delete_items, fill_store, png_bytes, unit_vectors
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +39,7 @@ MAX_UPLOAD = 256 * 1024
 @dataclass
 class Served:
     url: str
-    catalog: Catalog
+    catalog: Sample
     settings: Settings  # the same data dir as the server's, for writing to its store from this process
     log: Path
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from indexer.events import Event
-from indexer.pipeline import Pipeline, PipelineOptions
+from indexer.pipeline import Pipeline, PipelineOptions, embed_batch_for
 from indexer.records import Record
 from shared.embedder import Embedder
 from shared.errors import FetchFailed, SourceNotFound, StoreError
@@ -90,6 +90,13 @@ def put(root: Path, name: str, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return str(path)
+
+
+def test_the_cpu_embeds_whole_micro_batches_and_a_gpu_overlaps_quarters() -> None:
+    assert embed_batch_for(64, "cpu") == 64  # a CPU model is much slower in small batches
+    assert embed_batch_for(256, "cuda") == 64  # the GPU encodes a quarter while the CPU decodes the next
+    assert embed_batch_for(64, "cuda") == 32
+    assert embed_batch_for(8, "cuda") == 8
 
 
 # -- indexing and the resolve rules -------------------------------------------------------------------------

@@ -1,22 +1,12 @@
-"""The pipeline's stages on their own: resolve's rules as pure functions, and decoding overlapped with the
-model within a bounded window."""
+"""Resolve's rules as pure functions: what a micro-batch asks of the store, before and after reading."""
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
-import pytest
-import torch
 
-from indexer.decode import decode_pool
-from indexer.embed import decode_and_embed
 from indexer.events import Event
-from indexer.pipeline import embed_batch_for
 from indexer.records import Record
 from indexer.resolve import Fetched, Work, classify, pending_ids, plan
-from shared.errors import ImageRejected
 from shared.roles import StoredState
 
 
@@ -74,62 +64,3 @@ def test_classify_by_content_hash() -> None:
     assert [f.work.item_id for f, _ in out.reused] == ["kafka:renamed"]
     assert [f.work.item_id for f in out.to_embed] == ["kafka:failed-before", "kafka:new"]
     assert [f.work.item_id for f in out.copies] == ["kafka:copy-of-new"]
-
-
-async def test_decoding_overlaps_the_model_and_stays_within_its_window() -> None:
-    sub_batch, window = 4, 8
-    second_batch_decoding = threading.Event()
-    lock = threading.Lock()
-    decoded: list[int] = []
-    encoded = 0
-    ahead: list[int] = []
-    overlapped: list[bool] = []
-
-    def decode(data: bytes) -> torch.Tensor:
-        i = data[0]
-        if i >= sub_batch:
-            second_batch_decoding.set()
-        with lock:
-            decoded.append(i)
-            ahead.append(len(decoded) - encoded)
-        if i == 5:
-            raise ImageRejected("not an image")
-        return torch.full((3,), float(i))
-
-    def encode(batch: torch.Tensor) -> np.ndarray:
-        nonlocal encoded
-        if not overlapped:  # the first call waits for the pool to start on the next sub-batch
-            overlapped.append(second_batch_decoding.wait(timeout=10))
-        with lock:
-            encoded += len(batch)
-        return batch.numpy().astype(np.float32)
-
-    items = [(i, bytes([i])) for i in range(14)]
-    with ThreadPoolExecutor(2) as decode_pool, ThreadPoolExecutor(1) as model_pool:
-        out = await decode_and_embed(
-            items, decode, encode, decode_pool=decode_pool, model_pool=model_pool, sub_batch=sub_batch, window=window
-        )
-    assert overlapped == [True]
-    assert max(ahead) <= window + sub_batch  # bounded: never the whole batch decoded ahead of the model
-    assert sorted(out.vectors) == [i for i in range(14) if i != 5]
-    assert all(out.vectors[i][0] == i for i in out.vectors)
-    assert list(out.failures) == [5] and "not an image" in str(out.failures[5])
-    assert out.model_calls == 4
-
-
-def test_the_cpu_embeds_whole_micro_batches_and_a_gpu_overlaps_quarters() -> None:
-    assert embed_batch_for(64, "cpu") == 64  # a CPU model is much slower in small batches
-    assert embed_batch_for(256, "cuda") == 64  # the GPU encodes a quarter while the CPU decodes the next
-    assert embed_batch_for(64, "cuda") == 32
-    assert embed_batch_for(8, "cuda") == 8
-
-
-def test_decode_threads_run_torch_on_one_core_and_leave_the_model_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    def process_wide(n: int) -> None:
-        raise AssertionError("torch.set_num_threads halves the model's speed in the other threads")
-
-    before = torch.get_num_threads()
-    monkeypatch.setattr(torch, "set_num_threads", process_wide)
-    with decode_pool(2) as pool:
-        assert set(pool.map(lambda _: torch.get_num_threads(), range(8))) == {1}
-    assert torch.get_num_threads() == before

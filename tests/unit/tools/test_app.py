@@ -14,7 +14,7 @@ from shared.core import Core, build_core
 from shared.embedder import Embedder
 from shared.errors import ConfigError
 from tests.conftest import tiny_settings_for
-from tests.unit.test_tools_fixtures import Catalog, fill_data_dir
+from tests.sample_store import Sample, fill_data_dir
 from tools.app import serve_http
 
 
@@ -28,7 +28,7 @@ def core(tmp_path: Path, tiny_embedder: Embedder) -> Iterator[Core]:
 
 async def test_serve_http_listens_until_stopped(core: Core, tmp_path: Path, tiny_embedder: Embedder) -> None:
     watched = tmp_path / "watched"
-    catalog: Catalog = fill_data_dir(core.settings, tiny_embedder, watched)
+    catalog: Sample = fill_data_dir(core.settings, tiny_embedder, watched)
     core.vectors.refresh()
     # the watched folder is not in CLIPDEX_ALLOWED_ROOTS: thumbnails work through extra_roots
     stop, ready = asyncio.Event(), asyncio.Event()

@@ -11,11 +11,11 @@ from clipdex import cli
 from shared.embedder import Embedder
 from shared.sqlite.store import SqliteStore
 from tests.conftest import tiny_env
-from tests.unit.test_tools_fixtures import Catalog, fill_store
+from tests.sample_store import Sample, fill_store
 
 
 @pytest.fixture
-def catalog(tmp_path: Path, tiny_embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> Catalog:
+def catalog(tmp_path: Path, tiny_embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> Sample:
     data = tmp_path / "data"
     for name, value in tiny_env(data).items():
         if name.startswith("CLIPDEX_"):
@@ -25,7 +25,7 @@ def catalog(tmp_path: Path, tiny_embedder: Embedder, monkeypatch: pytest.MonkeyP
         return fill_store(store, tiny_embedder, tmp_path / "images")
 
 
-def test_search_json_prints_id_uri_score_metadata(catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:
+def test_search_json_prints_id_uri_score_metadata(catalog: Sample, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["search", "a red square", "--top-k", "4", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 4
@@ -33,7 +33,7 @@ def test_search_json_prints_id_uri_score_metadata(catalog: Catalog, capsys: pyte
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
-def test_search_filters_and_plain_output(catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:
+def test_search_filters_and_plain_output(catalog: Sample, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["search", "x", "--top-k", "100", "--filter", "category=shoes", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert hits and all(h["metadata"]["category"] == "shoes" for h in hits)
@@ -42,7 +42,7 @@ def test_search_filters_and_plain_output(catalog: Catalog, capsys: pytest.Captur
     assert len(lines) == 2 and all(line.split("\t")[1].startswith("folder:") for line in lines)
 
 
-def test_similar_by_id_and_by_image(catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:
+def test_similar_by_id_and_by_image(catalog: Sample, capsys: pytest.CaptureFixture[str]) -> None:
     target = catalog.image_ids["green"]
     assert cli.main(["similar", "--id", target, "--top-k", "100", "--json"]) == 0
     ids = [h["id"] for h in json.loads(capsys.readouterr().out)]
@@ -51,7 +51,7 @@ def test_similar_by_id_and_by_image(catalog: Catalog, capsys: pytest.CaptureFixt
     assert capsys.readouterr().out.split("\t")[1] == target
 
 
-def test_errors_exit_2_with_the_reason(catalog: Catalog, capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_exit_2_with_the_reason(catalog: Sample, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["similar", "--id", "kafka:nope"]) == 2
     assert "no item with id 'kafka:nope'" in capsys.readouterr().err
     assert cli.main(["search", "x", "--top-k", "0"]) == 2

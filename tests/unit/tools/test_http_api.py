@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from shared.core import Core, build_core
 from shared.embedder import Embedder
 from tests.conftest import tiny_settings_for
-from tests.unit.test_tools_fixtures import COLOURS, Catalog, fill_data_dir, png_bytes
+from tests.sample_store import COLOURS, Sample, fill_data_dir, png_bytes
 from tools.app import build_app
 
 BASE = "http://127.0.0.1:8765"
@@ -24,7 +24,7 @@ RED = png_bytes(COLOURS["red"])
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Catalog]]:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Sample]]:
     base = tmp_path_factory.mktemp("http")
     settings = tiny_settings_for(base / "data", allowed_roots=[str(base / "images")], max_upload_bytes=MAX_UPLOAD)
     catalog = fill_data_dir(settings, tiny_embedder, base / "images")
@@ -34,7 +34,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> 
 
 
 @pytest.fixture
-def catalog(world: tuple[Core, Catalog]) -> Catalog:
+def catalog(world: tuple[Core, Sample]) -> Sample:
     return world[1]
 
 
@@ -47,7 +47,7 @@ def client_for(core: Core, **overrides: Any) -> httpx.AsyncClient:
 
 
 @pytest.fixture
-async def client(world: tuple[Core, Catalog]) -> AsyncIterator[httpx.AsyncClient]:
+async def client(world: tuple[Core, Sample]) -> AsyncIterator[httpx.AsyncClient]:
     async with client_for(world[0]) as c:
         yield c
 
@@ -63,7 +63,7 @@ def assert_error(response: httpx.Response, status: int, *words: str) -> None:
 # -- /search -----------------------------------------------------------------------------------------------
 
 
-async def test_search_returns_hits_and_index_info(client: httpx.AsyncClient, catalog: Catalog) -> None:
+async def test_search_returns_hits_and_index_info(client: httpx.AsyncClient, catalog: Sample) -> None:
     response = await client.get("/search", params={"query": "a red square", "top_k": 5})
     assert response.status_code == 200
     body = response.json()
@@ -108,7 +108,7 @@ async def test_search_bad_input_gets_400_saying_what_to_fix(
 # -- /similar ----------------------------------------------------------------------------------------------
 
 
-async def test_similar_by_id_leaves_the_item_out(client: httpx.AsyncClient, catalog: Catalog) -> None:
+async def test_similar_by_id_leaves_the_item_out(client: httpx.AsyncClient, catalog: Sample) -> None:
     target = catalog.image_ids["blue"]
     body = (await client.get("/similar", params={"id": target, "top_k": 100})).json()
     ids = [h["id"] for h in body["hits"]]
@@ -121,7 +121,7 @@ async def test_similar_by_id_errors(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/similar", params={"id": "folder:red.png", "top_k": "0"}), 400, "top_k")
 
 
-async def test_similar_by_upload_finds_the_same_image(client: httpx.AsyncClient, catalog: Catalog) -> None:
+async def test_similar_by_upload_finds_the_same_image(client: httpx.AsyncClient, catalog: Sample) -> None:
     multipart = await client.post("/similar", files={"file": ("red.png", RED, "image/png")}, params={"top_k": 3})
     assert multipart.status_code == 200, multipart.text
     assert multipart.json()["hits"][0]["id"] == catalog.image_ids["red"]
@@ -157,7 +157,7 @@ async def test_a_streamed_upload_is_cut_off_at_the_limit(client: httpx.AsyncClie
 # -- /items ------------------------------------------------------------------------------------------------
 
 
-async def test_item_and_its_thumbnail(client: httpx.AsyncClient, catalog: Catalog) -> None:
+async def test_item_and_its_thumbnail(client: httpx.AsyncClient, catalog: Sample) -> None:
     item = await client.get(f"/items/{catalog.image_ids['red']}")
     assert item.status_code == 200
     assert item.json()["metadata"] == {"colour": "red", "year": 2021}
@@ -169,7 +169,7 @@ async def test_item_and_its_thumbnail(client: httpx.AsyncClient, catalog: Catalo
     assert img.format == "JPEG" and max(img.size) <= 256
 
 
-async def test_item_errors(client: httpx.AsyncClient, catalog: Catalog) -> None:
+async def test_item_errors(client: httpx.AsyncClient, catalog: Sample) -> None:
     assert_error(await client.get("/items/kafka:nope"), 404, "no item with id 'kafka:nope'")
     assert_error(await client.get("/items/kafka:nope/thumbnail"), 404, "no item")
     remote = await client.get(f"/items/{catalog.synthetic_ids[0]}/thumbnail")
@@ -181,7 +181,7 @@ async def test_item_errors(client: httpx.AsyncClient, catalog: Catalog) -> None:
 # -- operations --------------------------------------------------------------------------------------------
 
 
-async def test_health_metrics_and_docs(client: httpx.AsyncClient, catalog: Catalog) -> None:
+async def test_health_metrics_and_docs(client: httpx.AsyncClient, catalog: Sample) -> None:
     health = (await client.get("/health")).json()
     assert health["status"] == "ok" and health["items"] == catalog.searchable
     await client.get("/search", params={"query": "metrics please"})
@@ -209,7 +209,7 @@ async def test_unknown_routes_and_methods_get_json_errors(client: httpx.AsyncCli
 # -- the gate ----------------------------------------------------------------------------------------------
 
 
-async def test_with_a_token_every_route_but_health_needs_it(world: tuple[Core, Catalog]) -> None:
+async def test_with_a_token_every_route_but_health_needs_it(world: tuple[Core, Sample]) -> None:
     async with client_for(world[0], api_token="s3cret") as c:
         missing = await c.get("/search", params={"query": "x"})
         assert_error(missing, 401, "Authorization: Bearer")
@@ -222,7 +222,7 @@ async def test_with_a_token_every_route_but_health_needs_it(world: tuple[Core, C
         assert (await c.get("/openapi.json")).json()["security"] == [{"bearer": []}]
 
 
-async def test_foreign_host_and_origin_headers_are_refused(world: tuple[Core, Catalog]) -> None:
+async def test_foreign_host_and_origin_headers_are_refused(world: tuple[Core, Sample]) -> None:
     async with client_for(world[0], allowed_hosts=["search.example.com"]) as c:
         assert_error(await c.get("/search", params={"query": "x"}, headers={"host": "evil.example"}), 421, "Host")
         assert_error(await c.post("/mcp", headers={"host": "evil.example:8765"}, json={}), 421)
@@ -235,7 +235,7 @@ async def test_foreign_host_and_origin_headers_are_refused(world: tuple[Core, Ca
         assert same_origin.status_code == 200
 
 
-async def test_the_token_is_checked_before_the_body_limit(world: tuple[Core, Catalog]) -> None:
+async def test_the_token_is_checked_before_the_body_limit(world: tuple[Core, Sample]) -> None:
     async with client_for(world[0], api_token="s3cret") as c:
         big = b"\0" * (MAX_UPLOAD + 10)
         no_token = await c.post("/similar", content=big, headers={"content-type": "image/png"})

@@ -19,8 +19,9 @@ from PIL import Image
 from shared.core import Core, build_core
 from shared.embedder import Embedder
 from shared.fetch import FetchPolicy
+from shared.heartbeat import Heartbeat
 from tests.conftest import tiny_settings_for
-from tests.unit.test_tools_fixtures import COLOURS, Catalog, fill_data_dir, png_bytes
+from tests.sample_store import COLOURS, Sample, fill_data_dir, png_bytes
 from tools.mcp_server import MAX_IMAGES, build_mcp_server
 from tools.metrics import Metrics
 from tools.queries import Queries
@@ -60,7 +61,7 @@ def image_host() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Catalog]]:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Sample]]:
     base = tmp_path_factory.mktemp("mcp")
     settings = tiny_settings_for(
         base / "data",
@@ -76,13 +77,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> 
 
 
 @pytest.fixture
-def server(world: tuple[Core, Catalog]) -> Any:
+def server(world: tuple[Core, Sample]) -> Any:
     core, _ = world
     return build_mcp_server(Queries(core, FetchPolicy.from_settings(core.settings), Metrics()))
 
 
 @pytest.fixture
-def catalog(world: tuple[Core, Catalog]) -> Catalog:
+def catalog(world: tuple[Core, Sample]) -> Sample:
     return world[1]
 
 
@@ -126,7 +127,7 @@ async def test_tools_are_listed_read_only_with_docs_and_output_schemas(server: A
 # -- search ----------------------------------------------------------------------------------------------
 
 
-async def test_search_returns_top_k_hits_best_first_with_index_info(server: Any, catalog: Catalog) -> None:
+async def test_search_returns_top_k_hits_best_first_with_index_info(server: Any, catalog: Sample) -> None:
     result = await call(server, "search", query="a red square", top_k=7)
     out = result.structured_content
     assert out is not None
@@ -140,7 +141,7 @@ async def test_search_returns_top_k_hits_best_first_with_index_info(server: Any,
     assert not any(isinstance(c, ImageContent) for c in result.content)
 
 
-async def test_search_filters_on_metadata_and_source(server: Any, catalog: Catalog) -> None:
+async def test_search_filters_on_metadata_and_source(server: Any, catalog: Sample) -> None:
     shoes = await call(server, "search", query="anything", top_k=100, filters={"metadata": {"category": "shoes"}})
     hits = shoes.structured_content["hits"]  # type: ignore[index]
     assert len(hits) == len(catalog.synthetic_ids) // 2
@@ -161,7 +162,7 @@ async def test_search_min_score_drops_weaker_hits(server: Any) -> None:
     assert 0 < len(kept) < len(scores) and min(kept) >= cut
 
 
-async def test_search_with_images_returns_jpeg_thumbnails_of_at_most_256_px(server: Any, catalog: Catalog) -> None:
+async def test_search_with_images_returns_jpeg_thumbnails_of_at_most_256_px(server: Any, catalog: Sample) -> None:
     result = await call(server, "search", query="colours", top_k=5, filters={"source": "folder"}, include_images=True)
     images = [c for c in result.content if isinstance(c, ImageContent)]
     assert len(images) == len(catalog.image_ids) + 1
@@ -206,7 +207,7 @@ async def test_search_errors_say_what_to_fix(server: Any, arguments: dict[str, A
 # -- find_similar ----------------------------------------------------------------------------------------
 
 
-async def test_find_similar_by_id_leaves_the_item_out(server: Any, catalog: Catalog) -> None:
+async def test_find_similar_by_id_leaves_the_item_out(server: Any, catalog: Sample) -> None:
     target = catalog.image_ids["red"]
     result = await call(server, "find_similar", item_id=target, top_k=100)
     ids = hit_ids(result)
@@ -215,7 +216,7 @@ async def test_find_similar_by_id_leaves_the_item_out(server: Any, catalog: Cata
 
 
 async def test_find_similar_by_id_ranks_the_nearest_stored_vector_first(
-    server: Any, world: tuple[Core, Catalog]
+    server: Any, world: tuple[Core, Sample]
 ) -> None:
     core, catalog = world
     stored = core.vectors.item_vector(catalog.synthetic_ids[3])
@@ -227,7 +228,7 @@ async def test_find_similar_by_id_ranks_the_nearest_stored_vector_first(
     assert hit_ids(result)[0] == nearest
 
 
-async def test_find_similar_by_image_base64_finds_the_same_image(server: Any, catalog: Catalog) -> None:
+async def test_find_similar_by_image_base64_finds_the_same_image(server: Any, catalog: Sample) -> None:
     b64 = base64.b64encode(RED).decode()
     for value in (b64, f"data:image/png;base64,{b64}"):
         result = await call(server, "find_similar", image_base64=value, top_k=3)
@@ -235,20 +236,20 @@ async def test_find_similar_by_image_base64_finds_the_same_image(server: Any, ca
         assert result.structured_content["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # type: ignore[index]
 
 
-async def test_find_similar_by_path_under_an_allowed_root(server: Any, catalog: Catalog) -> None:
+async def test_find_similar_by_path_under_an_allowed_root(server: Any, catalog: Sample) -> None:
     result = await call(server, "find_similar", path=str(catalog.root / "red.png"), top_k=3)
     assert hit_ids(result)[0] == catalog.image_ids["red"]
     relative = await call(server, "find_similar", path="blue.png", top_k=3)
     assert hit_ids(relative)[0] == catalog.image_ids["blue"]
 
 
-async def test_find_similar_by_url_on_an_allowed_host(server: Any, catalog: Catalog, image_host: str) -> None:
+async def test_find_similar_by_url_on_an_allowed_host(server: Any, catalog: Sample, image_host: str) -> None:
     result = await call(server, "find_similar", url=f"{image_host}/red.png", top_k=3, include_images=True)
     assert hit_ids(result)[0] == catalog.image_ids["red"]
     assert any(isinstance(c, ImageContent) for c in result.content)
 
 
-async def test_find_similar_refuses_paths_outside_the_roots(server: Any, catalog: Catalog, tmp_path: Path) -> None:
+async def test_find_similar_refuses_paths_outside_the_roots(server: Any, catalog: Sample, tmp_path: Path) -> None:
     outside = tmp_path / "outside.png"
     outside.write_bytes(RED)
     assert "outside the allowed roots" in error_text(await call(server, "find_similar", path=str(outside)))
@@ -292,7 +293,7 @@ async def test_find_similar_errors_say_what_to_fix(server: Any, arguments: dict[
     assert expected in error_text(await call(server, "find_similar", **arguments))
 
 
-async def test_url_fetching_is_off_without_an_allowlist(world: tuple[Core, Catalog], image_host: str) -> None:
+async def test_url_fetching_is_off_without_an_allowlist(world: tuple[Core, Sample], image_host: str) -> None:
     core, _ = world
     policy = FetchPolicy(roots=(), hosts=frozenset(), max_bytes=20_000)
     server = build_mcp_server(Queries(core, policy, Metrics()))
@@ -304,7 +305,7 @@ async def test_url_fetching_is_off_without_an_allowlist(world: tuple[Core, Catal
 # -- get_item and index_status ---------------------------------------------------------------------------
 
 
-async def test_get_item_shows_metadata_status_and_uri(server: Any, catalog: Catalog) -> None:
+async def test_get_item_shows_metadata_status_and_uri(server: Any, catalog: Sample) -> None:
     result = await call(server, "get_item", item_id=catalog.image_ids["green"])
     item = result.structured_content
     assert item is not None
@@ -315,7 +316,7 @@ async def test_get_item_shows_metadata_status_and_uri(server: Any, catalog: Cata
     assert nested.structured_content["id"] == catalog.nested_id  # type: ignore[index]
 
 
-async def test_get_item_explains_a_failed_item_and_refuses_an_unknown_one(server: Any, catalog: Catalog) -> None:
+async def test_get_item_explains_a_failed_item_and_refuses_an_unknown_one(server: Any, catalog: Sample) -> None:
     failed = (await call(server, "get_item", item_id=catalog.failed_id)).structured_content
     assert failed is not None
     assert failed["status"] == "failed" and failed["searchable"] is False
@@ -323,7 +324,7 @@ async def test_get_item_explains_a_failed_item_and_refuses_an_unknown_one(server
     assert "no item with id 'kafka:missing'" in error_text(await call(server, "get_item", item_id="kafka:missing"))
 
 
-async def test_index_status_reports_counts_model_and_lag(server: Any, catalog: Catalog) -> None:
+async def test_index_status_reports_counts_model_and_lag(server: Any, catalog: Sample) -> None:
     status = (await call(server, "index_status")).structured_content
     assert status is not None
     assert status["items"] == catalog.searchable
@@ -333,3 +334,17 @@ async def test_index_status_reports_counts_model_and_lag(server: Any, catalog: C
     assert status["index_vectors"] == catalog.searchable
     assert status["generation"] == 0 and status["last_compaction_at"] is None
     assert status["pending_changes"] == 0
+    assert (status["lag_s"], status["pending"], status["indexers"]) == (None, 0, [])  # no indexer runs
+
+
+async def test_index_status_reports_the_lag_of_a_running_indexer(server: Any, world: tuple[Core, Sample]) -> None:
+    heartbeat = Heartbeat(world[0].settings.data_dir, "kafka", topic="events")
+    heartbeat.beat(pending=4, lag_s=1.25)
+    try:
+        status = (await call(server, "index_status")).structured_content
+    finally:
+        heartbeat.path.unlink()
+    assert status is not None
+    assert (status["lag_s"], status["pending"]) == (1.25, 4)
+    (indexer,) = status["indexers"]
+    assert (indexer["source"], indexer["state"], indexer["lag_s"], indexer["pending"]) == ("kafka", "running", 1.25, 4)

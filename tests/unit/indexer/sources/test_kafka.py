@@ -14,18 +14,15 @@ from clipdex.cli import main
 from indexer.records import FailedRecord, Record
 from indexer.sources.kafka import (
     Backoff,
-    DeadLetterMessage,
     KafkaSource,
     Message,
     dead_letters_for,
     next_offsets,
     to_record,
 )
-from indexer.sources.kafka_client import KafkaDeadLetters
 from indexer.testing import FakeSink, MemoryBroker, MemoryConsumer, MemoryDeadLetters
 from shared.errors import StoreError
 from shared.heartbeat import Heartbeat, read_heartbeats
-from tests.brokers import free_port
 
 FAST = Backoff(initial_s=0.001, max_s=0.005)
 
@@ -311,11 +308,3 @@ async def test_clipdex_status_hears_from_the_consumer_through_its_heartbeat(tmp_
     (state,) = read_heartbeats(tmp_path)
     assert state["source"] == "kafka" and state["topic"] == "events" and state["state"] == "stopped"
     assert state["last_batch"]["failed"] == 1 and state["pending"] == 0
-
-
-async def test_an_unreachable_dead_letter_topic_is_logged_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
-    letters = KafkaDeadLetters(f"127.0.0.1:{free_port()}", "events.dlq", timeout_s=2)
-    letter = DeadLetterMessage(b"k", b"{oops", "not JSON", "events", 0, 7)
-    await letters.publish([letter])  # nothing listens there
-    await letters.close()
-    assert "could not publish 1 dead letters to events.dlq" in caplog.text

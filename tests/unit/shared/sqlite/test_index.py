@@ -1,4 +1,5 @@
-"""The FAISS main + delta index against a brute-force oracle, on a real SQLite store and real FAISS files."""
+"""The FAISS main + delta index against a brute-force oracle, on a real SQLite store and real FAISS files,
+through writes, deletes and compactions."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
-import shared.index as index_module
 from faiss.contrib.datasets import SyntheticDataset
 
-from indexer.compaction import compact, needs_compaction
+import shared.sqlite.index as index_module
+from indexer.compaction import compact
 from shared.roles import Delete, Upsert
 from shared.sqlite.index import IndexParams, LiveIndex, main_path
 from shared.sqlite.store import SqliteStore
@@ -312,37 +313,6 @@ def test_a_missing_or_corrupt_main_is_rebuilt_from_the_store_with_a_warning(
     result = compact(store, p, DIM, tmp_path / "index")
     assert result.rebuilt and result.vectors == len(oracle.live)
     assert faiss.read_index(str(main_path(tmp_path / "index", 2))).ntotal == len(oracle.live)
-
-
-# -- compaction triggers ---------------------------------------------------------------------------------------
-
-
-def test_needs_compaction_by_delta_size_and_by_age(store: SqliteStore, tmp_path: Path) -> None:
-    rng = np.random.default_rng(5)
-    oracle = Oracle(store)
-    assert not needs_compaction(store, params(compact_delta_size=10))
-    oracle.put_many(unit_vectors(rng, 9))
-    assert not needs_compaction(store, params(compact_delta_size=10))
-    assert needs_compaction(store, params(compact_delta_size=10, compact_max_age_s=1e-6))
-    oracle.put_many(unit_vectors(rng, 1))
-    assert needs_compaction(store, params(compact_delta_size=10))
-    compact(store, params(), DIM, tmp_path / "index")
-    assert not needs_compaction(store, params(compact_delta_size=10, compact_max_age_s=1e-6))
-
-
-def test_deletes_alone_trigger_a_compaction(store: SqliteStore, tmp_path: Path) -> None:
-    """A catalog that only deletes adds nothing to the delta; its tombstones must still be purged."""
-    rng = np.random.default_rng(14)
-    oracle = Oracle(store)
-    oracle.put_many(unit_vectors(rng, 100), prefix="x")
-    compact(store, params(), DIM, tmp_path / "index")
-    oracle.delete(*sorted(oracle.live)[:9])
-    assert not needs_compaction(store, params(compact_delta_size=10))
-    oracle.delete(sorted(oracle.live)[0])
-    assert needs_compaction(store, params(compact_delta_size=10))
-    result = compact(store, params(), DIM, tmp_path / "index")
-    assert (result.purged, result.vectors) == (10, 90)
-    assert not needs_compaction(store, params(compact_delta_size=10))
 
 
 # -- threads ----------------------------------------------------------------------------------------------------
