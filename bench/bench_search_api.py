@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import socket
 import statistics
@@ -118,9 +117,10 @@ def server(data_dir: Path, port: int, log: Path) -> Iterator[str]:
         CLIPDEX_LOG_LEVEL="WARNING",
         HF_HUB_OFFLINE="1",
     )
-    clipdex = shutil.which("clipdex") or str(Path(sys.executable).with_name("clipdex"))
+    # `python -m clipdex`: the code on PYTHONPATH, whichever clipdex the environment's script was installed from
+    command = [sys.executable, "-m", "clipdex", "serve", "--port", str(port)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([clipdex, "serve", "--port", str(port)], env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
