@@ -211,22 +211,22 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
         print(f"nothing to compact: no store in {settings.data_dir}")
         return 0
     with open_writer(settings, None) as store:
-        identity = store.catalog.model_identity()
-        if identity is None:
+        if store.catalog.model_identity() is None:
             print("nothing to compact: the store holds no vectors yet")
             return 0
         if store.compaction is None:
             print("nothing to compact: this store compacts by itself")
             return 0
-        compactor = Compactor.from_settings(store.compaction, settings, identity.dim)
-        result = compactor.compact_if_needed() if args.if_needed else compactor.compact()
-        if result is None:
-            print("no threshold passed; not compacting")
-            return 0
-    print(
-        f"compacted: main generation {result.generation}, {result.vectors} vectors ({result.kind}"
-        f"{', rebuilt' if result.rebuilt else ''}), {result.purged} deleted vectors purged, {result.seconds:.2f} s"
-    )
+        compactor = Compactor.from_settings(store.compaction, settings, store.spaces)
+        store.spaces.drop_spaces(settings.reembed_grace_s)
+        results = compactor.compact_if_needed() if args.if_needed else compactor.compact()
+    if not results:
+        print("no threshold passed; not compacting")
+    for result in results:
+        print(
+            f"compacted: main generation {result.generation}, {result.vectors} vectors ({result.kind}"
+            f"{', rebuilt' if result.rebuilt else ''}), {result.purged} deleted vectors purged, {result.seconds:.2f} s"
+        )
     return 0
 
 

@@ -4,9 +4,10 @@ the SQLite backend; a backend that compacts by itself has no CompactionLedger an
     compact(): read the current main ─▶ drop its tombstones, add the delta (or rebuild from the store)
                ─▶ write main-<n+1>.faiss atomically ─▶ record generation n+1 (readers swap) ─▶ purge
 
-`Compactor` runs it on thresholds beside the indexer, off the event loop: every `check_interval_s` it asks
-the ledger whether the delta passed its size or age threshold (CLIPDEX_COMPACT_DELTA_SIZE,
-CLIPDEX_COMPACT_MAX_AGE_S) and, if so, compacts in a thread. Indexing goes on meanwhile; a failed
+Each embedding space has its own ledger and index folder. `Compactor` runs it on thresholds beside the
+indexer, off the event loop: every `check_interval_s` it asks each space's ledger whether the delta passed
+its size or age threshold (CLIPDEX_COMPACT_DELTA_SIZE, CLIPDEX_COMPACT_MAX_AGE_S) and, if so, compacts it
+in a thread; it also drops the spaces a re-embed left behind once their time is up. Indexing goes on meanwhile; a failed
 compaction is logged and tried again later (the delta only grows; nothing is lost). `clipdex compact`
 runs the same on demand, and a file lock in `compact` keeps the two from overlapping.
 """
@@ -27,7 +28,7 @@ import faiss
 
 from shared.config import Settings
 from shared.errors import ClipdexError, StoreError
-from shared.roles import CompactionLedger
+from shared.roles import CompactionLedger, CompactionLedgers, Spaces
 from shared.sqlite.index import IndexParams, build_from_store, index_kind, read_main, write_main
 
 logger = logging.getLogger(__name__)
@@ -144,39 +145,66 @@ def _remove_old_generations(index_dir: Path, keep: set[int]) -> None:
 
 
 class Compactor:
+    """Compaction of every space that `ledgers` names (the active one, and a shadow one while a re-embed
+    fills it), and the removal of spaces whose time is up (`spaces.drop_spaces`: an aborted re-embed, an
+    old space past its grace period), on thresholds, beside an indexer."""
+
     def __init__(
-        self, ledger: CompactionLedger, params: IndexParams, dim: int, index_dir: Path, *, check_interval_s: float = 5.0
+        self,
+        ledgers: CompactionLedgers,
+        params: IndexParams,
+        *,
+        check_interval_s: float = 5.0,
+        spaces: Spaces | None = None,
+        grace_s: float = 0.0,
     ) -> None:
-        self.ledger = ledger
+        self.ledgers = ledgers
         self.params = params
-        self.dim = dim
-        self.index_dir = index_dir
         self.check_interval_s = check_interval_s
+        self.spaces = spaces
+        self.grace_s = grace_s
         self.compactions = 0
 
     @classmethod
-    def from_settings(cls, ledger: CompactionLedger, settings: Settings, dim: int) -> Compactor:
+    def from_settings(cls, ledgers: CompactionLedgers, settings: Settings, spaces: Spaces | None = None) -> Compactor:
         # Check often enough that the age threshold is kept to within a few percent.
         interval = min(5.0, max(0.1, settings.compact_max_age_s / 20))
-        return cls(ledger, IndexParams.from_settings(settings), dim, settings.index_dir, check_interval_s=interval)
+        return cls(
+            ledgers,
+            IndexParams.from_settings(settings),
+            check_interval_s=interval,
+            spaces=spaces,
+            grace_s=settings.reembed_grace_s,
+        )
 
-    def compact_if_needed(self) -> CompactionResult | None:
-        """Blocking: compact when a threshold is passed."""
-        if not needs_compaction(self.ledger, self.params):
-            return None
-        return self.compact()
+    def compact_if_needed(self) -> list[CompactionResult]:
+        """Blocking: compact each space that passed a threshold."""
+        results = []
+        for ledger in self.ledgers.ledgers():
+            if needs_compaction(ledger, self.params):
+                results.append(self._compact(ledger))
+        return results
 
-    def compact(self) -> CompactionResult:
-        """Blocking: compact now."""
-        result = compact(self.ledger, self.params, self.dim, self.index_dir)
+    def compact(self) -> list[CompactionResult]:
+        """Blocking: compact every space now."""
+        return [self._compact(ledger) for ledger in self.ledgers.ledgers()]
+
+    def _compact(self, ledger: CompactionLedger) -> CompactionResult:
+        result = compact(ledger, self.params, ledger.dim, ledger.index_dir)
         self.compactions += 1
         return result
+
+    def maintain(self) -> None:
+        """Blocking: compact where needed, and drop the spaces whose time is up."""
+        if self.spaces is not None:
+            self.spaces.drop_spaces(self.grace_s)
+        self.compact_if_needed()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Check and compact until `stop` is set; a compaction in progress is finished, never abandoned."""
         while not stop.is_set():
             try:
-                await asyncio.to_thread(self.compact_if_needed)
+                await asyncio.to_thread(self.maintain)
             except (ClipdexError, OSError, RuntimeError):
                 logger.exception("compaction failed; searches keep using the current index, trying again later")
             with suppress(TimeoutError):

@@ -79,7 +79,7 @@ async def open_indexer(
         indexer = Indexer(pipeline, store, model)
         try:
             if compaction and store.compaction is not None:
-                async with Compactor.from_settings(store.compaction, settings, model.identity.dim).running():
+                async with Compactor.from_settings(store.compaction, settings, store.spaces).running():
                     yield indexer
             else:
                 yield indexer
@@ -110,7 +110,7 @@ async def index_folder(
         source = _folder_source(settings, root, indexer)
         summary = await source.index_once(stop, progress)
         if indexer.store.compaction is not None:
-            compactor = Compactor.from_settings(indexer.store.compaction, settings, indexer.embedder.identity.dim)
+            compactor = Compactor.from_settings(indexer.store.compaction, settings)
             await asyncio.to_thread(compactor.compact_if_needed)
     return summary
 

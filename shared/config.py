@@ -95,6 +95,25 @@ class Settings(BaseSettings):
         "(a crashed indexer's events resume after this).",
     )
 
+    # Changing the model (clipdex reembed)
+    reembed_rate: float = Field(
+        0.0,
+        ge=0,
+        description="At most this many images per second re-embedded by `clipdex reembed` (0: as fast as the "
+        "model goes); a lower rate leaves CPU or GPU to live indexing and queries.",
+    )
+    reembed_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="After a re-embed switches the store to the new model, the old model's vectors are kept "
+        "this long (seconds) for search processes still switching, then removed.",
+    )
+    reembed_in_indexer: bool = Field(
+        False,
+        description="Indexers (`watch`, `consume`, `run`) also fill a pending re-embed "
+        "(`clipdex reembed --detach`) in the background, one process at a time.",
+    )
+
     # Index
     index_kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
         "auto", description="Main index type; `auto` is flat below ann_threshold vectors, else IVF."

@@ -7,7 +7,9 @@
     │   ├── CheckpointNotFound   CLIPDEX_PRETRAINED names a file that does not exist
     │   └── ModelDownloadError   a hub download failed (offline?)
     ├── StoreError               the SQLite store itself failed (disk full, locked): stop, do not commit
-    │   └── ModelMismatchError   the store was built with another model
+    │   ├── ModelMismatchError   the store was built with another model
+    │   ├── ModelSwitched        the store switched to another model (clipdex reembed) under this writer
+    │   └── SpaceGone            an embedding space was dropped (a re-embed aborted, an old space removed)
     ├── ItemError                one item cannot be indexed or used; the others go on
     │   ├── InvalidEvent         a catalog event that does not match the schema
     │   ├── ImageRejected        not an image, corrupt, truncated, too many bytes or pixels
@@ -56,6 +58,21 @@ class StoreError(ClipdexError):
 
 
 class ModelMismatchError(StoreError):
+    pass
+
+
+class ModelSwitched(StoreError):
+    """A write with a model whose space is no longer the active one: nothing was written. The writer loads
+    the active space's model (`space`) and writes the batch again."""
+
+    retriable = True
+
+    def __init__(self, message: str, *, space: int | None) -> None:
+        super().__init__(message)
+        self.space = space
+
+
+class SpaceGone(StoreError):
     pass
 
 

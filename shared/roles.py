@@ -1,19 +1,26 @@
 """The store roles: the narrow interfaces that callers depend on, never a backend's class.
 
     indexer: pipeline ─────────▶ Writer            one micro-batch in one transaction; the resolver's lookups
-    status, items, dead letters ▶ Catalog           items, dead letters, counts
+    status, items, dead letters ▶ Catalog           items, dead letters, counts, embedding spaces
     search: SearchService ─────▶ VectorSearch      the best live items for a vector, and how fresh they are
+    indexer: re-embed ─────────▶ Spaces            a shadow space for another model: fill, switch, drop
     ── the SQLite backend's own seams ──
     FAISS LiveIndex ───────────▶ ChangeFeed        vectors added and deleted since a change counter
     indexer: compaction ───────▶ CompactionLedger  the main index's generations, on top of the feed
 
-A backend implements the first three; `shared.stores` opens the one the settings choose. The SQLite
+A backend implements the first four; `shared.stores` opens the one the settings choose. The SQLite
 backend (`shared.sqlite`: the store is the truth, FAISS files are derived) also implements the last two,
 because its search processes keep their own FAISS index current and its indexer compacts it. A backend
 that searches and compacts by itself (a vector database) needs neither.
 
 Nothing here names SQLite or FAISS: ids, vectors (`Embedding`), items and counts only. The dataclasses
 below are what the roles take and return.
+
+Embedding spaces: a store holds the vectors of one model (its active space) and, while `clipdex reembed`
+runs, of a second one (the shadow space). Writers bind to the active space and readers search exactly
+one space; an item's new content tombstones its vectors in every space (the shadow space gets the new
+content from the re-embed), and a delete deletes them everywhere. `Spaces.switch` makes the shadow active
+in one transaction once it covers every live item; the old space is retired, then dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from collections.abc import Iterator, Sequence, Set
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -89,7 +97,8 @@ class Writer(Protocol):
     """The indexer's door to the store: one writer per store at a time."""
 
     def bind_model(self, identity: ModelIdentity) -> None:
-        """Record the model on first use; raise ModelMismatchError for any other model afterwards."""
+        """Write into the active space, which must be this model's: recorded on first use; any other model
+        afterwards is a ModelMismatchError (the model of a shadow space too, until the switch)."""
         ...
 
     def states(self, ids: Sequence[str]) -> dict[str, StoredState]:
@@ -104,7 +113,8 @@ class Writer(Protocol):
         self, upserts: Sequence[Upsert] = (), deletes: Sequence[Delete] = (), failures: Sequence[Failure] = ()
     ) -> ApplyResult:
         """Write one micro-batch atomically: all of it is durable when this returns, or none of it
-        (StoreError). Replacing an item's vector and deleting an item take the old vector out of search."""
+        (StoreError). Replacing an item's vector and deleting an item take the old vector out of search,
+        in every space. ModelSwitched (nothing written): the bound space is no longer the active one."""
         ...
 
 
@@ -140,6 +150,38 @@ class StoreStats:
     changes: int  # a counter that grows with every write
 
 
+SpaceState = Literal["active", "shadow", "retired", "dropping"]
+
+
+@dataclass(frozen=True)
+class Space:
+    """The vectors of one model. `active`: what the store is searched and indexed with; `shadow`: being
+    filled by a re-embed; `retired`: active before the last switch, kept a grace period for servers still
+    answering from it; `dropping`: being deleted (an abort, or a retired space past its grace)."""
+
+    id: int
+    model: ModelIdentity | None  # None: nothing bound yet
+    model_configs: str | None  # the open_clip config folder another process needs to load the model
+    state: SpaceState
+    created_at: datetime
+    switched_at: datetime | None  # when it became active, or was retired
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How far a shadow space is. `total`: live items (with a vector in the active space); `done`: of
+    them, those with a vector in the shadow space too; `failed`: those whose source could not be read
+    again (dead letters). The switch waits for `remaining` to reach 0."""
+
+    total: int
+    done: int
+    failed: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.done - self.failed)
+
+
 class Catalog(Protocol):
     """Items, dead letters and counts: what status, item lookups and a folder's reconciliation read."""
 
@@ -167,6 +209,14 @@ class Catalog(Protocol):
         """Counts over the whole store: not for every query (a quarter of a second at 100k vectors)."""
         ...
 
+    def spaces(self) -> list[Space]:
+        """The store's embedding spaces, oldest first (cheap: a refresh asks it every tick)."""
+        ...
+
+    def coverage(self, space: int) -> Coverage:
+        """How far a shadow space is (counts: for status, not for every query)."""
+        ...
+
 
 # -- the read side: searching vectors -------------------------------------------------------------------
 
@@ -180,6 +230,7 @@ class SearcherState:
     generation: int  # the main index generation searched (0 where the backend has none)
     pending_changes: int  # store changes this process has not picked up yet
     refreshed_at: float  # time.time() of the last refresh; 0.0: never
+    model: ModelIdentity | None = None  # the model of the space searched: the one that answers queries
 
 
 class VectorSearch(Protocol):
@@ -210,6 +261,76 @@ class VectorSearch(Protocol):
 
     def refresh(self) -> None:
         """Catch up with the store's writes (a no-op where the backend searches the store itself)."""
+        ...
+
+
+# -- embedding spaces: re-embedding into a shadow space, the switch ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A live item that a shadow space still lacks: where to read it again, and its active vector now (a
+    vector for the shadow space is only written if the item still has that one: not replaced meanwhile)."""
+
+    id: str
+    source: str
+    uri: str
+    sha256: str | None
+    metadata: Metadata
+    version: int | None
+    active_vector: int
+
+
+@dataclass(frozen=True)
+class SpaceVector:
+    item: Pending
+    sha256: str  # of the bytes embedded (the source may have changed since the item was indexed)
+    embedding: Embedding
+
+
+@dataclass(frozen=True)
+class SpaceFailure:
+    """An item whose source could not be read again: a re-embed dead letter, counted as covered."""
+
+    item: Pending
+    reason: str
+    tries: int = 1
+
+
+class Spaces(Protocol):
+    """The re-embed's door: a shadow space for another model, filled item by item, then switched to."""
+
+    def create_shadow(self, identity: ModelIdentity, model_configs: str | None) -> Space:
+        """A new shadow space for this model, or the one already there for it (a resumed re-embed).
+        StoreError when there is no active space, when the model is the active one, or when a shadow
+        space for another model exists."""
+        ...
+
+    def pending(self, space: int, *, after: str = "", limit: int = 64) -> list[Pending]:
+        """Live items without a vector (or a failure) in the shadow space, by id, ids above `after`."""
+        ...
+
+    def embeddings_in(self, space: int, hashes: Sequence[str]) -> dict[str, Embedding]:
+        """Vectors of these contents already in the space (a copy needs no model call)."""
+        ...
+
+    def add_vectors(self, space: int, vectors: Sequence[SpaceVector], failures: Sequence[SpaceFailure] = ()) -> int:
+        """One transaction: each vector whose item is unchanged since `pending` read it, each failure as
+        a dead letter. Returns how many vectors were written. SpaceGone: the space is no longer a shadow
+        (aborted, or already switched)."""
+        ...
+
+    def switch(self, space: int) -> bool:
+        """If the shadow space covers every live item: make it active and retire the active one, in one
+        transaction (items that failed are marked failed, with the reason). False: not covered yet."""
+        ...
+
+    def abort(self) -> Space | None:
+        """Give up the shadow space (it is dropped by `drop_spaces`); None when there is none."""
+        ...
+
+    def drop_spaces(self, grace_s: float) -> list[int]:
+        """Delete aborted spaces, and retired ones retired more than `grace_s` ago; their ids."""
         ...
 
 
@@ -267,7 +388,14 @@ class ChangeFeed(Protocol):
 
 
 class CompactionLedger(ChangeFeed, Protocol):
-    """What compaction reads and records: the delta's size and age, and the main generation in force."""
+    """What compaction reads and records about one space: the delta's size and age, the main generation
+    in force, and where its index files go."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def index_dir(self) -> Path: ...
 
     def delta_size(self, high_water: int) -> int: ...
 
@@ -283,4 +411,12 @@ class CompactionLedger(ChangeFeed, Protocol):
 
     def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
         """Point readers at a new main index; purge the tombstones it no longer holds; return how many."""
+        ...
+
+
+class CompactionLedgers(Protocol):
+    """The spaces an indexer keeps compacted."""
+
+    def ledgers(self) -> list[CompactionLedger]:
+        """The active space, and a shadow space while a re-embed fills it."""
         ...

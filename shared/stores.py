@@ -1,12 +1,14 @@
 """The one place that opens a store; the settings choose the backend (today the SQLite backend only).
 
-    open_writer(settings, identity) ─▶ WriteSide: writer, catalog, compaction    an indexer process
-    open_reader(settings, identity) ─▶ ReadSide: catalog, vectors                a search process
-    open_catalog(settings)          ─▶ Catalog, or None when there is no store   status, dead letters
+    open_writer(settings, identity) ─▶ WriteSide: writer, catalog, spaces, compaction    an indexer process
+    open_reader(settings, identity) ─▶ ReadSide: catalog, vectors (one space)             a search process
+    open_catalog(settings)          ─▶ Catalog, or None when there is no store            status, dead letters
 
-Writers and readers are bound to a model identity: the first one records it, and every later one with
-another model is refused (ModelMismatchError). A process that both indexes and serves (`clipdex run`)
-opens one of each on one model. Callers keep the role they need, never the backend's class.
+Writers and readers are bound to a model identity, which must be the store's active space: the first
+one records it, and every later one with another model is refused (ModelMismatchError). A reader searches
+the space of its model only; after a switch (`clipdex reembed`) a search process opens a new reader for
+the new model (`shared.core`). A process that both indexes and serves (`clipdex run`) opens one of each.
+Callers keep the role they need, never the backend's class.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from shared.config import Settings
-from shared.roles import Catalog, CompactionLedger, VectorSearch, Writer
+from shared.roles import Catalog, CompactionLedgers, Spaces, VectorSearch, Writer
 from shared.sqlite.index import IndexParams, LiveIndex
 from shared.sqlite.search import IndexSearch
+from shared.sqlite.spaces import SpaceLedgers, SqliteSpaces
 from shared.sqlite.store import SqliteStore
 from shared.types import ModelIdentity
 
@@ -27,7 +30,8 @@ from shared.types import ModelIdentity
 class WriteSide:
     writer: Writer
     catalog: Catalog
-    compaction: CompactionLedger | None  # None: the backend compacts by itself
+    spaces: Spaces
+    compaction: CompactionLedgers | None  # None: the backend compacts by itself
     _close: Callable[[], None] = field(repr=False)
 
     def close(self) -> None:
@@ -44,6 +48,7 @@ class WriteSide:
 class ReadSide:
     catalog: Catalog
     vectors: VectorSearch
+    model: ModelIdentity  # the model of the space searched
     _close: Callable[[], None] = field(repr=False)
 
     def close(self) -> None:
@@ -58,7 +63,7 @@ class ReadSide:
 
 def open_writer(settings: Settings, identity: ModelIdentity | None) -> WriteSide:
     """The store of an indexer, bound to its model. `identity=None`: a maintenance command that loads no
-    model (`clipdex compact`, `clipdex dlq purge`) and binds nothing."""
+    model (`clipdex compact`, `clipdex dlq purge`, `clipdex reembed`) and binds nothing."""
     store = _sqlite(settings)
     try:
         if identity is not None:
@@ -66,21 +71,22 @@ def open_writer(settings: Settings, identity: ModelIdentity | None) -> WriteSide
     except BaseException:
         store.close()
         raise
-    return WriteSide(store, store, store, store.close)
+    return WriteSide(store, store, SqliteSpaces(store), SpaceLedgers(store), store.close)
 
 
 def open_reader(settings: Settings, identity: ModelIdentity) -> ReadSide:
-    """The store of a search process, bound to its model, with its vectors loaded for search. The
-    caller refreshes them (`vectors.refresh()`) to follow the writers."""
+    """The store of a search process, bound to its model, with that space's vectors loaded for search.
+    The caller refreshes them (`vectors.refresh()`) to follow the writers."""
     store = _sqlite(settings)
     try:
         store.bind_model(identity)
-        index = LiveIndex(store, identity.dim, IndexParams.from_settings(settings), settings.index_dir)
+        feed = store.feed()
+        index = LiveIndex(feed, identity.dim, IndexParams.from_settings(settings), feed.index_dir)
         index.refresh()
     except BaseException:
         store.close()
         raise
-    return ReadSide(store, IndexSearch(store, index), store.close)
+    return ReadSide(store, IndexSearch(feed, index, identity), identity, store.close)
 
 
 @contextmanager
@@ -95,4 +101,4 @@ def open_catalog(settings: Settings) -> Iterator[Catalog | None]:
 
 
 def _sqlite(settings: Settings) -> SqliteStore:
-    return SqliteStore(settings.db_path, vector_dtype=settings.vector_dtype)
+    return SqliteStore(settings.db_path, vector_dtype=settings.vector_dtype, index_dir=settings.index_dir)

@@ -30,6 +30,11 @@ class ModelIdentity:
     dim: int
     checksum: str
 
+    def same_weights(self, other: ModelIdentity) -> bool:
+        """Do their embeddings mix? The weights decide, not where they were loaded from: the same
+        checkpoint at another path (a container mount, a relative path) gives the same embeddings."""
+        return (self.name, self.dim, self.checksum) == (other.name, other.dim, other.checksum)
+
 
 @dataclass(frozen=True)
 class Item:

@@ -13,13 +13,14 @@ import numpy as np
 
 from shared.roles import ChangeFeed, SearcherState
 from shared.sqlite.index import LiveIndex
-from shared.types import Embedding, Filters, Hit, IndexInfo
+from shared.types import Embedding, Filters, Hit, IndexInfo, ModelIdentity
 
 
 class IndexSearch:
-    def __init__(self, feed: ChangeFeed, index: LiveIndex) -> None:
+    def __init__(self, feed: ChangeFeed, index: LiveIndex, model: ModelIdentity | None = None) -> None:
         self.feed = feed
         self.index = index
+        self.model = model
 
     def search(
         self,
@@ -75,6 +76,7 @@ class IndexSearch:
             generation=index.generation,
             pending_changes=max(0, self.feed.index_meta().seq - index.seq),
             refreshed_at=index.refreshed_at,
+            model=self.model,
         )
 
     def refresh(self) -> None:

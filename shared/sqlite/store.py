@@ -1,15 +1,16 @@
 """The SQLite store: the source of truth. FAISS files are derived from it and can be rebuilt from it.
 
-`SqliteStore` implements every store role of `shared.roles`: the Writer, the Catalog, the ChangeFeed
-that FAISS live indexes refresh from, and the CompactionLedger.
+`SqliteStore` is the Writer and the Catalog of `shared.roles`; `SpaceFeed` (shared/sqlite/feed.py) is the
+ChangeFeed and CompactionLedger of one embedding space; `SqliteSpaces` (shared/sqlite/spaces.py) creates,
+fills, switches and drops spaces for a re-embed. The tables are in shared/sqlite/schema.py.
 
-Tables: `items` (one row per live or failed item), `vectors` (embeddings, with a tombstone flag and a
-change counter `seq` bumped on insert and on tombstone), `dead_letters`, and `meta` (model identity,
-main-index generation and high-water mark, the change counter).
+A store is bound to a model (`bind_model`): its writes go to that model's space, which must be the active
+one, and its reads (the item's vector, status counts) are of that space. An unbound store (tests,
+maintenance commands) reads and writes the active space.
 
 One writer (the indexer) applies each micro-batch in ONE transaction with `apply()`. Any number of
-readers, in this or other processes, follow `seq` to keep their delta index current (WAL mode lets them
-read while the writer writes).
+readers, in this or other processes, follow the change counter `seq` to keep their delta index current
+(WAL mode lets them read while the writer writes).
 """
 
 from __future__ import annotations
@@ -27,65 +28,30 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ModelMismatchError, StoreError
+from shared.errors import ModelMismatchError, ModelSwitched, StoreError
 from shared.roles import (
     ApplyResult,
     Changes,
+    Coverage,
     DeadLetter,
     Delete,
     Failure,
     IndexMeta,
+    Space,
     StoredState,
     StoreStats,
     Upsert,
     VectorIds,
 )
+from shared.sqlite import schema
+from shared.sqlite.feed import SpaceFeed
 from shared.types import Embedding, Item, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = schema.SCHEMA_VERSION
 _BUSY_TIMEOUT_MS = 10_000
 _PAGE_SIZE = 16_384
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
-    id TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    uri TEXT NOT NULL,
-    sha256 TEXT,
-    metadata TEXT NOT NULL DEFAULT '{}',
-    status TEXT NOT NULL CHECK (status IN ('indexed', 'failed')),
-    reason TEXT,
-    version INTEGER,
-    vector_id INTEGER,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS items_vector_id ON items(vector_id);
-CREATE TABLE IF NOT EXISTS vectors (
-    vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    item_id TEXT NOT NULL,
-    sha256 TEXT,
-    embedding BLOB NOT NULL,
-    tombstoned INTEGER NOT NULL DEFAULT 0,
-    seq INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS vectors_seq ON vectors(seq);
-CREATE INDEX IF NOT EXISTS vectors_sha256 ON vectors(sha256);
-CREATE INDEX IF NOT EXISTS vectors_tombstoned ON vectors(tombstoned);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    source TEXT NOT NULL,
-    item_id TEXT,
-    payload TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    tries INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL
-);
-"""
 
 
 # -- the store ----------------------------------------------------------------------------------------------
@@ -94,12 +60,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 class SqliteStore:
     """One connection, guarded by a lock, so one Store may be shared by the threads of a process."""
 
-    def __init__(self, path: Path, *, vector_dtype: str = "float32", readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, vector_dtype: str = "float32", index_dir: Path | None = None) -> None:
         self.path = path
+        self.index_root = index_dir if index_dir is not None else path.parent / "index"
         self._lock = threading.RLock()
+        self._space: int | None = None  # the space of the bound model; None: the active one
+        migrated = False
         try:
-            if not readonly:
-                path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
                 str(path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
@@ -109,24 +77,23 @@ class SqliteStore:
             self._db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-            with self._write():
-                self._create_schema()
-                self._set_default("schema_version", str(SCHEMA_VERSION))
-                self._set_default("vector_dtype", vector_dtype)
-                self._set_default("seq", "0")
-                self._set_default("generation", "0")
-                self._set_default("high_water", "0")
-                self._set_default("main_seq", "0")
+            with self.write() as db:
+                version = schema.schema_version(db)
+                if version is None:
+                    schema.create(db)
+                    self._set_meta("schema_version", str(SCHEMA_VERSION))
+                    self._set_meta("vector_dtype", vector_dtype)
+                    self._set_meta("seq", "0")
+                elif version == 1:
+                    schema.migrate_from_1(db, time.time())
+                    migrated = True
+                elif version != SCHEMA_VERSION:
+                    raise StoreError(f"{path}: schema version {version}, expected {SCHEMA_VERSION} (a newer clipdex?)")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from exc
+        if migrated:
+            schema.move_index_files(self.index_root, self.space_dir(1))
         self.vector_dtype = np.dtype(self._meta("vector_dtype"))
-        if int(self._meta("schema_version")) != SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema version {self._meta('schema_version')}, expected {SCHEMA_VERSION}")
-
-    def _create_schema(self) -> None:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -138,10 +105,10 @@ class SqliteStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- transactions ------------------------------------------------------------------------------------
+    # -- transactions (also used by the space feed and the re-embed of this package) -----------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -168,6 +135,15 @@ class SqliteStore:
                 raise StoreError(f"store read failed ({self.path}): {exc}") from exc
 
     @contextmanager
+    def locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads of one statement each (no transaction: callable inside `read`)."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed ({self.path}): {exc}") from exc
+
+    @contextmanager
     def snapshot(self) -> Iterator[None]:
         with self.read():
             yield
@@ -178,41 +154,123 @@ class SqliteStore:
             raise StoreError(f"store meta key {key!r} missing")
         return str(row[0])
 
-    def _meta_opt(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
     def _set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    def _set_default(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
+    def seq(self) -> int:
+        """The change counter (inside a transaction: as of it)."""
+        return int(self._meta("seq"))
 
-    # -- model identity -------------------------------------------------------------------------------
+    def set_seq(self, seq: int) -> None:
+        self._set_meta("seq", str(seq))
+
+    def blob(self, embedding: Embedding) -> bytes:
+        return np.ascontiguousarray(embedding, dtype=self.vector_dtype).tobytes()
+
+    def decode(self, blobs: Sequence[bytes]) -> Embedding:
+        if not blobs:
+            return np.zeros((0, 0), np.float32)
+        arr = np.frombuffer(b"".join(blobs), dtype=self.vector_dtype).reshape(len(blobs), -1)
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    # -- embedding spaces ------------------------------------------------------------------------------
+
+    def space_dir(self, space: int) -> Path:
+        """Where a space's main index files live."""
+        return self.index_root / f"space-{space}"
+
+    def feed(self, space: int | None = None) -> SpaceFeed:
+        """The change feed and compaction ledger of one space (default: the bound or the active one)."""
+        return SpaceFeed(self, space if space is not None else self.view_space())
+
+    def spaces(self) -> list[Space]:
+        with self.locked() as db:
+            return [_space(r) for r in db.execute(f"SELECT {_SPACE_COLUMNS} FROM spaces ORDER BY id")]
+
+    def space(self, space: int) -> Space | None:
+        with self.locked() as db:
+            return self.space_in(db, space)
+
+    def space_in(self, db: sqlite3.Connection, space: int) -> Space | None:
+        row = db.execute(f"SELECT {_SPACE_COLUMNS} FROM spaces WHERE id = ?", (space,)).fetchone()
+        return None if row is None else _space(row)
+
+    def active_space(self, db: sqlite3.Connection) -> Space | None:
+        row = db.execute(f"SELECT {_SPACE_COLUMNS} FROM spaces WHERE state = 'active'").fetchone()
+        return None if row is None else _space(row)
+
+    @property
+    def bound_space(self) -> int | None:
+        return self._space
+
+    def view_space(self) -> int:
+        """The space this store reads: the bound one, else the active one (0: there is none yet)."""
+        if self._space is not None:
+            return self._space
+        with self.locked() as db:
+            row = db.execute("SELECT id FROM spaces WHERE state = 'active'").fetchone()
+        return 0 if row is None else int(row[0])
 
     def bind_model(self, identity: ModelIdentity) -> None:
-        """Record the model on first use; refuse any other model afterwards."""
-        with self._write():
-            stored = self._meta_opt("model")
-            if stored is None:
-                self._set_meta("model", json.dumps(identity.__dict__))
+        """Record the model on first use; refuse any other model afterwards (a shadow space's too)."""
+        with self.write() as db:
+            active = self.active_space(db)
+            if active is None:
+                cur = db.execute(
+                    "INSERT INTO spaces(model, state, created_at, switched_at) VALUES (?, 'active', ?, ?)",
+                    (_model_json(identity), time.time(), time.time()),
+                )
+                self._space = int(cur.lastrowid or 0)
                 return
-        have = ModelIdentity(**json.loads(stored))
-        # The weights decide, not where they were loaded from: the same checkpoint at another path (a
-        # container mount, a relative path) gives the same embeddings.
-        if (have.name, have.dim, have.checksum) != (identity.name, identity.dim, identity.checksum):
+            if active.model is None:
+                db.execute("UPDATE spaces SET model = ? WHERE id = ?", (_model_json(identity), active.id))
+                self._space = active.id
+                return
+            if active.model.same_weights(identity):
+                self._space = active.id
+                return
+            shadow = db.execute("SELECT model FROM spaces WHERE state = 'shadow'").fetchone()
+        have = active.model
+        if shadow is not None and shadow[0] and _identity(shadow[0]).same_weights(identity):
             raise ModelMismatchError(
-                f"the store at {self.path} was built with model {have.name} / {have.pretrained} "
-                f"(dim {have.dim}, weights {have.checksum[:12]}), but the configured model is "
-                f"{identity.name} / {identity.pretrained} (dim {identity.dim}, weights {identity.checksum[:12]}). "
-                "Embeddings of two models cannot be mixed: use another CLIPDEX_DATA_DIR, or the model "
-                "the store was built with."
+                f"the store at {self.path} is being re-embedded with model {identity.name} / {identity.pretrained} "
+                f"(clipdex reembed), and answers with {have.name} / {have.pretrained} until the switch. Until "
+                f"then, use {have.name} here (CLIPDEX_MODEL, CLIPDEX_PRETRAINED); after it, running processes "
+                "follow the switch on their own."
             )
+        raise ModelMismatchError(
+            f"the store at {self.path} was built with model {have.name} / {have.pretrained} "
+            f"(dim {have.dim}, weights {have.checksum[:12]}), but the configured model is "
+            f"{identity.name} / {identity.pretrained} (dim {identity.dim}, weights {identity.checksum[:12]}). "
+            "Embeddings of two models cannot be mixed: use another CLIPDEX_DATA_DIR, or the model "
+            "the store was built with; `clipdex reembed --model ...` moves a store to another model "
+            "without downtime."
+        )
 
     def model_identity(self) -> ModelIdentity | None:
-        with self._lock:
-            stored = self._meta_opt("model")
-        return None if stored is None else ModelIdentity(**json.loads(stored))
+        """The model of the active space (the store's model)."""
+        with self.locked() as db:
+            active = self.active_space(db)
+        return None if active is None else active.model
+
+    def _space_for_writing(self, db: sqlite3.Connection) -> int:
+        """The space a write goes to: the bound one, which must still be active; or the active one
+        (created, with no model recorded yet, by the first write of an unbound store)."""
+        active = self.active_space(db)
+        if self._space is not None:
+            if active is None or active.id != self._space:
+                raise ModelSwitched(
+                    "the store switched to model "
+                    + (f"{active.model.name} / {active.model.pretrained}" if active and active.model else "?")
+                    + " (clipdex reembed) while this process embeds with its previous model",
+                    space=active.id if active else None,
+                )
+            return self._space
+        if active is not None:
+            return active.id
+        now = time.time()
+        cur = db.execute("INSERT INTO spaces(state, created_at, switched_at) VALUES ('active', ?, ?)", (now, now))
+        return int(cur.lastrowid or 0)
 
     # -- the write path -------------------------------------------------------------------------------------
 
@@ -225,71 +283,57 @@ class SqliteStore:
         """Write one micro-batch in one transaction: all of it is durable, or none of it."""
         result = ApplyResult()
         now = time.time()
-        with self._write() as db:
+        with self.write() as db:
+            space = self._space_for_writing(db)
             seq = int(self._meta("seq"))
             for up in upserts:
-                row = db.execute("SELECT vector_id, sha256 FROM items WHERE id = ?", (up.id,)).fetchone()
-                old_vector = row[0] if row else None
+                row = db.execute("SELECT sha256 FROM items WHERE id = ?", (up.id,)).fetchone()
+                live = _live_vectors(db, up.id)
+                # Whatever the source says about an item ends a failed re-embed of it: it is tried again.
+                db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (up.id,))
                 if up.embedding is None:
-                    if old_vector is None or row[1] != up.sha256:
+                    if space not in live.values() or row is None or row[0] != up.sha256:
                         raise StoreError(f"metadata-only update of {up.id!r}, which has no vector for that hash")
-                    vector_id = old_vector
                     result.updated += 1
                 else:
-                    if old_vector is not None:
+                    # New content: its vectors go in every space; a shadow space gets it from the re-embed.
+                    for vector_id in live:
                         seq += 1
-                        db.execute(
-                            "UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?",
-                            (seq, old_vector),
-                        )
+                        db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, vector_id))
                     seq += 1
                     cur = db.execute(
-                        "INSERT INTO vectors(item_id, sha256, embedding, seq, created_at) VALUES (?, ?, ?, ?, ?)",
-                        (up.id, up.sha256, self._blob(up.embedding), seq, now),
+                        "INSERT INTO vectors(space, item_id, sha256, embedding, seq, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (space, up.id, up.sha256, self.blob(up.embedding), seq, now),
                     )
-                    vector_id = cur.lastrowid
                     result.indexed += 1
-                    result.vector_ids.append(int(vector_id or 0))
+                    result.vector_ids.append(int(cur.lastrowid or 0))
                 db.execute(
-                    """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, vector_id,
-                                         created_at, updated_at)
-                       VALUES (?, ?, ?, ?, ?, 'indexed', NULL, ?, ?, ?, ?)
+                    """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, created_at,
+                                         updated_at)
+                       VALUES (?, ?, ?, ?, ?, 'indexed', NULL, ?, ?, ?)
                        ON CONFLICT(id) DO UPDATE SET source = excluded.source, uri = excluded.uri,
                            sha256 = excluded.sha256, metadata = excluded.metadata, status = 'indexed',
-                           reason = NULL, version = excluded.version, vector_id = excluded.vector_id,
-                           updated_at = excluded.updated_at""",
-                    (
-                        up.id,
-                        up.source,
-                        up.uri,
-                        up.sha256,
-                        json.dumps(up.metadata),
-                        up.version,
-                        vector_id,
-                        now,
-                        now,
-                    ),
+                           reason = NULL, version = excluded.version, updated_at = excluded.updated_at""",
+                    (up.id, up.source, up.uri, up.sha256, json.dumps(up.metadata), up.version, now, now),
                 )
             for de in deletes:
-                row = db.execute("SELECT vector_id FROM items WHERE id = ?", (de.id,)).fetchone()
-                if row is None:
+                if db.execute("SELECT 1 FROM items WHERE id = ?", (de.id,)).fetchone() is None:
                     continue
-                if row[0] is not None:
+                for vector_id in _live_vectors(db, de.id):
                     seq += 1
-                    db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                    db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, vector_id))
                 db.execute("DELETE FROM items WHERE id = ?", (de.id,))
+                db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (de.id,))
                 result.deleted += 1
             for fail in failures:
-                self._record_failure(db, fail, now)
+                self._record_failure(db, fail, now, space)
                 result.failed += 1
             self._set_meta("seq", str(seq))
         return result
 
-    def _record_failure(self, db: sqlite3.Connection, fail: Failure, now: float) -> None:
-        db.execute(
-            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (fail.source, fail.id, fail.payload, fail.reason, fail.tries, now),
-        )
+    def _record_failure(self, db: sqlite3.Connection, fail: Failure, now: float, space: int) -> None:
+        self.add_dead_letter(db, fail.source, fail.id, fail.payload, fail.reason, fail.tries, now)
         if fail.id is None:
             return
         # A failed update keeps the item's older good vector live: nothing that was searchable is lost.
@@ -297,153 +341,133 @@ class SqliteStore:
             """INSERT INTO items(id, source, uri, status, reason, created_at, updated_at)
                VALUES (?, ?, ?, 'failed', ?, ?, ?)
                ON CONFLICT(id) DO UPDATE SET reason = excluded.reason, updated_at = excluded.updated_at,
-                   status = CASE WHEN items.vector_id IS NULL THEN 'failed' ELSE items.status END""",
-            (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now),
+                   status = CASE WHEN EXISTS (SELECT 1 FROM vectors v WHERE v.item_id = items.id
+                                              AND v.space = ? AND v.tombstoned = 0)
+                                 THEN items.status ELSE 'failed' END""",
+            (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now, space),
         )
 
-    def _blob(self, embedding: Embedding) -> bytes:
-        return np.ascontiguousarray(embedding, dtype=self.vector_dtype).tobytes()
-
-    def _decode(self, blobs: Sequence[bytes]) -> Embedding:
-        if not blobs:
-            return np.zeros((0, 0), np.float32)
-        arr = np.frombuffer(b"".join(blobs), dtype=self.vector_dtype).reshape(len(blobs), -1)
-        return np.ascontiguousarray(arr, dtype=np.float32)
+    @staticmethod
+    def add_dead_letter(
+        db: sqlite3.Connection, source: str, item_id: str | None, payload: str, reason: str, tries: int, now: float
+    ) -> None:
+        db.execute(
+            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (source, item_id, payload, reason, tries, now),
+        )
 
     # -- what the resolver asks --------------------------------------------------------------------------
 
     def states(self, ids: Sequence[str]) -> dict[str, StoredState]:
         out: dict[str, StoredState] = {}
+        space = self.view_space()
         with self.read() as db:
             for chunk in _chunks(list(ids), 500):
                 marks = ",".join("?" * len(chunk))
                 for row in db.execute(
-                    f"SELECT id, sha256, version, status, vector_id FROM items WHERE id IN ({marks})", chunk
+                    f"""SELECT i.id, i.sha256, i.version, i.status, v.vector_id FROM items i
+                        LEFT JOIN vectors v ON v.item_id = i.id AND v.space = ? AND v.tombstoned = 0
+                        WHERE i.id IN ({marks})""",
+                    [space, *chunk],
                 ):
                     out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
         return out
 
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
         """Stored embeddings of these contents (a renamed or copied file needs no model call)."""
+        return self.embeddings_in(self.view_space(), hashes)
+
+    def embeddings_in(self, space: int, hashes: Sequence[str]) -> dict[str, Embedding]:
+        """Embeddings of these contents in one space, live ones first."""
         out: dict[str, Embedding] = {}
         with self.read() as db:
             for chunk in _chunks(list(set(hashes)), 500):
                 marks = ",".join("?" * len(chunk))
                 rows = db.execute(
-                    f"SELECT sha256, embedding FROM vectors WHERE sha256 IN ({marks}) ORDER BY tombstoned",
-                    chunk,
+                    # `+space`: by content hash (a handful of rows), never by space (all of them)
+                    f"SELECT sha256, embedding FROM vectors WHERE sha256 IN ({marks}) AND +space = ? "
+                    "ORDER BY tombstoned",
+                    [*chunk, space],
                 ).fetchall()
                 for sha, blob in rows:
                     if sha not in out:
-                        out[sha] = self._decode([blob])[0]
+                        out[sha] = self.decode([blob])[0]
         return out
 
-    # -- what readers ask ---------------------------------------------------------------------------------
+    # -- the change feed of the bound (or active) space: what a live index reads ---------------------------
 
     def index_meta(self) -> IndexMeta:
-        keys = ("generation", "high_water", "main_seq", "seq")
-        with self._lock:  # one statement, one snapshot: never one generation's number with another's mark
-            rows = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?)", keys).fetchall())
-        if len(rows) != len(keys):
-            raise StoreError(f"store meta keys missing: {sorted(set(keys) - set(rows))}")
-        return IndexMeta(*(int(rows[k]) for k in keys))
+        return self.feed().index_meta()
 
     def changes_since(self, seq: int) -> Changes:
-        """Vectors added and tombstoned after `seq`, read in one snapshot."""
-        with self.read() as db:
-            now_seq = int(self._meta("seq"))
-            rows = db.execute(
-                "SELECT vector_id, tombstoned, CASE WHEN tombstoned THEN NULL ELSE embedding END "
-                "FROM vectors WHERE seq > ? AND seq <= ? ORDER BY seq",
-                (seq, now_seq),
-            ).fetchall()
-        added = [(r[0], r[2]) for r in rows if not r[1]]
-        dead = [r[0] for r in rows if r[1]]
-        return Changes(
-            seq=now_seq,
-            added_ids=np.array([a[0] for a in added], dtype=np.int64),
-            added=self._decode([a[1] for a in added]),
-            tombstoned_ids=np.array(dead, dtype=np.int64),
-        )
+        return self.feed().changes_since(seq)
 
     def live_vectors(
         self, *, above: int = 0, upto: int | None = None, chunk: int = 50_000
     ) -> Iterator[tuple[VectorIds, Embedding]]:
-        """(ids, embeddings) of live vectors with above < vector_id <= upto, in chunks, by id."""
-        limit = upto if upto is not None else 2**62
-        last = above
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT vector_id, embedding FROM vectors WHERE tombstoned = 0 AND vector_id > ? "
-                    "AND vector_id <= ? ORDER BY vector_id LIMIT ?",
-                    (last, limit, chunk),
-                ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield np.array([r[0] for r in rows], dtype=np.int64), self._decode([r[1] for r in rows])
+        return self.feed().live_vectors(above=above, upto=upto, chunk=chunk)
 
     def tombstoned_ids(self, *, upto: int, after_seq: int = 0) -> VectorIds:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT vector_id FROM vectors WHERE tombstoned = 1 AND vector_id <= ? AND seq > ?",
-                (upto, after_seq),
-            ).fetchall()
-        return np.array([r[0] for r in rows], dtype=np.int64)
+        return self.feed().tombstoned_ids(upto=upto, after_seq=after_seq)
 
     def snapshot_for_compaction(self) -> tuple[int, int]:
-        """(highest vector_id, change counter) at one instant."""
-        with self.read() as db:
-            max_id = db.execute("SELECT COALESCE(MAX(vector_id), 0) FROM vectors").fetchone()[0]
-            return int(max_id), int(self._meta("seq"))
+        return self.feed().snapshot_for_compaction()
 
     def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
-        """Point readers at a new main index; purge the tombstones it no longer contains."""
-        with self._write() as db:
-            self._set_meta("generation", str(generation))
-            self._set_meta("high_water", str(high_water))
-            self._set_meta("main_seq", str(main_seq))
-            self._set_meta("main_kind", kind)
-            self._set_meta("last_compaction_at", str(time.time()))
-            cur = db.execute(
-                "DELETE FROM vectors WHERE tombstoned = 1 AND vector_id <= ? AND seq <= ?",
-                (high_water, main_seq),
-            )
-            return int(cur.rowcount)
+        return self.feed().record_generation(generation, high_water, main_seq, kind)
+
+    def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
+        return self.feed().item_vector(item_id)
+
+    def newest_indexed_at(self) -> datetime | None:
+        return self.feed().newest_indexed_at()
+
+    def tombstone_count(self, *, upto: int, after_seq: int) -> int:
+        return self.feed().tombstone_count(upto=upto, after_seq=after_seq)
+
+    def delta_size(self, high_water: int) -> int:
+        return self.feed().delta_size(high_water)
+
+    def oldest_uncompacted_age_s(self, high_water: int) -> float | None:
+        return self.feed().oldest_uncompacted_age_s(high_water)
+
+    @property
+    def dim(self) -> int:
+        return self.feed().dim
+
+    @property
+    def index_dir(self) -> Path:
+        return self.feed().index_dir
 
     # -- items -------------------------------------------------------------------------------------------
 
     def get_item(self, item_id: str) -> Item | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
-        return None if row is None else _item(row)
+        space = self.view_space()
+        with self.locked() as db:
+            row = db.execute(f"{_ITEMS_IN_SPACE} WHERE i.id = ?", (space, item_id)).fetchone()
+        return None if row is None else item_of(row)
 
     def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        """Live items by their current vector. A tombstoned vector has no item, so never shows up."""
+        """Live items by their current vector, in any space. A tombstoned vector has no item, so never
+        shows up."""
         out: dict[int, Item] = {}
-        with self._lock:
+        with self.locked() as db:
             for chunk in _chunks([int(v) for v in vector_ids], 500):
                 marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks})", chunk):
-                    item = _item(row)
+                for row in db.execute(
+                    f"SELECT {ITEM_COLUMNS} FROM vectors v JOIN items i ON i.id = v.item_id "
+                    f"WHERE v.vector_id IN ({marks}) AND v.tombstoned = 0",
+                    chunk,
+                ):
+                    item = item_of(row)
                     assert item.vector_id is not None
                     out[item.vector_id] = item
         return out
 
-    def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT v.vector_id, v.embedding FROM items i JOIN vectors v ON v.vector_id = i.vector_id "
-                "WHERE i.id = ?",
-                (item_id,),
-            ).fetchone()
-        return None if row is None else (int(row[0]), self._decode([row[1]])[0])
-
     def item_ids(self, source: str | None = None, prefix: str = "") -> dict[str, str | None]:
         """id → sha256 of stored items (for reconciling a folder against the store)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self.locked() as db:
+            rows = db.execute(
                 "SELECT id, sha256 FROM items WHERE (? IS NULL OR source = ?) AND id >= ? AND id < ?",
                 (source, source, prefix, prefix + "\U0010ffff"),
             ).fetchall()
@@ -451,18 +475,19 @@ class SqliteStore:
 
     def items(self, source: str | None = None, prefix: str = "") -> list[Item]:
         """Every item (of one source, with ids starting with `prefix`), by id: what a folder reconciles."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE (? IS NULL OR source = ?) AND id >= ? AND id < ? ORDER BY id",
-                (source, source, prefix, prefix + "\U0010ffff"),
+        space = self.view_space()
+        with self.locked() as db:
+            rows = db.execute(
+                f"{_ITEMS_IN_SPACE} WHERE (? IS NULL OR i.source = ?) AND i.id >= ? AND i.id < ? ORDER BY i.id",
+                (space, source, source, prefix, prefix + "\U0010ffff"),
             ).fetchall()
-        return [_item(r) for r in rows]
+        return [item_of(r) for r in rows]
 
     # -- dead letters and stats -------------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        with self._lock:
-            rows = self._db.execute(
+        with self.locked() as db:
+            rows = db.execute(
                 "SELECT id, source, item_id, payload, reason, tries, created_at FROM dead_letters "
                 "ORDER BY id DESC LIMIT ?",
                 (limit,),
@@ -470,7 +495,7 @@ class SqliteStore:
         return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], _dt(r[6])) for r in rows]
 
     def delete_dead_letters(self, ids: Sequence[int]) -> int:
-        with self._write() as db:
+        with self.write() as db:
             total = 0
             for chunk in _chunks([int(i) for i in ids], 500):
                 marks = ",".join("?" * len(chunk))
@@ -478,25 +503,28 @@ class SqliteStore:
             return total
 
     def stats(self) -> StoreStats:
+        """Counts of the store, its vectors counted in the bound (or active) space."""
+        space = self.view_space()
+        feed = self.feed(space)
         with self.read() as db:
-            items = db.execute("SELECT COUNT(*) FROM items WHERE vector_id IS NOT NULL").fetchone()[0]
+            # Counted on the vectors_space index: summing the table itself reads every embedding.
+            vectors = db.execute("SELECT COUNT(*) FROM vectors WHERE space = ? AND tombstoned = 0", (space,)).fetchone()
+            tombs = db.execute("SELECT COUNT(*) FROM vectors WHERE space = ? AND tombstoned = 1", (space,)).fetchone()
             failed = db.execute("SELECT COUNT(*) FROM items WHERE status = 'failed'").fetchone()[0]
-            # Counted on the vectors_tombstoned index: summing the table itself reads every embedding.
-            vectors = db.execute("SELECT COUNT(*) FROM vectors WHERE tombstoned = 0").fetchone()[0]
-            tombs = db.execute("SELECT COUNT(*) FROM vectors WHERE tombstoned = 1").fetchone()[0]
             dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-            newest = self._newest_vector_time(db)
-            last_compaction = self._meta_opt("last_compaction_at")
-            meta = self.index_meta()
-            delta = self.delta_size(meta.high_water)
-            delta_age = self.oldest_uncompacted_age_s(meta.high_water)
+            compacted = db.execute("SELECT last_compaction_at FROM spaces WHERE id = ?", (space,)).fetchone()
+            newest = feed.newest_indexed_at()
+            meta = feed.index_meta()
+            delta = feed.delta_size(meta.high_water)
+            delta_age = feed.oldest_uncompacted_age_s(meta.high_water)
+        last_compaction = compacted[0] if compacted else None
         return StoreStats(
-            items=int(items),
+            items=int(vectors[0]),  # one live vector per searchable item and space
             failed=int(failed),
-            vectors=int(vectors),
+            vectors=int(vectors[0]),
             dead_letters=int(dead),
-            tombstones=int(tombs),
-            newest_indexed_at=_dt(newest) if newest else None,
+            tombstones=int(tombs[0]),
+            newest_indexed_at=newest,
             last_compaction_at=_dt(float(last_compaction)) if last_compaction else None,
             generation=meta.generation,
             delta_size=delta,
@@ -504,46 +532,35 @@ class SqliteStore:
             changes=meta.seq,
         )
 
-    def newest_indexed_at(self) -> datetime | None:
-        """When the newest vector was written. Cheap at any size: it reads one row by its key."""
-        with self._lock:
-            newest = self._newest_vector_time(self._db)
-        return _dt(newest) if newest else None
-
-    @staticmethod
-    def _newest_vector_time(db: sqlite3.Connection) -> float | None:
-        # vector_ids grow with time, so the last one is the newest; MAX(created_at) would read every row
-        row = db.execute("SELECT created_at FROM vectors ORDER BY vector_id DESC LIMIT 1").fetchone()
-        return None if row is None else float(row[0])
-
-    def tombstone_count(self, *, upto: int, after_seq: int) -> int:
-        """Vectors up to `upto` tombstoned after `after_seq`: the deleted vectors a main index still holds."""
-        with self._lock:
-            row = self._db.execute(
-                # `+vector_id`: look rows up by the change counter (the few changed since main was built),
-                # not by the id range (every vector in main)
-                "SELECT COUNT(*) FROM vectors WHERE seq > ? AND tombstoned = 1 AND +vector_id <= ?",
-                (after_seq, upto),
-            ).fetchone()
-        return int(row[0])
-
-    def delta_size(self, high_water: int) -> int:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM vectors WHERE tombstoned = 0 AND vector_id > ?", (high_water,)
-            ).fetchone()
-        return int(row[0])
-
-    def oldest_uncompacted_age_s(self, high_water: int) -> float | None:
-        with self._lock:
-            row = self._db.execute("SELECT MIN(created_at) FROM vectors WHERE vector_id > ?", (high_water,)).fetchone()
-        return None if row[0] is None else max(0.0, time.time() - float(row[0]))
+    def coverage(self, space: int) -> Coverage:
+        """Live items (vectors in the active space), and how many of them `space` holds or gave up on."""
+        with self.read() as db:
+            active = self.active_space(db)
+            total = db.execute(
+                "SELECT COUNT(*) FROM vectors WHERE space = ? AND tombstoned = 0", (active.id if active else 0,)
+            ).fetchone()[0]
+            done = db.execute("SELECT COUNT(*) FROM vectors WHERE space = ? AND tombstoned = 0", (space,)).fetchone()[0]
+            failed = db.execute("SELECT COUNT(*) FROM reembed_failures WHERE space = ?", (space,)).fetchone()[0]
+        return Coverage(total=int(total), done=int(done), failed=int(failed))
 
 
-_ITEM_COLUMNS = "id, source, uri, sha256, metadata, status, reason, version, vector_id, created_at, updated_at"
+def _live_vectors(db: sqlite3.Connection, item_id: str) -> dict[int, int]:
+    """vector id → space of an item's live vectors (one per space)."""
+    rows = db.execute("SELECT vector_id, space FROM vectors WHERE item_id = ? AND tombstoned = 0", (item_id,))
+    return {int(r[0]): int(r[1]) for r in rows}
 
 
-def _item(row: Sequence[Any]) -> Item:
+ITEM_COLUMNS = (
+    "i.id, i.source, i.uri, i.sha256, i.metadata, i.status, i.reason, i.version, v.vector_id, "
+    "i.created_at, i.updated_at"
+)
+_ITEMS_IN_SPACE = (
+    f"SELECT {ITEM_COLUMNS} FROM items i LEFT JOIN vectors v ON v.item_id = i.id AND v.space = ? AND v.tombstoned = 0"
+)
+_SPACE_COLUMNS = "id, model, model_configs, state, created_at, switched_at"
+
+
+def item_of(row: Sequence[Any]) -> Item:
     return Item(
         id=row[0],
         source=row[1],
@@ -557,6 +574,25 @@ def _item(row: Sequence[Any]) -> Item:
         created_at=_dt(row[9]),
         updated_at=_dt(row[10]),
     )
+
+
+def _space(row: Sequence[Any]) -> Space:
+    return Space(
+        id=int(row[0]),
+        model=None if row[1] is None else _identity(row[1]),
+        model_configs=row[2],
+        state=row[3],
+        created_at=_dt(row[4]),
+        switched_at=None if row[5] is None else _dt(row[5]),
+    )
+
+
+def _identity(text: str) -> ModelIdentity:
+    return ModelIdentity(**json.loads(text))
+
+
+def _model_json(identity: ModelIdentity) -> str:
+    return json.dumps(identity.__dict__)
 
 
 def _dt(ts: float) -> datetime:

@@ -12,6 +12,7 @@ import numpy as np
 from indexer.compaction import Compactor, compact, needs_compaction
 from shared.roles import Delete, Upsert
 from shared.sqlite.index import IndexParams
+from shared.sqlite.spaces import SpaceLedgers
 from shared.sqlite.store import SqliteStore
 
 DIM = 8
@@ -56,23 +57,23 @@ def test_deletes_alone_trigger_a_compaction(tmp_path: Path) -> None:
 
 def test_compacts_only_past_a_threshold(tmp_path: Path) -> None:
     with SqliteStore(tmp_path / "db.sqlite3") as store:
-        compactor = Compactor(store, params(5), DIM, tmp_path / "index")
+        compactor = Compactor(SpaceLedgers(store), params(5))
         add(store, 4)
-        assert compactor.compact_if_needed() is None
+        assert compactor.compact_if_needed() == []
         add(store, 1, start=4)
-        result = compactor.compact_if_needed()
-        assert result is not None and result.generation == 1 and result.vectors == 5
+        [result] = compactor.compact_if_needed()
+        assert result.generation == 1 and result.vectors == 5
         assert store.index_meta().generation == 1 and store.delta_size(store.index_meta().high_water) == 0
-        assert compactor.compact_if_needed() is None
+        assert compactor.compact_if_needed() == []
 
 
 async def test_compacts_in_the_background_while_the_loop_runs(tmp_path: Path) -> None:
     with SqliteStore(tmp_path / "db.sqlite3") as store:
-        compactor = Compactor(store, params(3), DIM, tmp_path / "index", check_interval_s=0.02)
+        compactor = Compactor(SpaceLedgers(store), params(3), check_interval_s=0.02)
         async with compactor.running():
             add(store, 3)
             deadline = time.monotonic() + 10
             while store.index_meta().generation == 0:
                 assert time.monotonic() < deadline, "no compaction"
                 await asyncio.sleep(0.02)
-        assert compactor.compactions == 1 and (tmp_path / "index" / "main-1.faiss").exists()
+        assert compactor.compactions == 1 and (tmp_path / "index" / "space-1" / "main-1.faiss").exists()
