@@ -59,7 +59,7 @@ async def _run_indexer_and_server(core: Core, settings: Settings, root: Path, *,
     """Both halves until a signal, or until either fails; then the other is stopped too."""
     stop = asyncio.Event()
     stop_on_signals(stop)
-    indexer = asyncio.create_task(watch_folder(settings, root, stop, embedder=core.embedder), name="indexer")
+    indexer = asyncio.create_task(watch_folder(settings, root, stop, models=core.models), name="indexer")
     server = asyncio.create_task(serve_http(core, settings, stop, insecure=insecure, extra_roots=[root]), name="server")
     try:
         await asyncio.wait({indexer, server}, return_when=asyncio.FIRST_COMPLETED)

@@ -5,6 +5,7 @@ clipdex watch DIR                 index a folder, then keep it indexed as files 
 clipdex consume ...               index catalog events from Kafka (a consumer group member)
 clipdex status [--json]           counts, index state, model, freshness and lag
 clipdex compact [--if-needed]     fold the delta into a new main index now
+clipdex reembed --model M ...     move the store to another model without downtime (--abort: give up)
 clipdex dlq list|retry|purge      the dead letters: what could not be indexed, and why
 """
 
@@ -21,13 +22,15 @@ from typing import Any
 from indexer import service
 from indexer.compaction import Compactor
 from indexer.events import parse_event
-from indexer.progress import ProgressBar
+from indexer.progress import ProgressBar, format_eta
 from indexer.records import Record
+from indexer.reembed import Progress as ReembedProgress
+from indexer.reembed import ReembedReport
 from indexer.sources.folder import FolderSummary
 from indexer.sources.kafka_client import require_kafka
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
-from shared.errors import InvalidEvent
+from shared.errors import ConfigError, InvalidEvent, SpaceGone
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
 from shared.status import read_status
@@ -87,6 +90,33 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     )
     comp.add_argument("--if-needed", action="store_true", help="only when a size or age threshold is passed")
     comp.set_defaults(func=_cmd_compact)
+
+    reembed = sub.add_parser(
+        "reembed",
+        help="move the store to another model without downtime: re-embed every item, then switch",
+        description="Re-embed every live item with another model into a shadow space of the store, in "
+        "micro-batches, while search keeps answering with the current model; then switch the store to the new "
+        "model in one transaction. Running servers and indexers follow the switch without a restart. New and "
+        "changed items that arrive meanwhile are re-embedded too; deleted ones leave both spaces. Interrupted "
+        "(Ctrl-C, or killed), the same command resumes where it stopped. Point every process at the new model "
+        "(CLIPDEX_MODEL, CLIPDEX_PRETRAINED, CLIPDEX_MODEL_CONFIGS) before its next restart.",
+    )
+    add_setting_flag(reembed, "--model", "model")
+    add_setting_flag(reembed, "--pretrained", "pretrained")
+    add_setting_flag(reembed, "--model-configs", "model_configs", type=Path)
+    add_setting_flag(reembed, "--rate", "reembed_rate", type=float)
+    add_setting_flag(reembed, "--grace-s", "reembed_grace_s", type=float)
+    add_setting_flag(reembed, "--batch-size", "batch_size", type=int)
+    reembed.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    reembed.add_argument(
+        "--detach",
+        action="store_true",
+        help="only create the shadow space: indexers with CLIPDEX_REEMBED_IN_INDEXER fill it in the background",
+    )
+    reembed.add_argument(
+        "--abort", action="store_true", help="give up a re-embed in progress: its shadow space is dropped"
+    )
+    reembed.set_defaults(func=_cmd_reembed)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, retry or purge what could not be indexed")
     verbs = dlq.add_subparsers(dest="dlq_command", required=True, metavar="VERB")
@@ -168,7 +198,7 @@ def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 def status_of(settings: Settings) -> dict[str, Any]:
     """Everything `clipdex status` shows, as plain data. Reads the store; loads no model."""
     with open_catalog(settings) as catalog:
-        return read_status(settings.data_dir, catalog).to_dict()
+        return read_status(settings.data_dir, catalog, grace_s=settings.reembed_grace_s).to_dict()
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -194,6 +224,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         f"newest      {st['newest_indexed_at'] or '-'}",
         f"compacted   {st['last_compaction_at'] or 'never'}",
     ]
+    lines += _reembed_lines(st)
     lag = "- (no indexer running)" if st["lag_s"] is None else f"{st['lag_s']:.2f} s"
     lines.append(f"lag         {lag}, {st['pending']} pending")
     for hb in st["indexers"]:
@@ -204,6 +235,25 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         )
     print("\n".join(lines))
     return 0
+
+
+def _reembed_lines(st: dict[str, Any]) -> list[str]:
+    lines = []
+    if (re := st["reembed"]) is not None:
+        model = re["model"]
+        pct = 100.0 if re["total"] == 0 else 100.0 * re["done"] / re["total"]
+        head = f"re-embed    {model['name']} / {model['pretrained']} (dim {model['dim']}): "
+        head += f"{re['done']}/{re['total']} ({pct:.0f}%), {re['failed']} failed, "
+        if re["state"] == "running":
+            head += f"{re['rate']:.1f}/s, ETA {format_eta(re['eta_s'])} (pid {re['pid']})"
+        else:
+            head += "paused: no process runs it (`clipdex reembed --model ...` resumes it)"
+        lines.append(head)
+    if (prev := st["previous_model"]) is not None:
+        model = prev["model"]
+        until = f" until {prev['removed_after']}" if prev["removed_after"] else ""
+        lines.append(f"previous    {model['name']} / {model['pretrained']}: kept{until} for servers still switching")
+    return lines
 
 
 def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,6 +277,92 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
             f"compacted: main generation {result.generation}, {result.vectors} vectors ({result.kind}"
             f"{', rebuilt' if result.rebuilt else ''}), {result.purged} deleted vectors purged, {result.seconds:.2f} s"
         )
+    return 0
+
+
+# -- re-embedding ------------------------------------------------------------------------------------------------
+
+
+def _cmd_reembed(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.db_path.exists():
+        raise ConfigError(f"nothing to re-embed: no store in {settings.data_dir} (CLIPDEX_DATA_DIR)")
+    if args.abort:
+        return _reembed_abort(settings)
+    settings = absolute_model_paths(settings)  # other processes load the new model from what the store records
+    bar = None if args.no_progress else ProgressBar()
+
+    def show(p: ReembedProgress) -> None:
+        if bar is not None:
+            bar.draw(p.done, p.coverage.total, failed=p.coverage.failed, rate=p.rate, eta_s=p.eta_s)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        try:
+            report = await service.reembed(settings, stop, detach=args.detach, on_progress=show)
+        finally:
+            if bar is not None:
+                bar.close()
+        _print_reembed(report, settings)
+        if report is not None and report.switched:
+            await service.drop_previous(settings, stop, say=print)
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except SpaceGone:
+        print("clipdex reembed: the re-embed was aborted (clipdex reembed --abort)", file=sys.stderr)
+        return 1
+
+
+def _print_reembed(report: ReembedReport | None, settings: Settings) -> None:
+    name = f"{settings.model} / {settings.pretrained}"
+    if report is None:
+        print(f"created a shadow space for {name}: indexers with CLIPDEX_REEMBED_IN_INDEXER=true fill it")
+        return
+    cov = report.coverage
+    assert cov is not None
+    rate = (report.embedded + report.reused) / report.seconds if report.seconds > 0 else 0.0
+    print(
+        f"{cov.done + cov.failed}/{cov.total} items re-embedded with {name} (this run: embedded {report.embedded}, "
+        f"reused {report.reused} without a model call, {report.failed} failed, {rate:.1f} images/s)"
+    )
+    if report.switched:
+        print(
+            f"switched: the store answers with {settings.model} now; running servers and indexers follow. Set "
+            "CLIPDEX_MODEL, CLIPDEX_PRETRAINED (and CLIPDEX_MODEL_CONFIGS) to it for their next start"
+        )
+        if cov.failed:
+            print(f"{cov.failed} items whose source could not be read are failed now (clipdex dlq list, dlq retry)")
+    else:
+        print("interrupted: run the same command again to resume (finished items are not embedded again)")
+
+
+def absolute_model_paths(settings: Settings) -> Settings:
+    """A checkpoint path and a config folder as absolute paths: every process that follows the switch
+    loads the new model from what the store records."""
+    updates: dict[str, Any] = {}
+    if settings.model_configs is not None:
+        updates["model_configs"] = settings.model_configs.expanduser().resolve()
+    checkpoint = Path(settings.pretrained).expanduser()
+    if not settings.random_weights and checkpoint.is_file():
+        updates["pretrained"] = str(checkpoint.resolve())
+    return settings.model_copy(update=updates)
+
+
+def _reembed_abort(settings: Settings) -> int:
+    with open_writer(settings, None) as store:
+        shadow = store.spaces.abort()
+        if shadow is None:
+            print("no re-embed in progress")
+            return 0
+        store.spaces.drop_spaces(settings.reembed_grace_s)
+        active = store.catalog.model_identity()
+    model = shadow.model
+    print(
+        f"aborted the re-embed with {model.name if model else '?'}: its vectors are dropped; the store answers "
+        f"with {active.name if active else '?'}"
+    )
     return 0
 
 

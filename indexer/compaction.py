@@ -18,7 +18,7 @@ import asyncio
 import fcntl
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Set
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ import faiss
 
 from shared.config import Settings
 from shared.errors import ClipdexError, StoreError
-from shared.roles import CompactionLedger, CompactionLedgers, Spaces
+from shared.roles import CompactionLedger, CompactionLedgers, Spaces, SpaceState
 from shared.sqlite.index import IndexParams, build_from_store, index_kind, read_main, write_main
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,10 @@ class Compactor:
         check_interval_s: float = 5.0,
         spaces: Spaces | None = None,
         grace_s: float = 0.0,
+        states: Set[SpaceState] = frozenset({"active", "shadow"}),
     ) -> None:
         self.ledgers = ledgers
+        self.states = states
         self.params = params
         self.check_interval_s = check_interval_s
         self.spaces = spaces
@@ -166,7 +168,14 @@ class Compactor:
         self.compactions = 0
 
     @classmethod
-    def from_settings(cls, ledgers: CompactionLedgers, settings: Settings, spaces: Spaces | None = None) -> Compactor:
+    def from_settings(
+        cls,
+        ledgers: CompactionLedgers,
+        settings: Settings,
+        spaces: Spaces | None = None,
+        *,
+        states: Set[SpaceState] = frozenset({"active", "shadow"}),
+    ) -> Compactor:
         # Check often enough that the age threshold is kept to within a few percent.
         interval = min(5.0, max(0.1, settings.compact_max_age_s / 20))
         return cls(
@@ -175,19 +184,20 @@ class Compactor:
             check_interval_s=interval,
             spaces=spaces,
             grace_s=settings.reembed_grace_s,
+            states=states,
         )
 
     def compact_if_needed(self) -> list[CompactionResult]:
         """Blocking: compact each space that passed a threshold."""
         results = []
-        for ledger in self.ledgers.ledgers():
+        for ledger in self.ledgers.ledgers(self.states):
             if needs_compaction(ledger, self.params):
                 results.append(self._compact(ledger))
         return results
 
     def compact(self) -> list[CompactionResult]:
         """Blocking: compact every space now."""
-        return [self._compact(ledger) for ledger in self.ledgers.ledgers()]
+        return [self._compact(ledger) for ledger in self.ledgers.ledgers(self.states)]
 
     def _compact(self, ledger: CompactionLedger) -> CompactionResult:
         result = compact(ledger, self.params, ledger.dim, ledger.index_dir)

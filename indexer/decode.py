@@ -7,6 +7,7 @@ the pipeline dead-letters that image and goes on with the others.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -14,7 +15,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 from PIL import Image
@@ -35,6 +36,27 @@ def sha256_of(data: bytes) -> str:
 def fetch_and_hash(fetch: Fetch, uri: str) -> tuple[bytes, str]:
     data = fetch(uri)
     return data, sha256_of(data)
+
+
+async def fetch_with_retries(
+    pool: Executor, fetch: Fetch, uri: str, *, retries: int, backoff_s: float, name: str
+) -> tuple[tuple[bytes, str] | ItemError, int]:
+    """(bytes, sha256) of one image, or why not, and how many tries it took: a transient failure is tried
+    again with backoff (doubled each time), up to `retries` more times."""
+    loop = asyncio.get_running_loop()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return await loop.run_in_executor(pool, fetch_and_hash, fetch, uri), tries
+        except ItemError as exc:
+            if not exc.retriable or tries > retries:
+                return exc, tries
+            delay = backoff_s * 2 ** (tries - 1)
+            logger.info("%s: %s; try %d again in %.1f s", name, exc, tries + 1, delay)
+            await asyncio.sleep(delay)
+        except OSError as exc:  # an I/O error the fetcher did not name: the file may come back
+            return ItemError(f"cannot read {uri}: {exc}"), tries
 
 
 def decode_and_preprocess(data: bytes, *, max_pixels: int, preprocess: Preprocess) -> torch.Tensor:

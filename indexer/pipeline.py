@@ -9,6 +9,10 @@
 `write` returns once the batch is durable, so the caller may then commit its source position. A bad item
 is a dead letter and never makes `write` raise; a `StoreError` does, and the caller must stop without
 committing (the batch replays, and a replay is idempotent).
+
+When a re-embed switches the store to another model while this pipeline runs, the store refuses the
+batch (`ModelSwitched`, nothing written); the pipeline loads the store's new model (`follow`), and embeds
+and writes the batch again with it.
 """
 
 from __future__ import annotations
@@ -18,18 +22,18 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_and_hash
+from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_with_retries
 from indexer.embed import decode_and_embed
 from indexer.records import BatchReport, FailedRecord, Record
 from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan
 from shared.config import Settings
 from shared.embedder import Embedder
-from shared.errors import ItemError
+from shared.errors import ItemError, ModelSwitched
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.roles import Upsert, Writer
 from shared.types import Embedding
@@ -72,17 +76,26 @@ def embed_batch_for(batch_size: int, device: str) -> int:
     return batch_size
 
 
+Follow = Callable[[Embedder], Embedder]  # the store's active model, given the one a write was refused for
+
+
 class Pipeline:
     """One writer. `write` calls are serialised; the model runs in one dedicated thread."""
 
-    def __init__(self, writer: Writer, embedder: Embedder, fetch: Fetch, options: PipelineOptions) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        embedder: Embedder,
+        fetch: Fetch,
+        options: PipelineOptions,
+        *,
+        follow: Follow | None = None,
+    ) -> None:
         self.writer = writer
-        self.embedder = embedder
         self.options = options
         self._fetch = fetch
-        self._decode = functools.partial(
-            decode_and_preprocess, max_pixels=options.max_pixels, preprocess=embedder.preprocess
-        )
+        self._follow = follow
+        self._use(embedder)
         self._fetch_pool = ThreadPoolExecutor(options.fetch_workers, thread_name_prefix="clipdex-fetch")
         self._decode_pool = decode_pool(options.decode_workers)
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="clipdex-embed")
@@ -92,7 +105,13 @@ class Pipeline:
 
     @classmethod
     def from_settings(
-        cls, writer: Writer, embedder: Embedder, settings: Settings, *, roots: Sequence[Path] = ()
+        cls,
+        writer: Writer,
+        embedder: Embedder,
+        settings: Settings,
+        *,
+        roots: Sequence[Path] = (),
+        follow: Follow | None = None,
     ) -> Pipeline:
         """Paths may resolve under CLIPDEX_ALLOWED_ROOTS and `roots` (the watched folder)."""
         policy = FetchPolicy.from_settings(settings, extra_roots=roots)
@@ -101,6 +120,13 @@ class Pipeline:
             embedder,
             functools.partial(fetch_bytes, policy=policy),
             PipelineOptions.from_settings(settings, device=embedder.device.type),
+            follow=follow,
+        )
+
+    def _use(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self._decode = functools.partial(
+            decode_and_preprocess, max_pixels=self.options.max_pixels, preprocess=embedder.preprocess
         )
 
     def close(self) -> None:
@@ -144,7 +170,14 @@ class Pipeline:
 
         write_started = time.perf_counter()
         dead_letters = [f.dead_letter() for f in failures]
-        result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters)
+        try:
+            result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters)
+        except ModelSwitched as exc:
+            if self._follow is None:
+                raise
+            logger.info("%s: loading the store's model, then writing the batch again", exc)
+            self._use(await asyncio.to_thread(self._follow, self.embedder))
+            return await self._write(records)
         report.write_ms = (time.perf_counter() - write_started) * 1000
 
         report.indexed = result.indexed - len(sorted_.reused)
@@ -161,21 +194,18 @@ class Pipeline:
 
     async def _fetch_one(self, work: Work) -> Fetched | FailedRecord:
         """Read and hash one image; a transient failure is retried with backoff, then dead-lettered."""
-        loop = asyncio.get_running_loop()
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                data, sha = await loop.run_in_executor(self._fetch_pool, fetch_and_hash, self._fetch, work.uri)
-                return Fetched(work, data, sha, tries)
-            except ItemError as exc:
-                if not exc.retriable or tries > self.options.fetch_retries:
-                    return _failure(work, exc, tries)
-                delay = self.options.retry_backoff_s * 2 ** (tries - 1)
-                logger.info("%s: %s; try %d again in %.1f s", work.item_id, exc, tries + 1, delay)
-                await asyncio.sleep(delay)
-            except OSError as exc:  # an I/O error the fetcher did not name: the file may come back
-                return _failure(work, ItemError(f"cannot read {work.uri}: {exc}"), tries)
+        outcome, tries = await fetch_with_retries(
+            self._fetch_pool,
+            self._fetch,
+            work.uri,
+            retries=self.options.fetch_retries,
+            backoff_s=self.options.retry_backoff_s,
+            name=work.item_id,
+        )
+        if isinstance(outcome, ItemError):
+            return _failure(work, outcome, tries)
+        data, sha = outcome
+        return Fetched(work, data, sha, tries)
 
     async def _embed(
         self, sorted_: Classified, report: BatchReport

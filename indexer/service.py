@@ -1,11 +1,13 @@
 """The indexer's composition root and its entry points.
 
-    open_indexer(settings, embedder=None) ─▶ the model (its own, or the one `clipdex run` shares with its
-        server) + the store opened as a writer + the pipeline + compaction on thresholds beside it
+    open_indexer(settings, models=None) ─▶ the model (its own, or the one `clipdex run` shares with its
+        server) + the store opened as a writer + the pipeline (which follows a switch of the store's
+        model) + compaction on thresholds beside it (+ a pending re-embed, CLIPDEX_REEMBED_IN_INDEXER)
 
     index_folder   `clipdex index`: bring the store in line with a folder once
     watch_folder   `clipdex watch`, and the indexer half of `clipdex run`: index a folder, then watch it
     consume        `clipdex consume`: Kafka events, until a signal
+    reembed        `clipdex reembed`: the configured model into a shadow space, until the store switches to it
     retry          `clipdex dlq retry`: dead letters through the pipeline again
 
 A store failure (`StoreError`) propagates: the caller stops without committing its source position, and
@@ -20,13 +22,15 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.compaction import Compactor
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Record, Sink
+from indexer.reembed import Progress as ReembedProgress
+from indexer.reembed import Reembedder, ReembedReport, background_reembed, holder_of_lock, reembed_lock
 from indexer.sources import folder, kafka
 from indexer.sources.folder import FolderSource, FolderSummary, Progress
 from indexer.sources.kafka import KafkaSource
@@ -35,6 +39,7 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ConfigError, StoreError
 from shared.heartbeat import Heartbeat
+from shared.models import Models
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
 from shared.stores import WriteSide, open_writer
@@ -48,46 +53,70 @@ class Indexer:
 
     pipeline: Pipeline
     store: WriteSide
-    embedder: Embedder
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.pipeline.embedder  # the store's model: another one after a re-embed switched it
 
 
 @asynccontextmanager
 async def open_indexer(
     settings: Settings,
     *,
-    embedder: Embedder | None = None,
+    models: Models | None = None,
     roots: Sequence[Path] = (),
     compaction: bool = True,
 ) -> AsyncIterator[Indexer]:
-    """Load the model (unless given: then the caller closes it), open the store as a writer bound to
-    it, and build the pipeline; compact on thresholds beside it while the block runs. Paths may
-    resolve under CLIPDEX_ALLOWED_ROOTS and `roots` (the watched folder)."""
-    owned = embedder is None
+    """Load the model (from `models`, which `clipdex run` shares with its server), open the store as a
+    writer bound to it, and build the pipeline, which follows a switch to another model; while the block
+    runs, compact on thresholds beside it (and, with CLIPDEX_REEMBED_IN_INDEXER, fill a pending re-embed).
+    Paths may resolve under CLIPDEX_ALLOWED_ROOTS and `roots` (the watched folder)."""
+    owned = models is None
+    models = models or Models(settings)
 
     def load() -> tuple[Embedder, WriteSide]:
-        model = embedder or Embedder.from_settings(settings)
+        model = models.configured()
         try:
             return model, open_writer(settings, model.identity)
         except BaseException:
-            if owned:
-                model.close()
+            models.release(model)
             raise
 
-    model, store = await asyncio.to_thread(load)
     try:
-        pipeline = Pipeline.from_settings(store.writer, model, settings, roots=roots)
-        indexer = Indexer(pipeline, store, model)
-        try:
-            if compaction and store.compaction is not None:
-                async with Compactor.from_settings(store.compaction, settings, store.spaces).running():
-                    yield indexer
-            else:
-                yield indexer
-        finally:
-            await asyncio.to_thread(pipeline.close)
-    finally:
+        model, store = await asyncio.to_thread(load)
+    except BaseException:
         if owned:
-            model.close()
+            models.close()
+        raise
+
+    def follow(old: Embedder) -> Embedder:
+        """The store switched models: load the active space's, bind the writer to it, let the old go."""
+        active = next(s for s in store.catalog.spaces() if s.state == "active")
+        new = models.for_space(active)
+        try:
+            store.writer.bind_model(new.identity)
+        except BaseException:
+            models.release(new)
+            raise
+        models.release(old)
+        return new
+
+    pipeline = Pipeline.from_settings(store.writer, model, settings, roots=roots, follow=follow)
+    try:
+        indexer = Indexer(pipeline, store)
+        if compaction and store.compaction is not None:
+            async with (
+                Compactor.from_settings(store.compaction, settings, store.spaces).running(),
+                background_reembed(settings, store.spaces, store.catalog, models.for_space, models.release),
+            ):
+                yield indexer
+        else:
+            yield indexer
+    finally:
+        await asyncio.to_thread(pipeline.close)
+        models.release(pipeline.embedder)
+        if owned:
+            models.close()
         store.close()
 
 
@@ -120,16 +149,16 @@ async def watch_folder(
     root: Path,
     stop: asyncio.Event,
     *,
-    embedder: Embedder | None = None,
+    models: Models | None = None,
     ready: asyncio.Event | None = None,
 ) -> FolderSummary:
     """Index `root`, then watch it, until `stop` is set; the batch in flight then is finished and durable
-    before this returns. `embedder`: a model this process already loaded (`clipdex run` shares its
-    server's). `ready` is set once the watcher is live and the files found at start are indexed (on a
-    big first run that takes a while: serve meanwhile, do not wait for it)."""
+    before this returns. `models`: the models of this process (`clipdex run` shares its server's).
+    `ready` is set once the watcher is live and the files found at start are indexed (on a big first run
+    that takes a while: serve meanwhile, do not wait for it)."""
     _check_folder(root)
     _quiet_watchfiles()
-    async with open_indexer(settings, embedder=embedder, roots=[root]) as indexer:
+    async with open_indexer(settings, models=models, roots=[root]) as indexer:
         return await _folder_source(settings, root, indexer).run(stop, ready)
 
 
@@ -183,6 +212,73 @@ async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> in
             )
             return 1
     return 0
+
+
+# -- re-embedding -------------------------------------------------------------------------------------------
+
+
+async def reembed(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    detach: bool = False,
+    on_progress: Callable[[ReembedProgress], None] | None = None,
+) -> ReembedReport | None:
+    """`clipdex reembed`: the configured model (the new one) into a shadow space, item by item, until the
+    store switches to it. Stops early, resumably, when `stop` is set. None with `detach`: the shadow space
+    is created and left to indexers started with CLIPDEX_REEMBED_IN_INDEXER."""
+    with reembed_lock(settings.data_dir) as mine:
+        if not mine:
+            raise ConfigError(
+                f"a re-embed is already running on {settings.data_dir} (pid {holder_of_lock(settings.data_dir)})"
+            )
+        with open_writer(settings, None) as store:
+            await asyncio.to_thread(store.spaces.drop_spaces, settings.reembed_grace_s)  # leftovers of earlier runs
+            models = Models(settings)
+            try:
+                embedder = await asyncio.to_thread(models.configured)
+                configs = str(settings.model_configs) if settings.model_configs else None
+                shadow = await asyncio.to_thread(store.spaces.create_shadow, embedder.identity, configs)
+                if detach:
+                    return None
+                compactor = None
+                if store.compaction is not None:
+                    compactor = Compactor.from_settings(store.compaction, settings, states={"shadow"})
+                identity = embedder.identity
+                heartbeat = Heartbeat.reembed(settings.data_dir, model=identity.name, pretrained=identity.pretrained)
+                worker = Reembedder(
+                    store.spaces,
+                    store.catalog,
+                    shadow,
+                    embedder,
+                    settings,
+                    compactor=compactor,
+                    on_progress=on_progress,
+                    heartbeat=heartbeat,
+                )
+                return await worker.run(stop)
+            finally:
+                models.close()
+
+
+async def drop_previous(settings: Settings, stop: asyncio.Event, say: Callable[[str], None] = logger.info) -> bool:
+    """After a switch: keep the previous model's space for the grace period (search processes still
+    switching answer from it), then drop it. False when `stop` came first: an indexer's compactor or
+    `clipdex compact` drops it later."""
+    if settings.reembed_grace_s > 0:
+        say(
+            f"keeping the previous model's vectors {settings.reembed_grace_s:.0f} s for search processes still "
+            "switching (interrupt to leave their removal to a running indexer or `clipdex compact`)"
+        )
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.reembed_grace_s)
+    if stop.is_set():
+        return False
+    with open_writer(settings, None) as store:
+        dropped = await asyncio.to_thread(store.spaces.drop_spaces, settings.reembed_grace_s)
+    if dropped:
+        say("removed the previous model's vectors")
+    return True
 
 
 # -- dead letters -------------------------------------------------------------------------------------------

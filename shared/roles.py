@@ -417,6 +417,6 @@ class CompactionLedger(ChangeFeed, Protocol):
 class CompactionLedgers(Protocol):
     """The spaces an indexer keeps compacted."""
 
-    def ledgers(self) -> list[CompactionLedger]:
-        """The active space, and a shadow space while a re-embed fills it."""
+    def ledgers(self, states: Set[SpaceState] = frozenset({"active", "shadow"})) -> list[CompactionLedger]:
+        """The spaces in these states: the active one, and a shadow one while a re-embed fills it."""
         ...

@@ -139,9 +139,8 @@ class HttpApi:
         )
 
     async def prometheus(self, request: Request) -> Response:
-        core = self.queries.core
-        stats = await anyio.to_thread.run_sync(core.catalog.stats)
-        return Response(self.metrics.render(stats, core.vectors.state()), media_type=CONTENT_TYPE)
+        status = await anyio.to_thread.run_sync(self.queries.status_sync)
+        return Response(self.metrics.render(status), media_type=CONTENT_TYPE)
 
 
 def search_args(params: QueryParams) -> SearchArgs:

@@ -1,5 +1,6 @@
 """Prometheus metrics of the read side: request counters and latency histograms, plus the store's own
-counts (items, failures, dead letters: the ingest side as seen from the shared store) at scrape time.
+counts (items, failures, dead letters: the ingest side as seen from the shared store), the models (the
+store's, the one answering this server's queries, a re-embed's) and a re-embed's progress at scrape time.
 
 A few dozen lines instead of a dependency: counters and fixed-bucket histograms keyed by label values,
 rendered in the Prometheus text format (version 0.0.4).
@@ -14,7 +15,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from shared.roles import SearcherState, StoreStats
+from shared.status import Status
+from shared.types import ModelIdentity
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,6 +33,7 @@ class Sample:
     help: str
     value: float
     kind: str = "gauge"
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 class Counter:
@@ -117,7 +120,10 @@ class Metrics:
     def timer(self, transport: str, kind: str) -> RequestTimer:
         return RequestTimer(self, transport, kind)
 
-    def render(self, stats: StoreStats, index: SearcherState) -> str:
+    def render(self, status: Status) -> str:
+        """The text exposition, with gauges from a server's status (`Queries.status_sync`)."""
+        stats, index = status.stats, status.searcher
+        assert index is not None, "a server's status has its own index"
         lines: list[str] = []
         for metric in (self.requests, self.latency, self.http_responses):
             lines += metric.render()
@@ -148,15 +154,70 @@ class Metrics:
                 stats.last_compaction_at.timestamp() if stats.last_compaction_at else math.nan,
             ),
         ]
+        gauges += _model_samples(status)
+        gauges += _reembed_samples(status)
         for collect in self._collectors:
             gauges += list(collect())
+        described: set[str] = set()
         for sample in gauges:
-            lines += [
-                f"# HELP {sample.name} {sample.help}",
-                f"# TYPE {sample.name} {sample.kind}",
-                f"{sample.name} {_num(sample.value)}",
-            ]
+            if sample.name not in described:  # one HELP and TYPE per metric, whatever its label sets
+                described.add(sample.name)
+                lines += [f"# HELP {sample.name} {sample.help}", f"# TYPE {sample.name} {sample.kind}"]
+            names, values = zip(*sample.labels, strict=True) if sample.labels else ((), ())
+            lines.append(f"{sample.name}{_labels(names, values)} {_num(sample.value)}")
         return "\n".join(lines) + "\n"
+
+
+_MODEL_HELP = (
+    "1 for each model by role: the store's (`store`), the one answering this server's queries "
+    "(`answering`), and the one a re-embed moves the store to (`reembed`)."
+)
+
+
+def _model_samples(status: Status) -> list[Sample]:
+    roles: list[tuple[str, ModelIdentity]] = []
+    if status.model is not None:
+        roles.append(("store", status.model))
+    if status.searcher is not None and status.searcher.model is not None:
+        roles.append(("answering", status.searcher.model))
+    if status.reembed is not None:
+        roles.append(("reembed", status.reembed.model))
+    return [
+        Sample(
+            "clipdex_model_info",
+            _MODEL_HELP,
+            1,
+            labels=(("role", role), ("name", m.name), ("pretrained", m.pretrained), ("dim", str(m.dim))),
+        )
+        for role, m in roles
+    ]
+
+
+def _reembed_samples(status: Status) -> list[Sample]:
+    """Zeros when no re-embed is in progress, so a dashboard's series never vanish."""
+    re = status.reembed
+    cov = None if re is None else re.coverage
+    return [
+        Sample("clipdex_reembed_active", "1 while a re-embed to another model is in progress.", int(re is not None)),
+        Sample(
+            "clipdex_reembed_running",
+            "1 while a process fills the re-embed (0: paused).",
+            int(re is not None and re.running),
+        ),
+        Sample("clipdex_reembed_items_total", "Live items the re-embed must cover.", cov.total if cov else 0),
+        Sample(
+            "clipdex_reembed_items_done",
+            "Items the re-embed covered (re-embedded, or failed).",
+            cov.done + cov.failed if cov else 0,
+        ),
+        Sample("clipdex_reembed_items_failed", "Items whose source could not be read again.", cov.failed if cov else 0),
+        Sample("clipdex_reembed_rate", "Items per second of the running re-embed.", re.rate if re else 0.0),
+        Sample(
+            "clipdex_reembed_eta_seconds",
+            "Seconds to the switch at the current rate (NaN: not known).",
+            re.eta_s if re is not None and re.eta_s is not None else math.nan,
+        ),
+    ]
 
 
 class RequestTimer:

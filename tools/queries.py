@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import os
 import threading
@@ -193,9 +194,18 @@ class Queries:
         return await self._call(transport, "status", lambda: IndexStatusOut.of(self.status_sync()))
 
     def status_sync(self) -> Status:
-        """The store, the indexers' lag (`shared.status`), and this server's own index."""
+        """The store, the indexers' lag, a re-embed's progress (`shared.status`), and this server's own
+        index and the model that answers its queries."""
         core = self.core
-        return read_status(core.settings.data_dir, core.catalog, searcher=core.vectors.state(), recent_dead_letters=5)
+        answering = core.answering  # one model and its space, as a query takes them
+        status = read_status(
+            core.settings.data_dir,
+            answering.reader.catalog,
+            searcher=answering.reader.vectors.state(),
+            recent_dead_letters=5,
+            grace_s=core.settings.reembed_grace_s,
+        )
+        return dataclasses.replace(status, switch_error=core.switch_error)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 

@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.roles import DeadLetter
-from shared.status import Status
-from shared.types import Filters, Hit, IndexInfo, Item, MetaValue, SearchResult
+from shared.status import Reembed, Status
+from shared.types import Filters, Hit, IndexInfo, Item, MetaValue, ModelIdentity, SearchResult
 
 FilterValue = str | int | float | bool | None
 
@@ -131,6 +131,37 @@ class ModelOut(BaseModel):
     pretrained: str
     dim: int
 
+    @classmethod
+    def of(cls, model: ModelIdentity) -> ModelOut:
+        return cls(name=model.name, pretrained=model.pretrained, dim=model.dim)
+
+
+class ReembedOut(BaseModel):
+    """A re-embed in progress (`clipdex reembed`): search uses `model` of the status until it switches."""
+
+    model: ModelOut = Field(description="The model the store is being moved to.")
+    state: str = Field(description='"running" (a process fills it now) or "paused" (none does).')
+    done: int = Field(description="Live items covered: re-embedded, or failed (their source is gone).")
+    total: int = Field(description="Live items to cover.")
+    failed: int = Field(description="Items whose source could not be read again (dead letters).")
+    rate: float = Field(description="Items per second of the running re-embed (0 when paused).")
+    eta_s: float | None = Field(description="Seconds to the switch at that rate; null when not known.")
+    started_at: datetime | None
+
+    @classmethod
+    def of(cls, re: Reembed) -> ReembedOut:
+        cov = re.coverage
+        return cls(
+            model=ModelOut.of(re.model),
+            state="running" if re.running else "paused",
+            done=cov.done + cov.failed,
+            total=cov.total,
+            failed=cov.failed,
+            rate=round(re.rate, 3),
+            eta_s=None if re.eta_s is None else round(re.eta_s, 1),
+            started_at=re.started_at,
+        )
+
 
 class DeadLetterOut(BaseModel):
     item_id: str | None
@@ -159,7 +190,15 @@ class IndexStatusOut(BaseModel):
     tombstones: int = Field(description="Deleted or replaced vectors not yet purged by a compaction.")
     dead_letters: int = Field(description="Events or files that were refused, with a reason.")
     recent_dead_letters: list[DeadLetterOut] = Field(description="The latest few dead letters.")
-    model: ModelOut
+    model: ModelOut = Field(description="The store's model (new items are indexed with it).")
+    answering_model: ModelOut = Field(
+        description="The model that answers this server's queries: the store's, except for the few seconds "
+        "after a re-embed switched it, while this server loads the new one."
+    )
+    reembed: ReembedOut | None = Field(description="A re-embed to another model in progress, or null.")
+    switch_error: str | None = Field(
+        None, description="Why this server could not follow the store to its new model (it answers with the old)."
+    )
     index_vectors: int = Field(description="Vectors in the index this server searches.")
     delta_size: int = Field(description="Vectors not yet compacted into the main index.")
     generation: int = Field(description="Main index generation (0: none built yet).")
@@ -180,13 +219,16 @@ class IndexStatusOut(BaseModel):
         stats, searcher, model = status.stats, status.searcher, status.model
         assert searcher is not None and model is not None, "a server's store is bound to its model"
         return cls(
+            answering_model=ModelOut.of(searcher.model or model),
+            reembed=None if status.reembed is None else ReembedOut.of(status.reembed),
+            switch_error=status.switch_error,
             items=stats.items,
             failed=stats.failed,
             vectors=stats.vectors,
             tombstones=stats.tombstones,
             dead_letters=stats.dead_letters,
             recent_dead_letters=[DeadLetterOut.of(d) for d in status.recent_dead_letters],
-            model=ModelOut(name=model.name, pretrained=model.pretrained, dim=model.dim),
+            model=ModelOut.of(model),
             index_vectors=searcher.vectors,
             delta_size=searcher.delta_size,
             generation=searcher.generation,

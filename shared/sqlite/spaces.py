@@ -18,10 +18,10 @@ import logging
 import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 from shared.errors import SpaceGone, StoreError
-from shared.roles import CompactionLedger, Pending, Space, SpaceFailure, SpaceVector
+from shared.roles import CompactionLedger, Pending, Space, SpaceFailure, SpaceState, SpaceVector
 from shared.sqlite.store import SqliteStore
 from shared.types import Embedding, ModelIdentity
 
@@ -187,8 +187,8 @@ class SpaceLedgers:
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
 
-    def ledgers(self) -> list[CompactionLedger]:
-        return [self.store.feed(s.id) for s in self.store.spaces() if s.state in ("active", "shadow")]
+    def ledgers(self, states: Set[SpaceState] = frozenset({"active", "shadow"})) -> list[CompactionLedger]:
+        return [self.store.feed(s.id) for s in self.store.spaces() if s.state in states]
 
 
 def _shadow(store: SqliteStore, db: sqlite3.Connection) -> Space | None:

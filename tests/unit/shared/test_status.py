@@ -18,7 +18,8 @@ from shared.types import ModelIdentity
 
 CLI_KEYS = {
     "data_dir", "exists", "items", "failed", "dead_letters", "vectors", "tombstones", "delta_size", "delta_age_s",
-    "generation", "model", "newest_indexed_at", "last_compaction_at", "lag_s", "pending", "indexers",
+    "generation", "model", "newest_indexed_at", "last_compaction_at", "lag_s", "pending", "indexers", "reembed",
+    "previous_model",
 }  # fmt: skip
 
 
