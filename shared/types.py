@@ -83,6 +83,7 @@ class IndexInfo:
     delta_size: int
     generation: int
     newest_indexed_at: datetime | None
+    model: ModelIdentity | None = None  # the model of the space searched: the one that answered
 
 
 @dataclass(frozen=True)

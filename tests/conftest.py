@@ -21,6 +21,7 @@ from tests.brokers import EXTERNAL_BOOTSTRAP, TansuBroker, create_topic, unique_
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_CONFIGS = FIXTURES / "configs"
 TINY_MODEL = "clipdex-tiny"  # 32 px ViT, 1 layer, random weights: fast, meaningless results
+TINY16_MODEL = "clipdex-tiny-16"  # the same with 16-dimensional embeddings: a second model to re-embed with
 SHAPES_MODELS = demo.MODEL_DIR  # the demo's model, trained on coloured shapes: real retrieval
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
@@ -53,6 +54,14 @@ def tiny_settings(tmp_path: Path) -> Settings:
 @pytest.fixture(scope="session")
 def tiny_embedder() -> Iterator[Embedder]:
     embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32"))
+    embedder.load()
+    yield embedder
+    embedder.close()
+
+
+@pytest.fixture(scope="session")
+def tiny16_embedder() -> Iterator[Embedder]:
+    embedder = Embedder(ModelSpec(TINY16_MODEL, None, TINY_CONFIGS, "cpu", "fp32"))
     embedder.load()
     yield embedder
     embedder.close()

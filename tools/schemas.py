@@ -62,12 +62,23 @@ class HitOut(BaseModel):
         return cls(id=hit.id, uri=hit.uri, score=round(hit.score, 6), metadata=hit.metadata)
 
 
+class ModelOut(BaseModel):
+    name: str
+    pretrained: str
+    dim: int
+
+    @classmethod
+    def of(cls, model: ModelIdentity) -> ModelOut:
+        return cls(name=model.name, pretrained=model.pretrained, dim=model.dim)
+
+
 class IndexInfoOut(BaseModel):
     items: int = Field(description="Searchable items.")
     vectors: int = Field(description="Vectors in the index this server searches.")
     delta_size: int = Field(description="Vectors not yet compacted into the main index.")
     generation: int = Field(description="Main index generation (0: none built yet).")
     newest_indexed_at: datetime | None = Field(description="When the newest item was indexed (UTC).")
+    model: ModelOut | None = Field(None, description="The model that answered (after a model change, the new one).")
 
     @classmethod
     def of(cls, info: IndexInfo) -> IndexInfoOut:
@@ -77,6 +88,7 @@ class IndexInfoOut(BaseModel):
             delta_size=info.delta_size,
             generation=info.generation,
             newest_indexed_at=info.newest_indexed_at,
+            model=None if info.model is None else ModelOut.of(info.model),
         )
 
 
@@ -124,16 +136,6 @@ class ItemOut(BaseModel):
             created_at=item.created_at,
             updated_at=item.updated_at,
         )
-
-
-class ModelOut(BaseModel):
-    name: str
-    pretrained: str
-    dim: int
-
-    @classmethod
-    def of(cls, model: ModelIdentity) -> ModelOut:
-        return cls(name=model.name, pretrained=model.pretrained, dim=model.dim)
 
 
 class ReembedOut(BaseModel):

@@ -66,6 +66,7 @@ class IndexSearch:
             delta_size=self.index.delta_size,
             generation=self.index.generation,
             newest_indexed_at=self.feed.newest_indexed_at(),
+            model=self.model,
         )
 
     def state(self) -> SearcherState:
