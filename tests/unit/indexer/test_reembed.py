@@ -25,7 +25,7 @@ from shared.embedder import Embedder
 from shared.roles import Delete, Space, Upsert
 from shared.sqlite.store import SqliteStore
 from shared.stores import WriteSide, open_writer
-from tests.conftest import TINY_CONFIGS, tiny_settings_for
+from tests.conftest import TINY_CONFIGS, tiny_env, tiny_settings_for
 
 N = 12
 
@@ -266,3 +266,44 @@ def test_the_progress_bar_shows_the_rate_and_the_eta() -> None:
         "[##########] 100/100 (100%) 5.0/s, ETA 0s, 1 failed",
     ]
     assert [format_eta(s) for s in (None, 59.4, 61, 3725)] == ["-", "59s", "1m01s", "1h02m"]
+
+
+def test_an_indexer_with_reembed_in_indexer_fills_a_detached_re_embed(
+    folder: tuple[Settings, Path], tiny16_embedder: Embedder
+) -> None:
+    settings, root = folder
+    settings = settings.model_copy(update={"reembed_in_indexer": True})
+    with open_writer(settings, None) as store:
+        shadow_for(store, tiny16_embedder)  # what `clipdex reembed --detach` leaves behind
+
+    async def main() -> None:
+        async with open_indexer(settings, roots=[root]) as indexer:
+            deadline = time.monotonic() + 60
+            while indexer.store.catalog.model_identity() != tiny16_embedder.identity:
+                assert time.monotonic() < deadline, "the background re-embed did not switch"
+                await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    with open_writer(settings, tiny16_embedder.identity) as store:
+        assert store.catalog.stats().items == N
+
+
+def test_abort_from_the_command_line_drops_the_shadow_space(
+    folder: tuple[Settings, Path],
+    tiny16_embedder: Embedder,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from clipdex.cli import main
+
+    settings, _ = folder
+    with open_writer(settings, None) as store:
+        shadow_for(store, tiny16_embedder)
+    for name, value in tiny_env(settings.data_dir).items():
+        monkeypatch.setenv(name, value)
+    assert main(["reembed", "--abort"]) == 0
+    assert "aborted the re-embed with clipdex-tiny-16" in capsys.readouterr().out
+    with open_writer(settings, None) as store:
+        assert [s.state for s in store.catalog.spaces()] == ["active"]
+    assert main(["reembed", "--abort"]) == 0
+    assert "no re-embed in progress" in capsys.readouterr().out
