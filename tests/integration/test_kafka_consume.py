@@ -128,7 +128,7 @@ def searchable_ids(settings: Settings, embedder: Embedder) -> set[str]:
     """Every id a search can return: a reader with its own store connection and index, as a server has."""
     store = SqliteStore(settings.db_path)
     try:
-        index = LiveIndex(store, embedder.identity.dim, IndexParams.from_settings(settings), settings.index_dir)
+        index = LiveIndex(store, embedder.identity.dim, IndexParams.from_settings(settings), store.index_dir)
         index.refresh()
         probe = np.ones(embedder.identity.dim, dtype=np.float32) / np.sqrt(embedder.identity.dim)
         hits = SearchService(IndexSearch(store, index), store, embedder).search_vector(probe, top_k=1000)

@@ -235,7 +235,7 @@ async def test_concurrent_searches_while_items_are_added_deleted_and_compacted(
 
         def compactor() -> None:
             while not stop.is_set() or len(compactions) < 2:
-                compactions.append(compact(store, params, 32, settings.index_dir).generation)
+                compactions.append(compact(store, params, 32, store.index_dir).generation)
                 time.sleep(0.02)
 
         def guarded(fn: Any) -> Any:
