@@ -197,7 +197,7 @@ def breakdown(settings: Settings, dim: int, vectors: list[np.ndarray]) -> dict[s
     """Where a search's time goes after the text encoder, in process: FAISS top-10 and the item lookup.
     (The encoder's share is the served uncached minus cached text search: measured in the server.)"""
     with SqliteStore(settings.db_path) as store:
-        index = LiveIndex(store, dim, IndexParams.from_settings(settings), settings.index_dir)
+        index = LiveIndex(store, dim, IndexParams.from_settings(settings), store.index_dir)
         index.refresh()
         faiss_ms = time_calls(lambda i: index.search(vectors[i % len(vectors)], 10), 200)
         found = [[vid for vid, _ in index.search(v, 10)] for v in vectors]
@@ -234,7 +234,7 @@ def run_size(n: int, n_queries: int, workdir: Path) -> dict[str, Any]:
     with SqliteStore(settings.db_path) as store:
         store.bind_model(embedder.identity)
         result["fill_s"] = round(fill(store, n, dim), 1)
-        flat = compact(store, IndexParams.from_settings(settings), dim, settings.index_dir)
+        flat = compact(store, IndexParams.from_settings(settings), dim, store.index_dir)
         result["compact_flat_s"] = round(flat.seconds, 1)
     log = workdir / f"server-{n}.log"
     vectors = [embedder.encode_text(t).vector for t in queries(50, "breakdown")]
@@ -245,7 +245,7 @@ def run_size(n: int, n_queries: int, workdir: Path) -> dict[str, Any]:
         print(f"  {n:,} items, flat main: {json.dumps(result['flat'])}", flush=True)
         ivf_settings = bench_settings(data_dir, index_kind="ivf")
         with SqliteStore(settings.db_path) as store:
-            ivf = compact(store, IndexParams.from_settings(ivf_settings), dim, settings.index_dir)
+            ivf = compact(store, IndexParams.from_settings(ivf_settings), dim, store.index_dir)
         result["compact_ivf_s"] = round(ivf.seconds, 1)
         wait_generation(url, ivf.generation)
         params = IndexParams.from_settings(ivf_settings)

@@ -29,9 +29,11 @@ logger = logging.getLogger(__name__)
 
 _DROP_CHUNK = 5_000  # vectors deleted per transaction: a writer waits at most a few ms for one
 
-# Live items (a vector in the active space) with neither a vector nor a failure in the shadow space.
+# Live items (a vector in the active space) with neither a vector nor a failure in the shadow space, by id.
+# `INDEXED BY`: walked in id order from the cursor, so a micro-batch reads about its own rows (left to
+# itself, SQLite picked vectors_space and sorted every live item: 46 ms a call at 20k items, and growing).
 _PENDING = """
-    FROM vectors a JOIN items i ON i.id = a.item_id
+    FROM vectors a INDEXED BY vectors_live JOIN items i ON i.id = a.item_id
     WHERE a.space = :active AND a.tombstoned = 0 AND a.item_id > :after
       AND NOT EXISTS (SELECT 1 FROM vectors s WHERE s.item_id = a.item_id AND s.space = :shadow AND s.tombstoned = 0)
       AND NOT EXISTS (SELECT 1 FROM reembed_failures f WHERE f.space = :shadow AND f.item_id = a.item_id)
