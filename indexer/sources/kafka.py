@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from indexer.dlq import DeadLetterPublisher, KafkaDeadLetters, dead_letters_for
-from indexer.events import parse_event
+from indexer.events import parse_event, raw_text
 from indexer.heartbeat import Heartbeat
 from indexer.pipeline import open_pipeline
 from indexer.records import BatchReport, Record, Sink
@@ -117,7 +117,7 @@ class SourceStats:
 
 def to_record(message: Message) -> Record:
     """A message becomes a record; a message that is not a valid event becomes one with its reason."""
-    raw = "" if message.value is None else message.value.decode("utf-8", "replace")
+    raw = raw_text(message.value)
     position = (message.partition, message.offset)
     try:
         event = parse_event(message.value, message.key)
