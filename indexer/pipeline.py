@@ -28,7 +28,7 @@ from indexer.compaction import Compactor
 from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_and_hash
 from indexer.embed import decode_and_embed
 from indexer.records import BatchReport, Record
-from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan
+from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan, storable
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError
@@ -177,6 +177,9 @@ class Pipeline:
                 await asyncio.sleep(delay)
             except OSError as exc:  # an I/O error the fetcher did not name: the file may come back
                 return _failure(work, ItemError(f"cannot read {work.uri}: {exc}"), tries)
+            except Exception as exc:  # whatever one uri does to a fetcher, the rest of the batch goes on
+                logger.warning("%s: unexpected error fetching %r", work.item_id, work.uri, exc_info=True)
+                return _failure(work, ItemError(f"cannot read {work.uri}: {type(exc).__name__}: {exc}"), tries)
 
     async def _embed(
         self, sorted_: Classified, report: BatchReport
@@ -220,10 +223,10 @@ def _upsert(item: Fetched, vector: Embedding | None) -> Upsert:
 def _failure(work: Work, exc: ItemError, tries: int) -> Failure:
     return Failure(
         source=work.record.source,
-        payload=work.record.raw,
-        reason=f"{type(exc).__name__}: {exc}",
+        payload=storable(work.record.raw),
+        reason=storable(f"{type(exc).__name__}: {exc}"),
         id=work.item_id,
-        uri=work.event.uri,
+        uri=None if work.event.uri is None else storable(work.event.uri),
         tries=tries,
     )
 

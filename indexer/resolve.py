@@ -1,7 +1,7 @@
 """Resolve: what a micro-batch asks of the store, before and after its images are read.
 
 Before reading (`plan`):
-- a record that is not a valid event is a dead letter with the parse error;
+- a record that is not a valid event is a dead letter with the parse error (its text made `storable`);
 - item ids are namespaced by source (`kafka:sku-1`, `folder:cats/tom.jpg`);
 - several events for one id: the last wins, unless an earlier one carries a higher version;
 - an event older than the stored version is skipped.
@@ -66,7 +66,7 @@ def plan(records: Sequence[Record], stored: Mapping[str, StoredState]) -> Plan:
         item_id = item_id_of(record)
         if record.event is None or item_id is None:
             reason = record.error or "not a valid event"
-            out.invalid.append(Failure(record.source, record.raw, f"InvalidEvent: {reason}"))
+            out.invalid.append(Failure(record.source, storable(record.raw), storable(f"InvalidEvent: {reason}")))
             continue
         previous = winners.get(item_id)
         if previous is not None:
@@ -84,6 +84,16 @@ def plan(records: Sequence[Record], stored: Mapping[str, StoredState]) -> Plan:
         else:
             out.upserts.append(work)
     return out
+
+
+def storable(text: str) -> str:
+    """`text` as SQLite can store it (UTF-8): a lone surrogate, which is what Python makes of a file name
+    that is not UTF-8, is escaped as `\\udcXX` instead of failing the batch's transaction."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def pending_ids(records: Sequence[Record]) -> list[str]:
