@@ -50,7 +50,8 @@ def build_core(settings: Settings, *, embedder: Embedder | None = None) -> Core:
     except BaseException:
         store.close()
         raise
-    return Core(settings, store, embedder, index, SearchService(store, index, embedder))
+    search = SearchService(store, index, embedder, max_query_chars=settings.max_query_chars)
+    return Core(settings, store, embedder, index, search)
 
 
 class Refresher:

@@ -73,8 +73,9 @@ def build_mcp_server(queries: Queries) -> MCPServer:
         """Find images that match a text description.
 
         Use this when the user describes what an image shows ("a dog in the snow", "invoice with a red
-        logo"). Describe the picture, not the file: CLIP matches visual content, not file names. Very long
-        queries are cut to the model's context; the result then has query_truncated=true.
+        logo"). Describe the picture, not the file: CLIP matches visual content, not file names. Keep it
+        short: the model reads about 60 words (and at most 1,000 characters are used); a longer query is
+        cut, and the result then has query_truncated=true.
 
         Returns the best matches first, each with its id (for get_item or find_similar), uri, score and
         metadata, plus how big and how fresh the index is.

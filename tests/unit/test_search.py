@@ -13,7 +13,7 @@ from PIL import Image
 from shared.embedder import Embedder
 from shared.errors import InvalidRequest, NotFound
 from shared.index import IndexParams, LiveIndex, compact
-from shared.search import SearchService
+from shared.search import MAX_QUERY_CHARS, SearchService
 from shared.store import Delete, Failure, Store, Upsert
 from shared.types import Filters
 
@@ -152,6 +152,41 @@ def test_text_search_finds_the_item_stored_with_that_texts_vector(world: World, 
     assert result.query_truncated is False
     assert world.search.search_text(" ".join(["cat"] * 100)).query_truncated is True
     assert (result.index.items, result.index.vectors, result.index.generation) == (3, 3, 0)
+
+
+class RecordingEmbedder:
+    """The tiny model, noting every text it is asked to encode (and so every key of its query cache)."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.texts: list[str] = []
+
+    def encode_text(self, text: str) -> Any:
+        self.texts.append(text)
+        return self.inner.encode_text(text)
+
+
+def test_a_huge_query_is_cut_before_tokenising_flagged_and_cached_cut(world: World, tiny_embedder: Embedder) -> None:
+    """Issue 9: a 0.9 MB query took 3 s per tokenisation and stayed in the query cache."""
+    world.add("bike", tiny_embedder.encode_texts(["a red bicycle"])[0].vector)
+    world.refresh()
+    model = RecordingEmbedder(tiny_embedder)
+    search = SearchService(world.store, world.index, model, max_query_chars=MAX_QUERY_CHARS)  # type: ignore[arg-type]
+    huge = "a red bicycle " * 75_000  # 1 MB
+    result = search.search_text(huge, top_k=1)
+    assert result.query_truncated is True and ids(result.hits) == ["bike"]
+    (text,) = model.texts
+    assert len(text) <= MAX_QUERY_CHARS and huge.startswith(text)  # the cache key is the cut text
+    assert search.search_text(huge[: MAX_QUERY_CHARS + 1]).query_truncated is True
+
+
+def test_runs_of_whitespace_count_once_against_the_cap(world: World, tiny_embedder: Embedder) -> None:
+    model = RecordingEmbedder(tiny_embedder)
+    search = SearchService(world.store, world.index, model, max_query_chars=20)  # type: ignore[arg-type]
+    result = search.search_text("  a red\n\n" + " " * 5000 + "\tbicycle  ")
+    assert result.query_truncated is False and model.texts == ["a red bicycle"]  # what the tokenizer sees anyway
+    assert search.search_text("x" * 20).query_truncated is False
+    assert search.search_text("x" * 21).query_truncated is True and model.texts[-1] == "x" * 20
 
 
 def test_image_search_finds_the_same_image(world: World, tiny_embedder: Embedder) -> None:

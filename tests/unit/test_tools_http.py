@@ -109,6 +109,13 @@ async def test_search_bad_input_gets_400_saying_what_to_fix(
 # -- /similar ----------------------------------------------------------------------------------------------
 
 
+async def test_a_long_query_is_cut_and_flagged(client: httpx.AsyncClient) -> None:
+    response = await client.get("/search", params={"query": "red " * 10_000, "top_k": 2})
+    assert response.status_code == 200 and response.json()["query_truncated"] is True
+    short = await client.get("/search", params={"query": "red", "top_k": 2})
+    assert short.json()["query_truncated"] is False
+
+
 async def test_similar_by_id_leaves_the_item_out(client: httpx.AsyncClient, catalog: Catalog) -> None:
     target = catalog.image_ids["blue"]
     body = (await client.get("/similar", params={"id": target, "top_k": 100})).json()
