@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import anyio
@@ -29,6 +29,7 @@ from shared.images import decode_image, thumbnail_jpeg
 from shared.search import MAX_TOP_K
 from shared.types import Filters, Item, SearchResult
 from tools.metrics import Metrics
+from tools.redaction import Redactor
 from tools.schemas import DeadLetterOut, IndexStatusOut, ModelOut
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Queries:
         self.core = core
         self.policy = policy
         self.metrics = metrics
+        self.redactor = Redactor.for_settings(core.settings, extra_roots=policy.roots)  # what clients may read
         self._thumbs: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self._thumbs_max = thumbnail_cache
         self._thumbs_lock = threading.Lock()
@@ -157,7 +159,13 @@ class Queries:
     # -- items ------------------------------------------------------------------------------------------
 
     async def item(self, item_id: str, transport: str) -> Item:
-        return await self._call(transport, "get_item", lambda: self._item(item_id))
+        """The item, its failure reason as a client may read it."""
+
+        def run() -> Item:
+            item = self._item(item_id)
+            return item if item.reason is None else replace(item, reason=self.redactor.reason(item.reason))
+
+        return await self._call(transport, "get_item", run)
 
     def _item(self, item_id: str) -> Item:
         if not item_id.strip():
@@ -204,7 +212,13 @@ class Queries:
             tombstones=stats.tombstones,
             dead_letters=stats.dead_letters,
             recent_dead_letters=[
-                DeadLetterOut(item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
+                DeadLetterOut(
+                    item_id=d.item_id,
+                    source=d.source,
+                    reason=self.redactor.reason(d.reason),
+                    tries=d.tries,
+                    at=d.created_at,
+                )
                 for d in core.store.dead_letters(limit=5)
             ],
             model=ModelOut(name=identity.name, pretrained=identity.pretrained, dim=identity.dim),

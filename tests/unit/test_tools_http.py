@@ -243,6 +243,22 @@ async def test_foreign_host_and_origin_headers_are_refused(world: tuple[Core, Ca
         assert same_origin.status_code == 200
 
 
+async def test_cross_site_browser_requests_are_refused_except_health(
+    client: httpx.AsyncClient, catalog: Catalog
+) -> None:
+    """A page on another site can make a browser fetch an <img> from a loopback server, sending no Origin:
+    its thumbnails' success or failure told the page which files are indexed (issue 9)."""
+    thumbnail = f"/items/{catalog.image_ids['red']}/thumbnail"
+    cross = {"sec-fetch-site": "cross-site", "sec-fetch-dest": "image"}
+    assert_error(await client.get(thumbnail, headers=cross), 403, "cross-site", "Sec-Fetch-Site")
+    assert_error(await client.get("/search", params={"query": "x"}, headers=cross), 403, "cross-site")
+    assert_error(await client.post("/mcp", headers=cross, json={}), 403, "cross-site")
+    assert (await client.get("/health", headers=cross)).status_code == 200
+    for site in ("same-origin", "same-site", "none"):
+        ok = await client.get(thumbnail, headers={"sec-fetch-site": site})
+        assert ok.status_code == 200 and ok.headers["content-type"] == "image/jpeg", site
+
+
 async def test_the_token_is_checked_before_the_body_limit(world: tuple[Core, Catalog]) -> None:
     async with client_for(world[0], api_token="s3cret") as c:
         big = b"\0" * (MAX_UPLOAD + 10)
