@@ -7,7 +7,7 @@ The message key is the id when `id` is missing. An upsert needs a uri.
 
 A producer is a stranger: `parse_event` raises InvalidEvent and nothing else, whatever the bytes.
 
-    bytes ─▶ size ≤ 1 MiB ─▶ UTF-8 ─▶ nesting ≤ 17 levels ─▶ json.loads ─▶ the schema (Event)
+    bytes ─▶ size ≤ 256 KiB ─▶ UTF-8 ─▶ nesting ≤ 17 levels ─▶ json.loads ─▶ the schema (Event)
               (before reading)        (before parsing: the       (numbers: 64-bit       (id, uri, version,
                                        C parser recurses)         integers, finite)      metadata bounds)
 
@@ -27,13 +27,16 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import InvalidEvent
 
 logger = logging.getLogger(__name__)
 
-MAX_EVENT_BYTES = 1024 * 1024  # Kafka's default largest message; more is refused before it is read
+# A valid event holds at most ~74 KiB (a 1 KiB id, an 8 KiB uri, 64 KiB of metadata); a quarter of a MiB
+# leaves room for \u-escaped text and indentation, and bounds what a hostile one costs to parse.
+MAX_EVENT_BYTES = 256 * 1024
 MAX_ID_BYTES = 1024
 MAX_ID_LENGTH = MAX_ID_BYTES  # characters: a UTF-8 id within MAX_ID_BYTES has at most this many
 MAX_URI_BYTES = 8192
@@ -47,8 +50,11 @@ _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", re.IGNORECASE)
 _IPV4ISH = re.compile(r"[0-9.]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode category Cc
 _INT_DIGITS = len(str(INT64_MIN))  # a longer integer literal is out of range without parsing it
-# A string token (atomic, so a hostile message cannot make it backtrack) or one bracket.
-_TOKEN = re.compile(r'"(?>[^"\\]++|\\.)*+"|[\[\]{}]', re.DOTALL)
+_STRING = re.compile(r'"(?>[^"\\]++|\\.)*+"', re.DOTALL)  # atomic: a hostile message cannot make it backtrack
+_NOT_BRACKET_BYTES = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[list(b"[{")] = 1
+_BRACKET_STEP[list(b"]}")] = -1
 
 
 class Event(BaseModel):
@@ -146,21 +152,18 @@ def raw_text(value: bytes | None) -> str:
 
 
 def nesting_depth(text: str, limit: int) -> int:
-    """How deeply `text`'s JSON arrays and objects nest, counted up to `limit + 1` (brackets inside strings
-    do not count). Cheap: a message with few brackets is not scanned, and the scan stops past the limit."""
+    """How deeply `text`'s JSON arrays and objects nest (brackets inside strings do not count); 0 when
+    `text` holds too few brackets to pass `limit`. Brackets that do not match are json.loads's to refuse:
+    its recursion never goes deeper than the open brackets counted here.
+
+    Every step runs in C or numpy: strings are cut out, then everything but brackets, then the running
+    count of open brackets is a cumulative sum. A Python loop over each bracket took 0.8 s for 1 MiB of
+    `[]`, on the event loop."""
     if text.count("[") + text.count("{") <= limit:
         return 0
-    depth = deepest = 0
-    for token in _TOKEN.finditer(text):
-        bracket = token[0]
-        if bracket in "[{":
-            depth += 1
-            if depth > limit:
-                return depth
-            deepest = max(deepest, depth)
-        elif bracket in "]}":
-            depth -= 1
-    return deepest
+    brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKET_BYTES)
+    open_brackets = np.cumsum(_BRACKET_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int32)
+    return int(open_brackets.max(initial=0))
 
 
 def check_uri(uri: str) -> None:

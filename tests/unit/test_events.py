@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer.events import MAX_METADATA_DEPTH, Event, parse_event
+from indexer.events import MAX_EVENT_BYTES, MAX_METADATA_DEPTH, Event, parse_event
 from shared.errors import InvalidEvent
 
 
@@ -113,7 +113,8 @@ def deep_dict(depth: int) -> dict[str, object]:
         (with_(metadata={"text": "x" * 70_000}), "65,536 bytes"),
         (with_(metadata=deep_dict(20)), "nested deeper than 17 levels"),
         (b"[" * 5000, "nested deeper than"),
-        (b"x" * (1024 * 1024 + 1), "over the limit of 1,048,576 bytes"),
+        (b"x" * (MAX_EVENT_BYTES + 1), "over the limit of 262,144 bytes"),
+        (b'{"op": "delete", "id": "a", "x": "' + b" " * MAX_EVENT_BYTES + b'"}', "over the limit"),
         ("ü".encode("latin-1") + b'{"op": "delete", "id": "a"}', "not JSON"),
     ],
 )

@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from shared.embedder import Embedder
 from shared.errors import InvalidRequest, NotFound
 from shared.index import IndexParams, LiveIndex, compact
-from shared.search import MAX_QUERY_CHARS, SearchService
+from shared.search import MAX_QUERY_CHARS, SearchService, cap_query
 from shared.store import Delete, Failure, Store, Upsert
 from shared.types import Filters
 
@@ -187,6 +189,18 @@ def test_runs_of_whitespace_count_once_against_the_cap(world: World, tiny_embedd
     assert result.query_truncated is False and model.texts == ["a red bicycle"]  # what the tokenizer sees anyway
     assert search.search_text("x" * 20).query_truncated is False
     assert search.search_text("x" * 21).query_truncated is True and model.texts[-1] == "x" * 20
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.lists(st.sampled_from(["a", "bc", " ", "\n\t", " " * 100, "\u3000", "é" * 7]), max_size=200),
+    st.integers(min_value=1, max_value=40),
+)
+def test_the_cap_reads_a_prefix_and_cuts_exactly_as_the_whole_query_would(parts: list[str], cap: int) -> None:
+    query = "".join(parts)
+    collapsed = " ".join(query.split())
+    expected = (collapsed[:cap].rstrip(), True) if len(collapsed) > cap else (collapsed, False)
+    assert cap_query(query, cap) == expected
 
 
 def test_image_search_finds_the_same_image(world: World, tiny_embedder: Embedder) -> None:
