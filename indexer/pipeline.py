@@ -176,6 +176,9 @@ class Pipeline:
                 await asyncio.sleep(delay)
             except OSError as exc:  # an I/O error the fetcher did not name: the file may come back
                 return _failure(work, ItemError(f"cannot read {work.uri}: {exc}"), tries)
+            except Exception as exc:  # whatever one uri does to a fetcher, the rest of the batch goes on
+                logger.warning("%s: unexpected error fetching %r", work.item_id, work.uri, exc_info=True)
+                return _failure(work, ItemError(f"cannot read {work.uri}: {type(exc).__name__}: {exc}"), tries)
 
     async def _embed(
         self, sorted_: Classified, report: BatchReport

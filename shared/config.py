@@ -48,6 +48,15 @@ class Settings(BaseSettings):
         "auto", description="Model precision; `auto` is fp16 on CUDA and fp32 on the CPU."
     )
     query_cache_size: int = Field(1024, ge=0, description="Recent text queries whose embeddings are cached.")
+    # CLIP reads 77 tokens, about 300 characters of English: 1,000 characters leave the model's own cut the
+    # one that matters for a real query, and keep a hostile one cheap (tokenising 0.9 MB took 3 s).
+    max_query_chars: int = Field(
+        1000,
+        ge=10,
+        le=100_000,
+        description="Longest text query, in characters (runs of whitespace count as one); a longer one is cut "
+        "before it is tokenised and its result says `query_truncated: true`.",
+    )
 
     # Indexer
     batch_size: int = Field(64, ge=1, le=4096, description="Images per micro-batch.")

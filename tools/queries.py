@@ -15,7 +15,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import anyio
@@ -29,6 +29,7 @@ from shared.search import MAX_TOP_K
 from shared.status import Status, read_status
 from shared.types import Filters, Item, SearchResult
 from tools.metrics import Metrics
+from tools.redaction import Redactor
 from tools.schemas import IndexStatusOut
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Queries:
         self.core = core
         self.policy = policy
         self.metrics = metrics
+        self.redactor = Redactor.for_settings(core.settings, extra_roots=policy.roots)  # what clients may read
         self._thumbs: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self._thumbs_max = thumbnail_cache
         self._thumbs_lock = threading.Lock()
@@ -157,7 +159,13 @@ class Queries:
     # -- items ------------------------------------------------------------------------------------------
 
     async def item(self, item_id: str, transport: str) -> Item:
-        return await self._call(transport, "get_item", lambda: self._item(item_id))
+        """The item, its failure reason as a client may read it."""
+
+        def run() -> Item:
+            item = self._item(item_id)
+            return item if item.reason is None else replace(item, reason=self.redactor.reason(item.reason))
+
+        return await self._call(transport, "get_item", run)
 
     def _item(self, item_id: str) -> Item:
         if not item_id.strip():
@@ -195,7 +203,9 @@ class Queries:
     def status_sync(self) -> Status:
         """The store, the indexers' lag (`shared.status`), and this server's own index."""
         core = self.core
-        return read_status(core.settings.data_dir, core.catalog, searcher=core.vectors.state(), recent_dead_letters=5)
+        status = read_status(core.settings.data_dir, core.catalog, searcher=core.vectors.state(), recent_dead_letters=5)
+        letters = [replace(d, reason=self.redactor.reason(d.reason)) for d in status.recent_dead_letters]
+        return replace(status, recent_dead_letters=letters)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 

@@ -189,6 +189,14 @@ async def test_a_query_longer_than_the_context_is_truncated_not_refused(server: 
     assert len(result.structured_content["hits"]) == 3
 
 
+async def test_a_huge_query_is_cut_before_tokenising_and_flagged(server: Any) -> None:
+    """Issue 9: a 0.9 MB query took 3 s per tokenisation and stayed in the query cache."""
+    result = await call(server, "search", query="a red square " * 80_000, top_k=3)  # 1 MB of JSON
+    assert result.structured_content is not None
+    assert result.structured_content["query_truncated"] is True
+    assert len(result.structured_content["hits"]) == 3
+
+
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [
