@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL import _imaging as pillow_core  # the C core, whose allocator settings Image does not re-export
 
 from shared.errors import ImageRejected
 
@@ -46,6 +47,12 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _NOT_REDUCIBLE = _WIDE_MODES | {"P", "1"}  # Image.reduce refuses these; they become 8-bit first
 _STRIP_PIXELS = 1 << 18  # wide samples are converted this many pixels at a time (1 MB of float32)
+# Pillow allocates a big image in blocks of 16 MB by default. glibc serves those from its heap once its
+# mmap threshold has adapted upward, and keeps them in the decoding thread's arena after they are freed,
+# so the process stays as big as its worst moment (three 64 MP decodes taking turns left 361 MB resident;
+# with 64 MB blocks, 195 MB: one decode's worth). Blocks over 32 MB, glibc's largest threshold, are
+# always mmapped and go back to the system when freed.
+_PILLOW_BLOCK_SIZE = 64 * 2**20
 _ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -127,6 +134,7 @@ def decode_image(
     # frame over twice this from its header (a warning between once and twice, caught below); clipdex's
     # own check refuses anything over it, before decoding, for every listed format.
     Image.MAX_IMAGE_PIXELS = max_pixels
+    _configure_pillow()
     with warnings.catch_warnings():
         # Pillow warns about damaged metadata of untrusted files (a TIFF tag larger than the file): the
         # outcome, an image or ImageRejected, says all there is; the warning is log noise per file.
@@ -163,6 +171,11 @@ def _open(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> Image.Image
             f"{max_pixels:,} (CLIPDEX_MAX_PIXELS)"
         )
     return img
+
+
+@functools.cache
+def _configure_pillow() -> None:
+    pillow_core.set_block_size(_PILLOW_BLOCK_SIZE)
 
 
 @functools.cache

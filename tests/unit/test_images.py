@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.hostile_images import flat_png, ico_holding
 from shared.errors import ImageRejected
 from shared.images import FORMATS, DecodeBudget, decode_budget, decode_image, thumbnail_jpeg
 
@@ -196,25 +197,6 @@ def test_a_thumbnail_is_a_jpeg_within_the_size_keeping_the_aspect() -> None:
 
 
 # -- hostile images: formats, containers, memory (issue 9) ---------------------------------------------------------
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def flat_png(width: int, height: int, *, depth: int = 8, colour_type: int = 0) -> bytes:
-    """A whole, valid PNG of zeros: a few hundred KB that decode to width x height pixels."""
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
-    row = b"\0" * (1 + width * channels * depth // 8)
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def ico_holding(png: bytes) -> bytes:
-    """An ICO file whose one entry is `png` (the directory says 256x256; Pillow believes the PNG)."""
-    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
 
 
 def test_only_the_listed_formats_are_decoded() -> None:
