@@ -202,9 +202,15 @@ def _remaining(deadline: float, timeout: float | None, expired: type[httpcore.Ti
 class GuardedTransport(httpx.BaseTransport):
     """An httpx transport over an httpcore pool whose connections are made by GuardedBackend."""
 
-    def __init__(self, allow: Allowlist, deadline: float, resolve: Resolve = system_resolve) -> None:
+    def __init__(
+        self,
+        allow: Allowlist,
+        deadline: float,
+        resolve: Resolve = system_resolve,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=ssl_context or httpx.create_ssl_context(),
             network_backend=GuardedBackend(allow, deadline, resolve),
             max_connections=4,
         )

@@ -7,17 +7,21 @@ import gzip
 import http.server
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 import pytest
+import trustme
 
 from shared.config import Settings, load_settings
+from shared.egress import Allowlist, GuardedTransport
 from shared.errors import ConfigError, FetchFailed, HostNotAllowed, ImageRejected, PathNotAllowed, SourceNotFound
 from shared.fetch import FetchPolicy, fetch_bytes, fetch_url, resolve_path
 from tests.conftest import tiny_settings_for
@@ -545,3 +549,36 @@ def test_host_entries_with_ports_are_read_from_the_environment(monkeypatch: pyte
     monkeypatch.setenv("CLIPDEX_ALLOWED_URL_HOSTS", "cdn.example.com:http")
     with pytest.raises(ConfigError, match="CLIPDEX_ALLOWED_URL_HOSTS"):
         load_settings()
+
+
+@contextmanager
+def https_server(ca: trustme.CA, name: str) -> Iterator[int]:
+    """An HTTPS server on 127.0.0.1 whose certificate, from `ca`, is for `name`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Local)
+    server.daemon_threads = True
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_to_the_pinned_address_still_verifies_the_certificate_against_the_name() -> None:
+    ca = trustme.CA()
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    resolve = dns({"img.test": ["127.0.0.1"]})
+    for served_name, fetched in (("img.test", True), ("someone-else.test", False)):
+        with https_server(ca, served_name) as port:
+            p = FetchPolicy((), frozenset({f"img.test:{port}", f"127.0.0.1:{port}"}), 4096, timeout_s=5)
+            transport = GuardedTransport(Allowlist(p.hosts), time.monotonic() + 5, resolve, ssl_context=client_context)
+            if fetched:
+                assert fetch_url(f"https://img.test:{port}/ok.jpg", p, transport=transport) == b"local-jpg"
+            else:
+                with pytest.raises(FetchFailed, match="cannot connect"):
+                    fetch_url(f"https://img.test:{port}/ok.jpg", p, transport=transport)
