@@ -6,6 +6,7 @@ and passes it down.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -202,10 +203,14 @@ class Settings(BaseSettings):
 
 
 def parse_url_host(entry: str) -> tuple[str, int | None]:
-    """`name`, `name:port`, `1.2.3.4:port` or `[::1]:port` -> (lowercased host, port or None).
+    """`name`, `name:port`, `1.2.3.4:port`, `::1` or `[::1]:port` -> (lowercased host, port or None).
 
     Raises ValueError for anything else."""
     text = entry.strip()
+    try:
+        return str(ipaddress.ip_address(text)), None  # a bare IPv6 address has colons but no port
+    except ValueError:
+        pass
     parts = urlsplit("//" + text)
     host = (parts.hostname or "").lower()
     if not host or parts.username is not None or parts.path or parts.query or parts.fragment:

@@ -71,7 +71,10 @@ def is_url(uri: str) -> bool:
 
 def fetch_bytes(uri: str, policy: FetchPolicy) -> bytes:
     """Bytes of a local path, a file:// URI, or an http(s) URL, within the policy."""
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # http://[::1/x.jpg
+        raise SourceNotFound(f"{shown_url(uri)}: invalid URI") from exc
     if parts.scheme in ("http", "https"):
         return fetch_url(uri, policy)
     if parts.scheme == "file":
@@ -90,7 +93,10 @@ def resolve_path(path: str | Path, policy: FetchPolicy) -> Path:
         raise PathNotAllowed(f"{path}: no allowed roots are configured (CLIPDEX_ALLOWED_ROOTS)")
     raw = Path(path)
     candidates = [raw] if raw.is_absolute() else [root / raw for root in policy.roots]
-    allowed = [real for real in (Path(os.path.realpath(c)) for c in candidates) if _under_roots(real, policy)]
+    try:
+        allowed = [real for real in (Path(os.path.realpath(c)) for c in candidates) if _under_roots(real, policy)]
+    except ValueError as exc:  # a NUL byte
+        raise SourceNotFound(f"{shown_path(path)}: invalid path") from exc
     if allowed:  # a relative path names the file under whichever root holds it
         return next((real for real in allowed if real.exists()), allowed[0])
     logger.info("refused %s: outside the allowed roots %s", path, ", ".join(map(str, policy.roots)))
@@ -174,8 +180,11 @@ def _path_error(path: str | Path, exc: OSError) -> Exception:
 
 def check_url(url: str, policy: FetchPolicy) -> str:
     """The URL's host, if its scheme, host and port are allowed."""
-    parts = urlsplit(url)
     shown = shown_url(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise SourceNotFound(f"{shown}: invalid URL") from exc
     if parts.scheme not in ("http", "https"):
         raise HostNotAllowed(f"{shown}: only http and https URLs are fetched")
     allow = Allowlist(policy.hosts)
@@ -249,6 +258,12 @@ def _left(deadline: float, policy: FetchPolicy, url: str) -> float:
     return left
 
 
+def shown_path(path: str | Path) -> str:
+    """`path` fit for a message: control characters (a NUL byte) escaped."""
+    text = os.fspath(path)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def shown_url(url: str) -> str:
     """`url` without its query string, fragment and user info: what a message may repeat."""
     try:
@@ -256,7 +271,7 @@ def shown_url(url: str) -> str:
         netloc = parts.netloc.rpartition("@")[2]
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     except ValueError:
-        return "(an invalid URL)"
+        return "(an invalid URL)"  # not repeated: it may be anything
 
 
 def _raise_for_status(url: str, status: int) -> None:

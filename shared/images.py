@@ -186,13 +186,13 @@ def _available(formats: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _decode(img: Image.Image, min_side: int | None) -> Image.Image:
-    orientation = _orientation(img)
     img.load()
+    orientation = _orientation(img)  # after load: a PNG may carry its EXIF after the pixels
     if min_side is not None:
         factor = min(img.size) // (min_side * REDUCING_GAP)
         if factor >= 2:
             if img.mode in _NOT_REDUCIBLE:
-                img = _to_8_bits(img)
+                img = _to_8_bits(img) if img.mode != "P" else to_rgb(img)
             img = img.reduce(factor)
     img = to_rgb(img)
     method = _ORIENTATION.get(orientation)
@@ -223,7 +223,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _to_8_bits(img: Image.Image) -> Image.Image:
-    """An "L" image of `img`, for the modes that Image.reduce refuses. Wide samples are scaled, strip by
+    """An "L" image of a grey `img` (wide, "1" or "L"). Wide samples are scaled, strip by
     strip in float32: 16-bit ones by 1/257 however dark the image (a 16-bit image whose brightest sample
     is 200 is nearly black, not full range); wider ones of unknown depth to 8 bits rather than clipped."""
     if img.mode not in _WIDE_MODES:
@@ -271,8 +271,8 @@ def _decode_cost(img: Image.Image, min_side: int | None, file_pixels: int) -> in
         factor = min(img.size) // (min_side * REDUCING_GAP)
         if factor >= 2:
             out_pixels = pixels // (factor * factor)
-            if img.mode in _NOT_REDUCIBLE:
-                cost += pixels  # the 8-bit copy reduce works on
+            if img.mode in _NOT_REDUCIBLE:  # the copy reduce works on: 8-bit grey, or RGB from a palette
+                cost += pixels * (9 if img.mode == "P" else 1)
     elif img.mode in _WIDE_MODES:
         cost += pixels
     cost += out_pixels * 13  # RGBA + RGB + mask while flattening alpha, then the transposed copy

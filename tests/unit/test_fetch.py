@@ -582,3 +582,12 @@ def test_https_to_the_pinned_address_still_verifies_the_certificate_against_the_
             else:
                 with pytest.raises(FetchFailed, match="cannot connect"):
                     fetch_url(f"https://img.test:{port}/ok.jpg", p, transport=transport)
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://[::1/x.jpg", "https://img.example.com:99999/a.jpg", "/srv/a\x00.jpg", "a\x00b"]
+)
+def test_a_malformed_uri_or_path_is_an_item_error_not_a_crash(uri: str, root: Path) -> None:
+    p = FetchPolicy((Path(os.path.realpath(root)),), frozenset({"img.example.com", "::1"}), 1024)
+    with pytest.raises(SourceNotFound, match="invalid"):
+        fetch_bytes(uri, p)

@@ -320,3 +320,10 @@ def test_the_budget_serves_waiters_in_order() -> None:
 def test_one_budget_per_process_for_one_setting() -> None:
     assert decode_budget(512) is decode_budget(512)
     assert decode_budget(512).capacity == 512 * 2**20
+
+
+def test_a_big_palette_image_keeps_its_colours_when_reduced() -> None:
+    pal = halves(2_000, 1_200).convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+    img = decode_image(encode(pal, "PNG"), max_pixels=LIMIT, min_side=224)
+    assert min(img.size) < 1_200 and img.mode == "RGB"
+    assert close_to(img.getpixel((4, 4)), RED) and close_to(img.getpixel((img.size[0] - 5, 4)), BLUE)  # type: ignore[arg-type]
