@@ -19,7 +19,6 @@ from collections.abc import Awaitable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, TypeVar
 
-import anyio.to_thread
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
@@ -149,18 +148,20 @@ async def _tool_result(queries: Queries, result: SearchResult, include_images: b
     structured = output.model_dump(mode="json")
     content: list[ContentBlock] = [TextContent(type="text", text=json.dumps(structured))]
     if include_images:
-        content += await anyio.to_thread.run_sync(_thumbnails, queries, [h.id for h in output.hits[:MAX_IMAGES]])
+        ids = [h.id for h in output.hits[:MAX_IMAGES]]
+        content += _thumbnail_blocks(queries, ids, await queries.thumbnails(ids, "mcp"))
     return CallToolResult(content=content, structured_content=structured)
 
 
-def _thumbnails(queries: Queries, ids: list[str]) -> list[ContentBlock]:
+def _thumbnail_blocks(queries: Queries, ids: list[str], thumbnails: list[bytes | ClipdexError]) -> list[ContentBlock]:
     blocks: list[ContentBlock] = []
-    for rank, item_id in enumerate(ids, 1):
-        try:
-            jpeg = queries.thumbnail_sync(item_id)
-        except ClipdexError as exc:
-            reason = queries.redactor.error(exc)
-            blocks.append(TextContent(type="text", text=f"result {rank} ({item_id}): no thumbnail: {reason}"))
+    for rank, (item_id, jpeg) in enumerate(zip(ids, thumbnails, strict=True), 1):
+        if isinstance(jpeg, ClipdexError):
+            blocks.append(
+                TextContent(
+                    type="text", text=f"result {rank} ({item_id}): no thumbnail: {queries.redactor.error(jpeg)}"
+                )
+            )
             continue
         blocks.append(TextContent(type="text", text=f"result {rank}: {item_id}"))
         blocks.append(ImageContent(type="image", data=base64.b64encode(jpeg).decode(), mime_type="image/jpeg"))

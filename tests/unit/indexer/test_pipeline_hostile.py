@@ -148,6 +148,7 @@ class PoisonedModel:
     def __init__(self, inner: Embedder) -> None:
         self.inner = inner
         self.device = inner.device
+        self.image_size = inner.image_size
         self.calls: list[int] = []
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

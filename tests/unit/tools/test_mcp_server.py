@@ -61,12 +61,14 @@ def image_host() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Sample]]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder, image_host: str
+) -> Iterator[tuple[Core, Sample]]:
     base = tmp_path_factory.mktemp("mcp")
     settings = tiny_settings_for(
         base / "data",
         allowed_roots=[str(base / "images")],
-        allowed_url_hosts=["127.0.0.1"],
+        allowed_url_hosts=[image_host.removeprefix("http://")],  # 127.0.0.1:PORT: a loopback address, named
         max_image_bytes=20_000,
         max_pixels=10_000,
     )

@@ -32,6 +32,15 @@ from tools.queries import Queries
 from tools.redaction import Redactor
 
 BASE = "http://127.0.0.1:8765"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+CLOSED_PORT = closed_port()  # allowlisted by port (only 80 and 443 need no port): nothing listens
 SIGNED = "https://bucket.s3.amazonaws.com/cat.jpg?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA"
 
 
@@ -39,7 +48,10 @@ SIGNED = "https://bucket.s3.amazonaws.com/cat.jpg?X-Amz-Signature=deadbeef&X-Amz
 def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Sample]]:
     base = tmp_path_factory.mktemp("redaction")
     settings = tiny_settings_for(
-        base / "data", allowed_roots=[str(base / "images")], allowed_url_hosts=["127.0.0.1"], max_image_bytes=20_000
+        base / "data",
+        allowed_roots=[str(base / "images")],
+        allowed_url_hosts=["127.0.0.1", f"127.0.0.1:{CLOSED_PORT}"],
+        max_image_bytes=20_000,
     )
     with open_writer(settings, tiny_embedder.identity) as store:
         catalog = fill_store(store.writer, tiny_embedder, base / "images")
@@ -99,12 +111,6 @@ def text_of(result: CallToolResult) -> str:
     return result.content[0].text
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # -- errors -------------------------------------------------------------------------------------------------
 
 
@@ -115,10 +121,11 @@ async def test_mcp_errors_name_no_roots_addresses_or_library_texts(
     outside = tmp_path / "outside.png"
     outside.write_bytes(b"x")
     caplog.set_level(logging.INFO, "tools")
+    caplog.set_level(logging.INFO, "shared.fetch")
     cases = {
         "outside the allowed roots": {"path": str(outside)},
         "not valid base64": {"image_base64": "abc"},
-        "could not be fetched": {"url": f"http://127.0.0.1:{closed_port()}/red.png"},
+        "could not be fetched": {"url": f"http://127.0.0.1:{CLOSED_PORT}/red.png"},
         "no vector": {"item_id": "folder:x.jpg"},
         "no such file": {"path": str(catalog.root / "missing.png")},
     }
