@@ -12,6 +12,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from shared.errors import ClipdexError, ImageRejected, InvalidRequest, NotFound
 from shared.fetch import FetchPolicy, fetch_bytes, fetch_url, read_path
 from shared.images import decode_image, thumbnail_jpeg
 from shared.search import MAX_TOP_K
+from shared.store import DeadLetter
 from shared.types import Filters, Item, SearchResult
 from tools.metrics import Metrics
 from tools.schemas import DeadLetterOut, IndexStatusOut, ModelOut
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 THUMBNAIL_SIDE = 256
+MAX_DEAD_LETTERS = 500
 
 
 @dataclass(frozen=True)
@@ -203,10 +206,7 @@ class Queries:
             vectors=stats.vectors,
             tombstones=stats.tombstones,
             dead_letters=stats.dead_letters,
-            recent_dead_letters=[
-                DeadLetterOut(item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
-                for d in core.store.dead_letters(limit=5)
-            ],
+            recent_dead_letters=[dead_letter_out(d) for d in core.store.dead_letters(limit=5)],
             model=ModelOut(name=identity.name, pretrained=identity.pretrained, dim=identity.dim),
             index_vectors=index.size,
             delta_size=index.delta_size,
@@ -216,6 +216,16 @@ class Queries:
             pending_changes=max(0, stats.meta.seq - index.seq),
             refreshed_seconds_ago=round(max(0.0, time.time() - index.refreshed_at), 3),
         )
+
+    async def dead_letters(self, limit: int, transport: str) -> list[DeadLetterOut]:
+        """The newest dead letters, newest first, with reasons fit to show to any caller."""
+
+        def run() -> list[DeadLetterOut]:
+            if isinstance(limit, bool) or not 1 <= limit <= MAX_DEAD_LETTERS:
+                raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_DEAD_LETTERS} (got {limit})")
+            return [dead_letter_out(d) for d in self.core.store.dead_letters(limit=limit)]
+
+        return await self._call(transport, "dead_letters", run)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
@@ -233,6 +243,28 @@ class Queries:
             raise
         timer.ok()
         return result
+
+
+def dead_letter_out(letter: DeadLetter) -> DeadLetterOut:
+    return DeadLetterOut(
+        id=letter.id,
+        item_id=letter.item_id,
+        source=letter.source,
+        reason=public_reason(letter.reason),
+        tries=letter.tries,
+        at=letter.created_at,
+    )
+
+
+# A URL's query string and fragment (signatures, tokens), and an absolute path's directories (the server's
+# layout) stay on the server; the file name and the host are what a reader needs to find the cause.
+_URL = re.compile(r"\b(https?://[^\s'\"?#]*)[?#][^\s'\"]*?(?=[:,;.)]*(?:[\s'\"]|$))")
+_ABS_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/,;()]+/)+([^\s'\"/,;()]+)")
+
+
+def public_reason(reason: str) -> str:
+    """A dead letter's reason without URL query strings and without the directories of absolute paths."""
+    return _ABS_PATH.sub(r"…/\1", _URL.sub(r"\1", reason))
 
 
 def decode_base64(value: str, max_bytes: int) -> bytes:

@@ -130,11 +130,16 @@ class ModelOut(BaseModel):
 
 
 class DeadLetterOut(BaseModel):
+    id: int = Field(description="The dead letter's number, for `clipdex dlq retry ID`.")
     item_id: str | None
     source: str
-    reason: str
+    reason: str = Field(description="Why it could not be indexed (paths shortened, URL query strings left out).")
     tries: int
     at: datetime
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut] = Field(description="Newest first.")
 
 
 class IndexStatusOut(BaseModel):
