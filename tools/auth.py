@@ -2,9 +2,9 @@
 
 - The server binds 127.0.0.1 by default. Binding any other address needs CLIPDEX_API_TOKEN, or an explicit
   `--insecure`; otherwise it refuses to start and says so (`check_bind`).
-- With a token set, every path but the open ones (`/health`, `/openapi.json`, `/docs`) needs
-  `Authorization: Bearer <token>`: /mcp and the HTTP API alike. `/health` stays open for load balancers
-  and probes; it tells no more than the index size.
+- With a token set, every path but the open ones (`/health`, `/openapi.json`, `/docs`, and the web UI's
+  static files, which hold no data) needs `Authorization: Bearer <token>`: /mcp and the HTTP API alike.
+  `/health` stays open for load balancers and probes; it tells no more than the index size.
 - DNS-rebinding protection: the Host header must name the bound address, localhost, or one of
   CLIPDEX_ALLOWED_HOSTS (421 otherwise), and an Origin header, when a browser sends one, must match too
   (403 otherwise).
@@ -18,7 +18,7 @@ import hmac
 import ipaddress
 import json
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from mcp.server.transport_security import TransportSecuritySettings
@@ -115,11 +115,20 @@ class BodyTooLarge(Exception):
 class Gate:
     """ASGI middleware in front of everything: Host/Origin checks, the bearer token, the body limit."""
 
-    def __init__(self, app: ASGIApp, *, policy: HostPolicy, token: str | None, max_body: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policy: HostPolicy,
+        token: str | None,
+        max_body: int,
+        open_paths: Collection[str] = OPEN_PATHS,
+    ) -> None:
         self.app = app
         self.policy = policy
         self.token = token.encode() if token else None
         self.max_body = max_body
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,7 +153,7 @@ class Gate:
                     "(DNS-rebinding protection); add its host to CLIPDEX_ALLOWED_HOSTS if it is yours",
                 )
                 return
-        if self.token is not None and path not in OPEN_PATHS and not self._authorized(headers):
+        if self.token is not None and path not in self.open_paths and not self._authorized(headers):
             await _error(
                 send,
                 401,
