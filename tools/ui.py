@@ -22,9 +22,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 PAGE = "index.html"
+_JS = "text/javascript; charset=utf-8"
 ASSETS = {
-    "app.js": "text/javascript; charset=utf-8",
-    "api.js": "text/javascript; charset=utf-8",
+    "app.js": _JS,  # the page: state and URL, search, grid, detail panel, filters, keys
+    "api.js": _JS,  # the HTTP API: token, errors, pages of results
+    "dom.js": _JS,  # building elements from text
+    "thumbs.js": _JS,  # lazy thumbnails through blob: URLs
+    "health.js": _JS,  # the status strip and the dead-letters view
     "app.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }

@@ -3,9 +3,12 @@
 //   URL (?query= | ?like=<item id> | ?image=<key>, and source=, min_score=, filter.<key>=)
 //     ⇄ state ─▶ api.pages() ─▶ grid of hits ─▶ thumbnails (fetched with the token, shown as blob: URLs)
 //
-// Ids, uris and metadata come from strangers: every element is built with textContent, never innerHTML.
+// Ids, uris and metadata come from strangers: every element is built with el() (dom.js), from text.
 
 import { Api, ApiError } from "./api.js";
+import { count, el, label, showBlob, when } from "./dom.js";
+import { Health } from "./health.js";
+import { Thumbs } from "./thumbs.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -13,60 +16,16 @@ const ui = {
   filtersToggle: $("filters-toggle"), filterCount: $("filter-count"), filters: $("filters"),
   source: $("f-source"), meta: $("f-meta"), metaAdd: $("f-meta-add"), metaList: $("f-meta-list"),
   min: $("f-min"), clear: $("f-clear"),
-  health: $("health"), healthText: $("health-text"),
   context: $("context"), summary: $("summary"), error: $("error"), empty: $("empty"), none: $("none"),
   results: $("results"), more: $("more"),
   detail: $("detail"), detailTitle: $("detail-title"), detailClose: $("detail-close"), detailImg: $("detail-img"),
   detailSimilar: $("detail-similar"), detailFacts: $("detail-facts"), detailMeta: $("detail-meta"),
   drop: $("drop"),
   tokenDialog: $("token-dialog"), tokenForm: $("token-form"), tokenInput: $("token-input"), tokenError: $("token-error"),
-  deadDialog: $("dead-dialog"), deadClose: $("dead-close"), deadBody: document.querySelector("#dead-table tbody"),
-  deadNote: $("dead-note"),
+  deadDialog: $("dead-dialog"),
 };
 
-const DEAD_LETTERS_SHOWN = 100;
-const HEALTH_EVERY_MS = 10_000;
-const THUMBS_AT_ONCE = 6;
-
 // -- small helpers ----------------------------------------------------------------------------------------
-
-function el(tag, props = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key.includes("-") || key === "role" || key === "title") node.setAttribute(key, value);
-    else node[key] = value;
-  }
-  node.append(...children.filter((c) => c !== null && c !== undefined));
-  return node;
-}
-
-function label(hit) {
-  const meta = hit.metadata || {};
-  for (const key of ["title", "name", "caption"]) {
-    if (typeof meta[key] === "string" && meta[key].trim()) return meta[key].trim();
-  }
-  const tail = String(hit.uri || "").split(/[/\\]/).pop().split("?")[0];
-  return tail || hit.id;
-}
-
-function ago(iso) {
-  if (!iso) return "never";
-  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
-  if (s < 10) return "just now";
-  if (s < 90) return `${Math.round(s)} s ago`;
-  if (s < 5400) return `${Math.round(s / 60)} min ago`;
-  if (s < 129600) return `${Math.round(s / 3600)} h ago`;
-  return `${Math.round(s / 86400)} days ago`;
-}
-
-function when(iso) {
-  return el("time", { dateTime: iso, title: iso ? new Date(iso).toLocaleString() : "" }, ago(iso));
-}
-
-const count = (n, one, many = `${one}s`) => `${Number(n).toLocaleString()} ${n === 1 ? one : many}`;
 
 function isTyping(target) {
   return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
@@ -106,6 +65,8 @@ function askToken(message, verify) {
 ui.tokenDialog.addEventListener("cancel", (event) => event.preventDefault());
 
 const api = new Api(askToken);
+const thumbs = new Thumbs(api);
+const health = new Health(api);
 
 // -- state and the URL ------------------------------------------------------------------------------------
 
@@ -346,83 +307,13 @@ ui.results.addEventListener("focusin", (event) => {
   for (const b of hitButtons()) b.tabIndex = b === event.target ? 0 : -1;
 });
 
-// Thumbnails load when they come near the screen, a few at a time, through the API (with the token).
-class Thumbs {
-  constructor() {
-    this.waiting = [];
-    this.running = 0;
-    this.abort = new AbortController();
-    this.observer = new IntersectionObserver((entries) => this.seen(entries), { rootMargin: "400px 0px" });
-    this.jobs = new WeakMap();
-  }
-
-  observe(img, id) {
-    return new Promise((resolve) => {
-      this.jobs.set(img, { id, resolve });
-      this.observer.observe(img);
-    });
-  }
-
-  seen(entries) {
-    for (const entry of entries) {
-      if (!entry.isIntersecting) continue;
-      this.observer.unobserve(entry.target);
-      this.waiting.push(entry.target);
-    }
-    this.pump();
-  }
-
-  pump() {
-    while (this.running < THUMBS_AT_ONCE && this.waiting.length) {
-      const img = this.waiting.shift();
-      this.running += 1;
-      this.load(img, this.abort.signal).finally(() => {
-        this.running -= 1;
-        this.pump();
-      });
-    }
-  }
-
-  async load(img, signal) {
-    const job = this.jobs.get(img);
-    const thumb = img.parentElement;
-    try {
-      const url = URL.createObjectURL(await api.thumbnail(job.id, signal));
-      img.src = url;
-      try {
-        await img.decode();
-      } finally {
-        URL.revokeObjectURL(url);
-      }
-      thumb.classList.add("loaded");
-    } catch (err) {
-      if (err.name === "AbortError") return;
-      thumb.classList.add("broken");
-      thumb.append(el("span", { class: "no-preview" }, "no preview"));
-      img.title = err.message;
-    } finally {
-      job.resolve();
-    }
-  }
-
-  reset() {
-    this.abort.abort();
-    this.abort = new AbortController();
-    this.observer.disconnect();
-    for (const img of this.waiting) this.jobs.get(img)?.resolve();
-    this.waiting = [];
-  }
-}
-
-const thumbs = new Thumbs();
-
 // -- the detail panel -------------------------------------------------------------------------------------
 
-let detail = { id: null, from: null, url: null };
+let detail = { id: null, from: null };
 
 async function openDetail(hit, from, { focus = true } = {}) {
   closeDetail({ restoreFocus: false });
-  detail = { id: hit.id, from, url: null };
+  detail = { id: hit.id, from };
   for (const li of ui.results.querySelectorAll(".hit.open")) li.classList.remove("open");
   from.parentElement.classList.add("open");
   ui.detail.hidden = false;
@@ -435,11 +326,7 @@ async function openDetail(hit, from, { focus = true } = {}) {
   if (!Object.keys(hit.metadata || {}).length) ui.detailMeta.replaceChildren(el("p", { class: "muted" }, "none"));
   if (focus) ui.detail.focus();
   const id = hit.id;
-  api.thumbnail(id).then((blob) => {
-    if (detail.id !== id) return;
-    detail.url = URL.createObjectURL(blob);
-    ui.detailImg.src = detail.url;
-  }).catch(() => {});
+  api.thumbnail(id).then((blob) => detail.id === id && showBlob(ui.detailImg, blob)).catch(() => {});
   try {
     const item = await api.item(id);
     if (detail.id !== id) return;
@@ -466,10 +353,9 @@ function closeDetail({ restoreFocus = true } = {}) {
   if (ui.detail.hidden) return;
   ui.detail.hidden = true;
   document.body.classList.remove("with-detail");
-  if (detail.url) URL.revokeObjectURL(detail.url);
   const from = detail.from;
   from?.parentElement?.classList.remove("open");
-  detail = { id: null, from: null, url: null };
+  detail = { id: null, from: null };
   if (restoreFocus && from?.isConnected) from.focus();
 }
 
@@ -495,17 +381,8 @@ function showContext() {
   clear.addEventListener("click", () => go(blankState(state.filters)));
   ui.context.replaceChildren(el("span", { class: "context-thumb" }, img), text, clear);
   ui.context.hidden = false;
-  if (search.file) {
-    const url = URL.createObjectURL(search.file);
-    img.src = url;
-    img.decode().catch(() => {}).finally(() => URL.revokeObjectURL(url));
-  } else {
-    api.thumbnail(search.like).then((blob) => {
-      const url = URL.createObjectURL(blob);
-      img.src = url;
-      return img.decode().catch(() => {}).finally(() => URL.revokeObjectURL(url));
-    }).catch(() => {});
-  }
+  const image = search.file ? Promise.resolve(search.file) : api.thumbnail(search.like);
+  image.then((blob) => showBlob(img, blob)).catch(() => {});
 }
 
 // -- searching by words or by example ---------------------------------------------------------------------
@@ -637,66 +514,6 @@ ui.clear.addEventListener("click", () => setFilters({ source: "", min_score: "",
 
 // -- index health and dead letters ------------------------------------------------------------------------
 
-let healthTimer = 0;
-
-async function refreshHealth() {
-  clearTimeout(healthTimer);
-  try {
-    showHealth(await api.status());
-  } catch (err) {
-    ui.health.dataset.state = "down";
-    ui.healthText.replaceChildren(el("span", {}, err.message));
-  }
-  healthTimer = setTimeout(refreshHealth, document.hidden ? 6 * HEALTH_EVERY_MS : HEALTH_EVERY_MS);
-}
-
-function showHealth(st) {
-  const pending = st.pending_changes > 0;
-  ui.health.dataset.state = st.dead_letters > 0 || pending ? "warn" : "ok";
-  const lag = st.lag_s !== undefined && st.lag_s !== null
-    ? `lag ${Number(st.lag_s).toFixed(1)} s`
-    : pending ? `${count(st.pending_changes, "change")} not yet searchable` : "up to date";
-  const dead = el("button", { type: "button", class: "link" }, count(st.dead_letters, "dead letter"));
-  dead.addEventListener("click", openDeadLetters);
-  const part = (text, title) => el("span", { class: "part", title }, text);
-  ui.healthText.replaceChildren(
-    part(count(st.items, "item"), `${count(st.failed, "item")} could not be indexed`),
-    part(`delta ${st.delta_size.toLocaleString()}`, `vectors not yet compacted into the main index (generation ${st.generation})`),
-    part(lag, `this server last read new vectors ${st.refreshed_seconds_ago} s ago`),
-    part(el("span", {}, "newest ", when(st.newest_indexed_at))),
-    el("span", { class: "part" }, dead),
-    part(`model ${st.model.name}`, `${st.model.name} / ${st.model.pretrained}, ${st.model.dim} dimensions`),
-  );
-}
-
-async function openDeadLetters() {
-  ui.deadBody.replaceChildren(el("tr", {}, el("td", { colSpan: 5, class: "muted" }, "Loading…")));
-  ui.deadNote.textContent = "";
-  ui.deadDialog.showModal();
-  ui.deadClose.focus();
-  try {
-    const { dead_letters: letters } = await api.deadLetters(DEAD_LETTERS_SHOWN);
-    ui.deadBody.replaceChildren(...letters.map((d) => el(
-      "tr", {},
-      el("td", {}, String(d.id)),
-      el("td", {}, d.item_id ? el("code", {}, d.item_id) : el("span", { class: "muted" }, `(${d.source})`)),
-      el("td", { class: "reason" }, d.reason),
-      el("td", {}, when(d.at)),
-      el("td", {}, String(d.tries)),
-    )));
-    if (!letters.length) {
-      ui.deadBody.replaceChildren(el("tr", {}, el("td", { colSpan: 5 }, "No dead letters: everything so far was indexed.")));
-    }
-    if (letters.length === DEAD_LETTERS_SHOWN) {
-      ui.deadNote.textContent = `The newest ${DEAD_LETTERS_SHOWN}; clipdex dlq list on the server shows them all.`;
-    }
-  } catch (err) {
-    ui.deadBody.replaceChildren(el("tr", {}, el("td", { colSpan: 5, class: "error-text" }, err.message)));
-  }
-}
-
-ui.deadClose.addEventListener("click", () => ui.deadDialog.close());
-
 // -- keys -------------------------------------------------------------------------------------------------
 
 document.addEventListener("keydown", (event) => {
@@ -722,10 +539,7 @@ new ResizeObserver(() => {
   document.documentElement.style.setProperty("--header-h", `${header.offsetHeight}px`);
 }).observe(header);
 
-document.addEventListener("visibilitychange", () => {
-  if (!document.hidden) refreshHealth();
-});
 showControls();
 history.replaceState(null, "", urlOf(state));
 run();
-refreshHealth();
+health.refresh();
