@@ -170,6 +170,7 @@ async function nextPage(gen) {
     if (gen !== generation) return;
     const first = shown === 0;
     const settled = showHits(page.hits);
+    if (first) thumbs.startVisible([...ui.results.querySelectorAll("img")]);
     shown += page.hits.length;
     ui.more.hidden = page.done;
     ui.summary.textContent = summary(page.index);

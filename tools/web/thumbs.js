@@ -3,7 +3,8 @@
 
 import { el, showBlob } from "./dom.js";
 
-const AT_ONCE = 6;
+const AT_ONCE = 6; // a browser opens at most 6 HTTP/1.1 connections to one server
+const MARGIN_PX = 400;
 
 export class Thumbs {
   constructor(api) {
@@ -11,7 +12,7 @@ export class Thumbs {
     this.waiting = [];
     this.running = 0;
     this.abort = new AbortController();
-    this.observer = new IntersectionObserver((entries) => this.seen(entries), { rootMargin: "400px 0px" });
+    this.observer = new IntersectionObserver((entries) => this.seen(entries), { rootMargin: `${MARGIN_PX}px 0px` });
     this.jobs = new WeakMap();
   }
 
@@ -23,11 +24,25 @@ export class Thumbs {
     });
   }
 
+  // Start on the ones already on screen now, instead of a frame or two later when the observer reports
+  // them: that is most of the time to the first row of a new search.
+  startVisible(imgs) {
+    const below = window.innerHeight + MARGIN_PX;
+    this.take(imgs.filter((img) => img.getBoundingClientRect().top < below));
+  }
+
   seen(entries) {
-    for (const entry of entries) {
-      if (!entry.isIntersecting) continue;
-      this.observer.unobserve(entry.target);
-      this.waiting.push(entry.target);
+    this.take(entries.filter((entry) => entry.isIntersecting).map((entry) => entry.target));
+  }
+
+  take(imgs) {
+    for (const img of imgs) {
+      this.observer.unobserve(img);
+      const job = this.jobs.get(img);
+      if (job && !job.taken) {
+        job.taken = true;
+        this.waiting.push(img);
+      }
     }
     this.pump();
   }
