@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from shared.errors import ImageRejected, ItemError
-from shared.images import decode_image
+from shared.images import DecodeBudget, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,24 @@ async def fetch_with_retries(
             await asyncio.sleep(delay)
         except OSError as exc:  # an I/O error the fetcher did not name: the file may come back
             return ItemError(f"cannot read {uri}: {exc}"), tries
+        except Exception as exc:  # whatever one uri does to a fetcher, the rest of the batch goes on
+            logger.warning("%s: unexpected error fetching %r", name, uri, exc_info=True)
+            return ItemError(f"cannot read {uri}: {type(exc).__name__}: {exc}"), tries
 
 
-def decode_and_preprocess(data: bytes, *, max_pixels: int, preprocess: Preprocess) -> torch.Tensor:
-    """JPEG/PNG/... bytes to the model's input tensor [3, H, W]; ImageRejected when it is not a whole image."""
-    image = decode_image(data, max_pixels=max_pixels)
+def decode_and_preprocess(
+    data: bytes,
+    *,
+    max_pixels: int,
+    preprocess: Preprocess,
+    input_side: int | None = None,
+    budget: DecodeBudget | None = None,
+) -> torch.Tensor:
+    """JPEG/PNG/... bytes to the model's input tensor [3, H, W]; ImageRejected when it is not a whole image.
+
+    input_side: the model's input side; a big image is decoded reduced toward it (a 24 MP JPEG at 1/8
+    scale), which the model's own resize would throw away anyway. budget: the process's decode memory."""
+    image = decode_image(data, max_pixels=max_pixels, min_side=input_side, budget=budget)
     try:
         return preprocess(image)
     except ItemError:

@@ -35,6 +35,7 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError, ModelSwitched
 from shared.fetch import FetchPolicy, fetch_bytes
+from shared.images import decode_budget
 from shared.roles import Upsert, Writer
 from shared.types import Embedding
 
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PipelineOptions:
     max_pixels: int
+    decode_memory_mb: int = 1024  # the process's decode budget (shared.images.decode_budget)
     decode_workers: int = 2
     fetch_workers: int = 8
     embed_batch: int = 16  # images per model call (embed_batch_for); decoding the next ones overlaps it
@@ -55,6 +57,7 @@ class PipelineOptions:
         workers = settings.decode_workers or os.cpu_count() or 2
         return cls(
             max_pixels=settings.max_pixels,
+            decode_memory_mb=settings.decode_memory_mb,
             decode_workers=workers,
             fetch_workers=max(8, 2 * workers),
             embed_batch=embed_batch_for(settings.batch_size, device),
@@ -126,7 +129,11 @@ class Pipeline:
     def _use(self, embedder: Embedder) -> None:
         self.embedder = embedder
         self._decode = functools.partial(
-            decode_and_preprocess, max_pixels=self.options.max_pixels, preprocess=embedder.preprocess
+            decode_and_preprocess,
+            max_pixels=self.options.max_pixels,
+            preprocess=embedder.preprocess,
+            input_side=max(embedder.image_size),
+            budget=decode_budget(self.options.decode_memory_mb),
         )
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from shared.embedder import Embedder
 from shared.errors import ConfigError, ItemError
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.heartbeat import Heartbeat
+from shared.images import decode_budget
 from shared.roles import Catalog, Coverage, Pending, Space, SpaceFailure, Spaces, SpaceVector
 from shared.types import Embedding
 
@@ -107,7 +108,11 @@ class Reembedder:
         self.on_progress = on_progress
         self.heartbeat = heartbeat
         self._decode = functools.partial(
-            decode_and_preprocess, max_pixels=self.options.max_pixels, preprocess=embedder.preprocess
+            decode_and_preprocess,
+            max_pixels=self.options.max_pixels,
+            preprocess=embedder.preprocess,
+            input_side=max(embedder.image_size),
+            budget=decode_budget(self.options.decode_memory_mb),
         )
         self._policies: dict[tuple[Path, ...], FetchPolicy] = {}
 

@@ -136,7 +136,7 @@ class Core:
         except BaseException:
             self.models.release(embedder)
             raise
-        return _answering(embedder, reader)
+        return _answering(self.settings, embedder, reader)
 
     def _close_drained(self, *, everything: bool = False) -> None:
         now = time.monotonic()
@@ -176,11 +176,12 @@ def build_core(settings: Settings, *, embedder: Embedder | None = None, models: 
         if owned:
             models.close()
         raise
-    return Core(settings, models, _answering(model, reader), owns_models=owned)
+    return Core(settings, models, _answering(settings, model, reader), owns_models=owned)
 
 
-def _answering(embedder: Embedder, reader: ReadSide) -> Answering:
-    return Answering(embedder, reader, SearchService(reader.vectors, reader.catalog, embedder))
+def _answering(settings: Settings, embedder: Embedder, reader: ReadSide) -> Answering:
+    search = SearchService(reader.vectors, reader.catalog, embedder, max_query_chars=settings.max_query_chars)
+    return Answering(embedder, reader, search)
 
 
 def _active(spaces: list[Space]) -> Space | None:

@@ -1,4 +1,5 @@
-"""The HTTP API for applications: search, similar, items, thumbnails, health and metrics.
+"""The HTTP API for applications: search, similar, items, thumbnails, index status, dead letters, health and
+metrics.
 
 Bad input gets a 4xx with `{"error": "..."}` saying what to change; the server keeps serving. The routes
 and their parameters are described in `tools.openapi` (served at /openapi.json and /docs).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import anyio.to_thread
@@ -31,16 +33,24 @@ from shared.errors import (
 )
 from shared.search import MAX_TOP_K
 from shared.types import Filters, MetaValue
+from tools.auth import BodyTooLarge
 from tools.metrics import CONTENT_TYPE, Metrics
 from tools.queries import Queries, SearchArgs
-from tools.schemas import ItemOut, SearchOutput
+from tools.schemas import DeadLetterOut, DeadLettersOut, ItemOut, SearchOutput
 
 logger = logging.getLogger(__name__)
 
 SEARCH_PARAMS = frozenset({"top_k", "min_score", "source"})
 FILTER_PREFIX = "filter."
+DEAD_LETTERS_LIMIT = 50
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+INTERNAL_ERROR = "internal error: the request failed on the server; the server log says why"
+BAD_UPLOAD = (
+    "the request body is not a valid multipart/form-data upload: send the image in the field 'file' "
+    "(curl: -F file=@photo.jpg), or as a raw body with an image/* content type"
+)
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -75,21 +85,33 @@ class HttpApi:
             Route("/similar", self._wrap("/similar", self.similar_by_upload), methods=["POST"]),
             Route("/items/{item_id:path}/thumbnail", self._wrap("/items/thumbnail", self.thumbnail), methods=["GET"]),
             Route("/items/{item_id:path}", self._wrap("/items", self.item), methods=["GET"]),
+            Route("/status", self._wrap("/status", self.status), methods=["GET"]),
+            Route("/dead-letters", self._wrap("/dead-letters", self.dead_letters), methods=["GET"]),
             Route("/health", self._wrap("/health", self.health), methods=["GET"]),
             Route("/metrics", self._wrap("/metrics", self.prometheus), methods=["GET"]),
         ]
 
     def _wrap(self, route: str, handler: Handler) -> Handler:
-        """Turn clipdex errors into JSON 4xx/5xx responses, and count responses by route and status."""
+        """Turn errors into JSON 4xx/5xx responses that tell the client what it may know (tools.redaction;
+        the log keeps the rest), and count responses by route and status."""
 
         async def endpoint(request: Request) -> Response:
+            where = f"{request.method} {request.url.path}"
             try:
                 response = await handler(request)
             except ClipdexError as exc:
                 status = status_of(exc)
+                message = self.queries.redactor.error(exc)
                 if status >= 500:
-                    logger.warning("%s %s failed: %s", request.method, request.url.path, exc)
-                response = error_response(status, str(exc))
+                    logger.warning("%s failed: %s", where, exc)
+                elif message != str(exc):
+                    logger.info("%s refused: %s", where, exc)
+                response = error_response(status, message)
+            except (HTTPException, BodyTooLarge):  # Starlette's and the Gate's own answers
+                raise
+            except Exception:
+                logger.exception("%s failed", where)
+                response = error_response(500, INTERNAL_ERROR)
             self.metrics.http_responses.inc(route, str(response.status_code))
             return response
 
@@ -131,6 +153,21 @@ class HttpApi:
         return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "private, max-age=300"})
 
     # -- operations -------------------------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        _only(request.query_params, set(), filters=False)
+        return _json(await self.queries.status("http"))
+
+    async def dead_letters(self, request: Request) -> Response:
+        params = request.query_params
+        _only(params, {"limit"}, filters=False)
+        try:
+            limit = int(params.get("limit", DEAD_LETTERS_LIMIT))
+        except ValueError:
+            raise InvalidRequest(f"limit must be a whole number (got {params['limit']!r})") from None
+        return _json(
+            DeadLettersOut(dead_letters=[DeadLetterOut.of(d) for d in await self.queries.dead_letters(limit, "http")])
+        )
 
     async def health(self, request: Request) -> Response:
         info = self.queries.core.vectors.info()
@@ -181,10 +218,12 @@ def filter_value(raw: str) -> MetaValue:
     return raw
 
 
-def _only(params: QueryParams, allowed: set[str] | frozenset[str]) -> None:
-    unknown = sorted(k for k in params if k not in allowed and not k.startswith(FILTER_PREFIX))
+def _only(params: QueryParams, allowed: set[str] | frozenset[str], *, filters: bool = True) -> None:
+    unknown = sorted(k for k in params if k not in allowed and not (filters and k.startswith(FILTER_PREFIX)))
     if unknown:
-        accepted = ", ".join(sorted(allowed)) + f", {FILTER_PREFIX}<key>"
+        if not allowed:
+            raise InvalidRequest(f"unknown query parameter(s) {', '.join(unknown)}; this endpoint takes none")
+        accepted = ", ".join(sorted(allowed)) + (f", {FILTER_PREFIX}<key>" if filters else "")
         raise InvalidRequest(f"unknown query parameter(s) {', '.join(unknown)}; this endpoint takes {accepted}")
 
 
@@ -210,11 +249,15 @@ def _json(model: Any) -> Response:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (404 for an unknown path, 405, a broken multipart body) as JSON."""
+    """Starlette's own errors (404 for an unknown path, 405, a broken multipart body) as JSON, in our words."""
     assert isinstance(exc, HTTPException)
-    detail = exc.detail
     if exc.status_code == 404:
         detail = f"no such endpoint {request.url.path}; see /docs for the API"
     elif exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
+    elif exc.status_code == 400:  # the multipart parser's own words stay in the log
+        logger.info("%s %s: bad request body: %s", request.method, request.url.path, exc.detail)
+        detail = BAD_UPLOAD
+    else:
+        detail = HTTPStatus(exc.status_code).phrase
     return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from shared.status import Status
 from shared.types import ModelIdentity
+from tools.redaction import pretrained_tag
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -187,7 +188,12 @@ def _model_samples(status: Status) -> list[Sample]:
             "clipdex_model_info",
             _MODEL_HELP,
             1,
-            labels=(("role", role), ("name", m.name), ("pretrained", m.pretrained), ("dim", str(m.dim))),
+            labels=(
+                ("role", role),
+                ("name", m.name),
+                ("pretrained", pretrained_tag(m.pretrained)),
+                ("dim", str(m.dim)),
+            ),
         )
         for role, m in roles
     ]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.roles import DeadLetter
 from shared.status import Reembed, Status
 from shared.types import Filters, Hit, IndexInfo, Item, MetaValue, ModelIdentity, SearchResult
+from tools.redaction import pretrained_tag
 
 FilterValue = str | int | float | bool | None
 
@@ -64,12 +65,12 @@ class HitOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
-    pretrained: str
+    pretrained: str = Field(description="The pretrained tag, or the checkpoint's file name.")
     dim: int
 
     @classmethod
     def of(cls, model: ModelIdentity) -> ModelOut:
-        return cls(name=model.name, pretrained=model.pretrained, dim=model.dim)
+        return cls(name=model.name, pretrained=pretrained_tag(model.pretrained), dim=model.dim)
 
 
 class IndexInfoOut(BaseModel):
@@ -166,15 +167,16 @@ class ReembedOut(BaseModel):
 
 
 class DeadLetterOut(BaseModel):
+    id: int = Field(description="The dead letter's number, for `clipdex dlq retry ID`.")
     item_id: str | None
     source: str
-    reason: str
+    reason: str = Field(description="Why it could not be indexed (paths shortened, URL query strings left out).")
     tries: int
     at: datetime
 
     @classmethod
     def of(cls, d: DeadLetter) -> DeadLetterOut:
-        return cls(item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
+        return cls(id=d.id, item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
 
 
 class IndexerOut(BaseModel):
@@ -183,6 +185,10 @@ class IndexerOut(BaseModel):
     lag_s: float | None = Field(description="Event to durable, as its last batch measured it.")
     pending: int = Field(description="Events it has seen and not yet written.")
     seconds_since_update: float = Field(description="How long ago it last reported.")
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut] = Field(description="Newest first.")
 
 
 class IndexStatusOut(BaseModel):

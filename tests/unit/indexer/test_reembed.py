@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipdex.cli import build_parser
 from indexer.commands import retry_record
 from indexer.decode import sha256_of
 from indexer.events import Event
@@ -20,7 +21,8 @@ from indexer.progress import ProgressBar, format_eta
 from indexer.records import Record
 from indexer.reembed import Progress, Reembedder, ReembedReport, Throttle, reembed_lock
 from indexer.service import index_folder, open_indexer
-from shared.config import Settings
+from shared.cliargs import setting_overrides
+from shared.config import Settings, load_settings
 from shared.embedder import Embedder
 from shared.roles import Delete, Space, Upsert
 from shared.sqlite.store import SqliteStore
@@ -294,16 +296,20 @@ def test_abort_from_the_command_line_drops_the_shadow_space(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from clipdex.cli import main
-
     settings, _ = folder
     with open_writer(settings, None) as store:
         shadow_for(store, tiny16_embedder)
     for name, value in tiny_env(settings.data_dir).items():
         monkeypatch.setenv(name, value)
-    assert main(["reembed", "--abort"]) == 0
+
+    def main(*argv: str) -> int:  # the real parser and settings, without the CLI's logging setup
+        args = build_parser().parse_args(list(argv))
+        code: int = args.func(args, load_settings(**setting_overrides(args)))
+        return code
+
+    assert main("reembed", "--abort") == 0
     assert "aborted the re-embed with clipdex-tiny-16" in capsys.readouterr().out
     with open_writer(settings, None) as store:
         assert [s.state for s in store.catalog.spaces()] == ["active"]
-    assert main(["reembed", "--abort"]) == 0
+    assert main("reembed", "--abort") == 0
     assert "no re-embed in progress" in capsys.readouterr().out

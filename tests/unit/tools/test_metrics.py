@@ -38,7 +38,7 @@ def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
 
 
 def test_models_by_role_and_re_embed_progress_are_gauges() -> None:
-    old, new = ModelIdentity("old", "none", 32, "a" * 32), ModelIdentity("new", "x.safetensors", 16, "b" * 32)
+    old, new = ModelIdentity("old", "none", 32, "a" * 32), ModelIdentity("new", "/models/x.safetensors", 16, "b" * 32)
     searcher = SearcherState(10, 0, 1, 0, time.time(), model=old)
     reembed = Reembed(new, datetime.now(tz=UTC), Coverage(total=10, done=3, failed=1), True, 2.5, 2.4, 42)
     status = Status(Path("."), True, old, NO_STORE, None, 0, [], searcher=searcher, reembed=reembed)
@@ -46,7 +46,7 @@ def test_models_by_role_and_re_embed_progress_are_gauges() -> None:
     assert lines.count("# TYPE clipdex_model_info gauge") == 1  # one HELP and TYPE for its three series
     assert 'clipdex_model_info{role="store",name="old",pretrained="none",dim="32"} 1' in lines
     assert 'clipdex_model_info{role="answering",name="old",pretrained="none",dim="32"} 1' in lines
-    assert 'clipdex_model_info{role="reembed",name="new",pretrained="x.safetensors",dim="16"} 1' in lines
+    assert 'clipdex_model_info{role="reembed",name="new",pretrained="…/x.safetensors",dim="16"} 1' in lines
     progress = {"items_total": "10", "items_done": "4", "items_failed": "1", "rate": "2.5", "eta_seconds": "2.4"}
     for name, value in {**progress, "running": "1", "active": "1"}.items():
         assert f"clipdex_reembed_{name} {value}" in lines
