@@ -612,6 +612,20 @@ def test_health_strip_and_the_read_only_dead_letters_view(tabs: Any, served: Ser
     expect(page.locator("#empty-index")).to_contain_text("Nothing is indexed yet")
     expect(health).to_contain_text("0 items")
 
+    # a re-embed in progress (the server's answer, with one): its model, how far, and the time left
+    def reembedding(route: Any) -> None:
+        progress = {"model": {"name": "ViT-B-16", "pretrained": "datacomp_xl_s13b_b90k", "dim": 512},
+                    "state": "running", "done": 250, "total": 1000, "failed": 3, "rate": 12.5, "eta_s": 61.0,
+                    "started_at": None}  # fmt: skip
+        route.fulfill(response=route.fetch(), json={**route.fetch().json(), "reembed": progress})
+
+    page.unroute("**/status")
+    page.route("**/status", reembedding)
+    page.reload()
+    expect(health).to_contain_text("re-embedding with ViT-B-16: 25%, 1 min 1 s left")
+    expect(health).to_contain_text("model clipdex-shapes")  # still the one answering
+    tab.assert_no_console_errors()
+
 
 # -- the token --------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-// The index's health strip (items, delta, lag, dead letters, model), refreshed every few seconds, and
-// the read-only dead-letters view it opens.
+// The index's health strip (items, delta, lag, dead letters, the model answering, a re-embed's progress),
+// refreshed every few seconds, and the read-only dead-letters view it opens.
 
 import { count, el, when } from "./dom.js";
 
@@ -48,14 +48,17 @@ export class Health {
     const dead = el("button", { type: "button", class: "link" }, count(st.dead_letters, "dead letter"));
     dead.addEventListener("click", () => this.openDeadLetters());
     const part = (text, title) => el("span", { class: "part", title }, text);
-    this.text.replaceChildren(
+    const model = st.answering_model || st.model;
+    const parts = [
       part(count(st.items, "item"), `${count(st.failed, "item")} could not be indexed`),
       part(`delta ${st.delta_size.toLocaleString()}`, `vectors not yet compacted into the main index (generation ${st.generation})`),
       part(lag, `this server last read new vectors ${st.refreshed_seconds_ago} s ago`),
       part(el("span", {}, "newest ", when(st.newest_indexed_at))),
       el("span", { class: "part" }, dead),
-      part(`model ${st.model.name}`, `${st.model.name} / ${st.model.pretrained}, ${st.model.dim} dimensions`),
-    );
+      part(`model ${model.name}`, `${model.name} / ${model.pretrained}, ${model.dim} dimensions: it answers searches`),
+    ];
+    if (st.reembed) parts.push(part(reembedText(st.reembed), reembedTitle(st.reembed)));
+    this.text.replaceChildren(...parts);
   }
 
   async openDeadLetters() {
@@ -86,4 +89,24 @@ export class Health {
   row(...cells) {
     return el("tr", {}, ...cells);
   }
+}
+
+// clipdex reembed: the store moves to another model; search keeps answering with the current one until then
+function reembedText(re) {
+  const pct = re.total ? Math.floor((100 * re.done) / re.total) : 100;
+  const eta = re.state === "running" && typeof re.eta_s === "number" ? `, ${duration(re.eta_s)} left` : "";
+  return `re-embedding with ${re.model.name}: ${pct}%${re.state === "running" ? eta : ", paused"}`;
+}
+
+function reembedTitle(re) {
+  const failed = re.failed ? `, ${count(re.failed, "item")} whose source is gone` : "";
+  const rate = re.state === "running" ? ` at ${re.rate.toFixed(1)} items/s` : " (no process runs it now)";
+  return `${re.done.toLocaleString()} of ${re.total.toLocaleString()} items${failed}${rate}; the switch comes when all are done`;
+}
+
+function duration(seconds) {
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
