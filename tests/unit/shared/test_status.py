@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from shared.heartbeat import Heartbeat
-from shared.roles import Failure, Upsert
+from shared.roles import Failure, SpaceVector, Upsert
+from shared.sqlite.spaces import SqliteSpaces
 from shared.sqlite.store import SqliteStore
 from shared.status import read_status
 from shared.types import ModelIdentity
@@ -67,3 +68,28 @@ def test_an_indexer_whose_process_is_gone_reads_as_stopped_and_has_no_lag(tmp_pa
     status = read_status(tmp_path, None)
     assert [hb["state"] for hb in status.indexers] == ["stopped"]
     assert (status.lag_s, status.pending) == (None, 0)
+
+
+def test_a_re_embed_shows_its_coverage_and_a_running_process_its_rate_and_eta(tmp_path: Path) -> None:
+    vec = np.ones(4, np.float32) / 2
+    old, new = ModelIdentity("old", "none", 4, "a" * 32), ModelIdentity("new", "none", 2, "b" * 32)
+    with SqliteStore(tmp_path / "db.sqlite3") as store:
+        store.bind_model(old)
+        store.apply([Upsert(f"kafka:{i}", "kafka", "u", f"h{i}", {}, vec) for i in range(4)])
+        spaces = SqliteSpaces(store)
+        shadow = spaces.create_shadow(new, None)
+        [first, *_] = spaces.pending(shadow.id)
+        spaces.add_vectors(shadow.id, [SpaceVector(first, "h0", np.ones(2, np.float32))])
+        paused = read_status(tmp_path, store).to_dict()["reembed"]
+        assert (paused["state"], paused["done"], paused["total"], paused["remaining"]) == ("paused", 1, 4, 3)
+        assert paused["model"] == {"name": "new", "pretrained": "none", "dim": 2} and paused["eta_s"] is None
+        Heartbeat.reembed(tmp_path).beat(space=shadow.id, rate=2.0, eta_s=1.5)
+        running = read_status(tmp_path, store).to_dict()["reembed"]
+        assert (running["state"], running["rate"], running["eta_s"]) == ("running", 2.0, 1.5)
+        assert read_status(tmp_path, store).indexers == []  # a re-embed is not an indexer: no lag of its own
+        for item in spaces.pending(shadow.id):
+            spaces.add_vectors(shadow.id, [SpaceVector(item, item.sha256 or "", np.ones(2, np.float32))])
+        assert spaces.switch(shadow.id)
+        after = read_status(tmp_path, store, grace_s=60).to_dict()
+    assert after["reembed"] is None and after["model"]["name"] == "new"
+    assert after["previous_model"]["model"]["name"] == "old" and after["previous_model"]["removed_after"]
