@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,18 @@ TINY_CONFIGS = FIXTURES / "configs"
 TINY_MODEL = "clipdex-tiny"  # 32 px ViT, 1 layer, random weights: fast, meaningless results
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
+
+
+@functools.cache
+def model_cache() -> Path:
+    """CLIPDEX_MODEL_CACHE_DIR of every test: the test models' ONNX exports are built once per test session
+    (about 10 s each) and reused by every embedder and clipdex process of the session."""
+    return Path(tempfile.mkdtemp(prefix="clipdex-test-models-"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if model_cache.cache_info().currsize:
+        shutil.rmtree(model_cache(), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +47,7 @@ def tiny_settings_for(data_dir: Path, **overrides: object) -> Settings:
         "pretrained": "none",
         "model_configs": TINY_CONFIGS,
         "device": "cpu",
+        "model_cache_dir": model_cache(),
     }
     values.update(overrides)
     return load_settings(**values)
@@ -44,7 +60,17 @@ def tiny_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_embedder() -> Iterator[Embedder]:
-    embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32"))
+    """The tiny model on torch: open_clip's own code path, the reference the ONNX runtime is held to."""
+    embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32", runtime="torch"))
+    embedder.load()
+    yield embedder
+    embedder.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_embedder() -> Iterator[Embedder]:
+    """The tiny model on ONNX Runtime, fp32 (what `CLIPDEX_RUNTIME=auto` runs on a CPU)."""
+    embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32", model_cache(), runtime="onnx"))
     embedder.load()
     yield embedder
     embedder.close()
@@ -59,6 +85,7 @@ def tiny_env(data_dir: Path) -> dict[str, str]:
         CLIPDEX_PRETRAINED="none",
         CLIPDEX_MODEL_CONFIGS=str(TINY_CONFIGS),
         CLIPDEX_DEVICE="cpu",
+        CLIPDEX_MODEL_CACHE_DIR=str(model_cache()),
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )

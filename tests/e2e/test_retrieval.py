@@ -27,7 +27,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from shared import synthetic
 from tests.brokers import publish, stop_process
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, model_cache
 from tests.unit.test_tools_fixtures import clipdex_command, free_port
 
 pytestmark = pytest.mark.e2e
@@ -93,6 +93,7 @@ def deployment(tmp_path: Path, kafka_bootstrap: str, kafka_topic: str) -> Iterat
         "CLIPDEX_PRETRAINED": str(MODELS / "clipdex-shapes.safetensors"),
         "CLIPDEX_MODEL_CONFIGS": str(MODELS),
         "CLIPDEX_DEVICE": "cpu",
+        "CLIPDEX_MODEL_CACHE_DIR": str(model_cache()),
         "CLIPDEX_ALLOWED_ROOTS": str(catalog_dir),
         "CLIPDEX_REFRESH_INTERVAL_MS": "100",
         "CLIPDEX_WATCH_SETTLE_MS": "200",
