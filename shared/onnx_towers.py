@@ -52,6 +52,7 @@ class OnnxTowers:
     ) -> None:
         import onnxruntime as ort
 
+        self.paths = paths
         self.image_threads = image_threads or cpu_count()
         self.text_threads = text_threads
         try:
