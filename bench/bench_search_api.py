@@ -105,8 +105,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SERVER_PIDS: dict[str, int] = {}  # url -> pid of each running server, for memory figures
+
+
 @contextmanager
-def server(data_dir: Path, port: int, log: Path) -> Iterator[str]:
+def server(data_dir: Path, port: int, log: Path, **settings: str) -> Iterator[str]:
+    """A `clipdex serve` process on ViT-B-32 (random weights); `settings` are extra CLIPDEX_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")}
     env.update(
         CLIPDEX_DATA_DIR=str(data_dir),
@@ -116,6 +120,7 @@ def server(data_dir: Path, port: int, log: Path) -> Iterator[str]:
         CLIPDEX_LOG_LEVEL="WARNING",
         HF_HUB_OFFLINE="1",
     )
+    env.update(settings)
     clipdex = shutil.which("clipdex") or str(Path(sys.executable).with_name("clipdex"))
     with open(log, "wb") as out:
         proc = subprocess.Popen([clipdex, "serve", "--port", str(port)], env=env, stdout=out, stderr=out)
@@ -133,6 +138,7 @@ def server(data_dir: Path, port: int, log: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise SystemExit("clipdex serve did not start")
             time.sleep(0.2)
+        SERVER_PIDS[url] = proc.pid
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

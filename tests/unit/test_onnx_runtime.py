@@ -265,3 +265,20 @@ def test_a_bidirectional_text_tower_exports_at_its_full_context(tmp_path: Path) 
         assert float(np.abs(got - np.stack([t.vector for t in reference.encode_texts(batch)])).max()) < 1e-4
     pixels = photos(3)
     assert float(np.abs(onnx.encode_images(pixels) - reference.encode_images(pixels)).max()) < 1e-4
+
+
+def test_auto_falls_back_to_a_fresh_torch_model_when_onnx_runtime_cannot_load_the_export(
+    tiny_embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuses(self: OnnxTowers, *args: object, **kwargs: object) -> None:
+        raise ModelExportError("ONNX Runtime cannot load the exported towers: an opset it does not know")
+
+    monkeypatch.setattr(OnnxTowers, "__init__", refuses)
+    fallback = tiny("auto")
+    fallback.load()
+    assert fallback.runtime == "torch" and fallback._model is not None
+    np.testing.assert_allclose(
+        fallback.encode_texts(["x"])[0].vector, tiny_embedder.encode_texts(["x"])[0].vector, atol=1e-6
+    )
+    with pytest.raises(ModelExportError, match="opset it does not know"):
+        tiny("onnx").load()
