@@ -15,8 +15,8 @@ the pooled end-of-text feature is identical and the transformer runs on ~8 token
 Identity: the runtime and the precision are not part of a model's identity. fp32 on ONNX Runtime is torch's
 fp32 to within 1e-6; fp16 (CUDA) and int8 (ONNX Runtime, dynamic quantisation of the linear layers) are
 approximations of the same space (cosine >= 0.99 per vector), whose vectors mix in one store and whose
-queries search a store written at another precision with the same retrieval quality (tests/unit/
-test_onnx_runtime.py measures it on the shapes model). So a store built on a GPU in fp16 is searched by a
+queries search a store written at another precision with the same retrieval quality (tests/integration/
+test_onnx_shapes.py measures it on the shapes model). So a store built on a GPU in fp16 is searched by a
 CPU server in int8, and switching CLIPDEX_RUNTIME or CLIPDEX_PRECISION never needs a re-index.
 """
 

@@ -20,10 +20,13 @@ from shared.errors import ModelExportError
 from shared.onnx_export import Tower
 
 QUERY_THREADS = 1
-"""Intra-op threads of the text session. One query at a time is what a search does; on 2 cores, one
-thread was as fast as two on an idle machine (int8: 9.6 vs 9.3 ms) and much faster on a busy one, where a
-second thread waits for a core (bench/RESULTS.md, "ONNX Runtime"). Concurrent queries then run side by
-side on their own threads instead of contending for one team."""
+"""Intra-op threads of the text session: a search encodes one query at a time. Measured on 2 cores with
+ViT-B-32 (bench/bench_onnx.py, bench/RESULTS.md "ONNX Runtime"), p50 of one query on 1 vs 2 threads:
+int8 9.6 vs 9.3 ms idle, 15.7 vs 22.9 ms at load ~3, 24.9 vs 36.8 ms with both cores taken; fp32 18.9 vs
+11.3 ms idle, 24.6 vs 17.9 ms at load ~3, 48.0 vs 60.8 ms busy. int8 never gains from a second thread;
+fp32 does only on an idle machine and loses when busy. One thread also leaves the other cores to
+concurrent queries, which run side by side (batching two concurrent queries into one call was slower
+than running them one after the other: 37 vs 33 ms)."""
 
 
 def cpu_count() -> int:

@@ -28,6 +28,15 @@ def model_cache() -> Path:
     return Path(tempfile.mkdtemp(prefix="clipdex-test-models-"))
 
 
+@functools.cache
+def exported(name: str = TINY_MODEL, pretrained: str | None = None, configs: Path = TINY_CONFIGS) -> None:
+    """Build a test model's ONNX export in this process before a clipdex subprocess needs it: no subprocess
+    spends its start (and its test's timeout) exporting, and parallel subprocesses never wait on the lock."""
+    embedder = Embedder(ModelSpec(name, pretrained, configs, "cpu", "fp32", model_cache(), runtime="onnx"))
+    embedder.load()
+    embedder.close()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if model_cache.cache_info().currsize:
         shutil.rmtree(model_cache(), ignore_errors=True)
@@ -78,6 +87,7 @@ def tiny_onnx_embedder() -> Iterator[Embedder]:
 
 def tiny_env(data_dir: Path) -> dict[str, str]:
     """Environment for a clipdex subprocess that uses the tiny model."""
+    exported()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")}
     env.update(
         CLIPDEX_DATA_DIR=str(data_dir),

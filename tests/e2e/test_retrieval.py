@@ -27,7 +27,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from shared import synthetic
 from tests.brokers import publish, stop_process
-from tests.conftest import FIXTURES, model_cache
+from tests.conftest import FIXTURES, exported, model_cache
 from tests.unit.test_tools_fixtures import clipdex_command, free_port
 
 pytestmark = pytest.mark.e2e
@@ -85,6 +85,7 @@ def _start(name: str, args: list[str], env: dict[str, str], logs: Path, stack: E
 
 @pytest.fixture
 def deployment(tmp_path: Path, kafka_bootstrap: str, kafka_topic: str) -> Iterator[Deployment]:
+    exported("clipdex-shapes", str(MODELS / "clipdex-shapes.safetensors"), MODELS)  # once, before 3 processes
     watched, catalog_dir, logs = tmp_path / "watched", tmp_path / "catalog", tmp_path / "logs"
     logs.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")} | {

@@ -10,13 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import tiny_env
+from tests.conftest import FIXTURES, exported, tiny_env
 from tests.unit.test_tools_fixtures import clipdex_command, free_port
 
 pytestmark = pytest.mark.integration
 
 
 def test_demo_serves_real_results_offline(tmp_path: Path) -> None:
+    models = FIXTURES / "models"
+    exported("clipdex-shapes", str(models / "clipdex-shapes.safetensors"), models)  # the demo's model
     port = free_port()
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:
