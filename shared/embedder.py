@@ -138,11 +138,6 @@ def resolve_precision(precision: str, device: torch.device, runtime: str) -> str
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of the torch runtime (kept for callers of the torch-only API)."""
-    return _TORCH_DTYPES[resolve_precision(precision, device, "torch")]
-
-
 def register_model_configs(configs_dir: Path | None) -> None:
     if configs_dir is None:
         return

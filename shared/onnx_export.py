@@ -53,9 +53,16 @@ class ExportKey:
     def path(self, cache_dir: Path, tower: Tower, precision: OnnxPrecision | None = None) -> Path:
         import onnxruntime
 
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model).strip("._") or "model"
-        name = f"{safe}-{self.checksum}-{tower}-{precision or self.precision}-ort{onnxruntime.__version__}"
+        name = f"{self._stem}-{tower}-{precision or self.precision}-ort{onnxruntime.__version__}"
         return cache_dir / f"{name}-e{EXPORT_FORMAT}.onnx"
+
+    def lock_path(self, cache_dir: Path) -> Path:
+        return cache_dir / f"{self._stem}.lock"
+
+    @property
+    def _stem(self) -> str:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model).strip("._") or "model"
+        return f"{safe}-{self.checksum}"
 
 
 def exported_towers(model: Any, key: ExportKey, cache_dir: Path) -> dict[Tower, Path]:
@@ -64,7 +71,7 @@ def exported_towers(model: Any, key: ExportKey, cache_dir: Path) -> dict[Tower, 
     if all(is_valid(p) for p in paths.values()):
         return paths
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _build_lock(cache_dir / f"{paths['image'].name.split('-image-')[0]}.lock"):
+    with _build_lock(key.lock_path(cache_dir)):
         missing = [t for t in TOWERS if not is_valid(paths[t], warn=True)]  # another process may have built them
         if not missing:
             return paths
