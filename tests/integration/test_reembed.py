@@ -33,7 +33,15 @@ from shared.embedder import Embedder
 from shared.roles import Space
 from shared.sqlite.store import SqliteStore
 from tests.brokers import free_port, stop_process
-from tests.conftest import SHAPES_MODELS, TINY16_MODEL, TINY_CONFIGS, clipdex_command, tiny_env, tiny_settings_for
+from tests.conftest import (
+    SHAPES_MODELS,
+    TINY16_MODEL,
+    TINY_CONFIGS,
+    clipdex_command,
+    exported,
+    tiny_env,
+    tiny_settings_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +156,7 @@ def test_a_model_change_under_live_traffic_survives_a_kill_and_misses_nothing(
 ) -> None:
     root, data = tmp_path / "images", tmp_path / "data"
     root.mkdir()
+    exported(TINY16_MODEL)  # its ONNX export, before the processes that switch to it need it
     for i in range(N):
         (root / f"img-{i:02d}.png").write_bytes(png(i))
 
