@@ -130,11 +130,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
                 proc.wait()
 
 
-T0 = time.monotonic()
-
-
 def wait_for(what: str, check: Callable[[], bool], procs: Processes, timeout_s: float = 90) -> None:
-    print(f"{time.monotonic() - T0:7.1f} waiting for {what}", flush=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         procs.alive()
