@@ -317,7 +317,7 @@ def test_after_a_switch_to_the_shapes_model_a_red_circle_finds_red_circles(tmp_p
     synthetic.write_folder(root, 6, seed=11, size=64, colours=["red"], shapes=["circle"])
     synthetic.write_folder(root, 6, seed=12, size=64, colours=["blue"], shapes=["square"], start=6)
     synthetic.write_folder(root, 12, seed=13, size=64, colours=["green", "yellow"], start=12)
-    settings = tiny_settings_for(tmp_path / "data", batch_size=8, reembed_grace_s=0)
+    settings = tiny_settings_for(tmp_path / "data", batch_size=8, reembed_grace_s=0, runtime="torch")
     asyncio.run(service.index_folder(settings, root))
     core = build_core(settings)
     try:
