@@ -32,9 +32,10 @@ from indexer.compaction import Compactor
 from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_with_retries
 from indexer.embed import decode_and_embed
 from indexer.pipeline import PipelineOptions
+from indexer.sources import folder
 from shared.config import Settings
 from shared.embedder import Embedder
-from shared.errors import ConfigError, ItemError
+from shared.errors import ItemError
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.heartbeat import Heartbeat
 from shared.images import decode_budget
@@ -174,7 +175,11 @@ class Reembedder:
         model: ThreadPoolExecutor,
     ) -> None:
         read = await asyncio.gather(*(self._read(item, fetch_pool) for item in batch))
-        failures = [SpaceFailure(item, f"{type(out).__name__}: {out}", tries) for item, out, tries in read if _bad(out)]
+        failures = [
+            SpaceFailure(item, f"{type(out).__name__}: {out}", tries)
+            for item, out, tries in read
+            if isinstance(out, ItemError)
+        ]
         fetched = [(item, out) for item, out, _ in read if isinstance(out, tuple)]
         hashes = [sha for _, (_, sha) in fetched]
         known = await asyncio.to_thread(self.spaces.embeddings_in, self.space.id, hashes) if hashes else {}
@@ -223,7 +228,7 @@ class Reembedder:
     def _fetcher(self, item: Pending) -> Fetch:
         """What the indexer that wrote the item could read: CLIPDEX_ALLOWED_ROOTS and URL hosts, and for a
         folder item, its watched folder (its uri less its relative path)."""
-        roots = tuple(r for r in [_folder_root(item)] if r is not None)
+        roots = tuple(r for r in [folder.root_from(item.source, item.uri, item.metadata)] if r is not None)
         policy = self._policies.get(roots)
         if policy is None:
             policy = self._policies[roots] = FetchPolicy.from_settings(self.settings, extra_roots=roots)
@@ -239,7 +244,7 @@ class Reembedder:
             self.on_progress(progress)
         if self.heartbeat is not None:
             self.heartbeat.beat(
-                state="running" if state == "running" else state,
+                state=state,
                 space=self.space.id,
                 done=progress.done,
                 total=now.total,
@@ -249,25 +254,13 @@ class Reembedder:
             )
 
 
-def _bad(outcome: object) -> bool:
-    return isinstance(outcome, ItemError)
-
-
-def _folder_root(item: Pending) -> Path | None:
-    """The watched folder a folder item came from: its uri (an absolute path) less its relative path."""
-    rel = item.metadata.get("path")
-    if item.source == "folder" and isinstance(rel, str) and item.uri.endswith("/" + rel):
-        return Path(item.uri[: -len(rel) - 1])
-    return None
-
-
 @contextmanager
-def reembed_lock(data_dir: Path, *, wait: bool = False) -> Iterator[bool]:
+def reembed_lock(data_dir: Path) -> Iterator[bool]:
     """One re-embed per store at a time: yields False (without the lock) when another process holds it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / LOCK_FILE, "a+") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
@@ -336,9 +329,3 @@ async def background_reembed(
     finally:
         stop.set()
         await task
-
-
-def check_target(settings: Settings) -> None:
-    """Before the model loads: a checkpoint path must exist (`--pretrained`)."""
-    if settings.model_configs is not None and not settings.model_configs.is_dir():
-        raise ConfigError(f"--model-configs {settings.model_configs}: not a directory")

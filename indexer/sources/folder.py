@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,11 +155,16 @@ def delete_record(rel: str, seen_at: float) -> Record:
 def root_of(record: Record) -> Path | None:
     """The watched folder a folder record came from: its uri minus its relative path."""
     event = record.event
-    if record.source != SOURCE or event is None or not event.uri:
+    if event is None or not event.uri:
         return None
-    rel = event.metadata.get("path")
-    if isinstance(rel, str) and event.uri.endswith("/" + rel):
-        return Path(event.uri[: -len(rel) - 1])
+    return root_from(record.source, event.uri, event.metadata)
+
+
+def root_from(source: str, uri: str, metadata: Mapping[str, Any]) -> Path | None:
+    """The watched folder of a folder item (its uri is the absolute path; its metadata, the relative one)."""
+    rel = metadata.get("path")
+    if source == SOURCE and isinstance(rel, str) and uri.endswith("/" + rel):
+        return Path(uri[: -len(rel) - 1])
     return None
 
 
