@@ -31,7 +31,7 @@ from shared.errors import InvalidEvent
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
 from shared.status import read_status
-from shared.stores import open_catalog, open_writer
+from shared.stores import describe, open_catalog, open_writer, store_exists
 
 
 def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
@@ -168,7 +168,7 @@ def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 def status_of(settings: Settings) -> dict[str, Any]:
     """Everything `clipdex status` shows, as plain data. Reads the store; loads no model."""
     with open_catalog(settings) as catalog:
-        return read_status(settings.data_dir, catalog).to_dict()
+        return read_status(settings.data_dir, catalog, store=describe(settings)).to_dict()
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -181,11 +181,11 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(st, indent=2, default=str))
         return 0
     if not st["exists"]:
-        print(f"no index yet in {st['data_dir']} (run `clipdex index DIR` or `clipdex watch DIR`)")
+        print(f"no index yet in {st['store']} (run `clipdex index DIR`, `clipdex watch DIR` or `clipdex consume`)")
         return 0
     model = st["model"]
     lines = [
-        f"data dir    {st['data_dir']}",
+        f"store       {st['store']}",
         "model       "
         + ("(none yet)" if model is None else f"{model['name']} / {model['pretrained']} (dim {model['dim']})"),
         f"items       {st['items']} indexed, {st['failed']} failed, {st['dead_letters']} dead letters",
@@ -207,8 +207,8 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.db_path.exists():
-        print(f"nothing to compact: no store in {settings.data_dir}")
+    if not store_exists(settings):
+        print(f"nothing to compact: no store in {describe(settings)}")
         return 0
     with open_writer(settings, None) as store:
         identity = store.catalog.model_identity()
@@ -216,7 +216,7 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
             print("nothing to compact: the store holds no vectors yet")
             return 0
         if store.compaction is None:
-            print("nothing to compact: this store compacts by itself")
+            print("nothing to compact: Milvus compacts its segments by itself")
             return 0
         compactor = Compactor.from_settings(store.compaction, settings, identity.dim)
         result = compactor.compact_if_needed() if args.if_needed else compactor.compact()
