@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 SEARCH_CONSISTENCY = "Bounded"
 _MAX_FETCH = 16_384  # Milvus's largest top-k
 _HIT_FIELDS = ["item_id", "source", "uri", "metadata", "version"]
-_MIN_REFRESH_S = 1.0  # counting is a query: once a second is plenty for status and freshness
 
 
 class MilvusSearch:
@@ -124,9 +123,8 @@ class MilvusSearch:
             )
 
     def refresh(self) -> None:
-        """Read the counts (at most once a second). Raises StoreUnavailable while Milvus is away."""
-        if time.time() - self._refreshed_at < _MIN_REFRESH_S:
-            return
+        """Read the counts and the newest write (two small queries). Raises StoreUnavailable while Milvus
+        is away."""
         milvus, names = self.store.milvus, self.store.names
         items = milvus.count(names.items, 'status == "indexed"', consistency=SEARCH_CONSISTENCY)
         _, newest = self.store.writer_counters(consistency=SEARCH_CONSISTENCY)

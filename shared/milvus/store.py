@@ -62,6 +62,7 @@ _STATE_FIELDS = ["pk", "key", "item_id", "sha256", "status", "version"]
 _ITEM_FIELDS = [*_STATE_FIELDS, "source", "uri", "metadata", "reason", "created_at", "updated_at"]
 _LETTER_FIELDS = ["id", "source", "item_id", "payload", "reason", "tries", "created_at"]
 _PLACEHOLDER = [1.0, 0.0]
+_META_ROWS = 16_384  # the model and one row per writer (host and scratch directory)
 
 
 class MilvusStore:
@@ -312,7 +313,7 @@ class MilvusStore:
 
     def writer_counters(self, consistency: str = STRONG) -> tuple[int, float | None]:
         """(rows written by every writer so far, when the newest vector was written)."""
-        rows = self.milvus.rows(self.names.meta, "", ["value"], consistency=consistency)
+        rows = self.milvus.query(self.names.meta, "", ["value"], consistency=consistency, limit=_META_ROWS)
         meta = [json.loads(r["value"]) for r in rows]
         writers = [m["value"] for m in meta if str(m.get("meta", "")).startswith("writer:")]
         newest = [float(w["newest"]) for w in writers if w.get("newest") is not None]

@@ -175,7 +175,8 @@ def test_concurrent_writers_never_regress_an_item(store_settings: Settings, stor
         t.join(timeout=120)
     assert not errors, errors
     states = store.writer.states(ids)
-    assert {i: (s.version, s.sha256) for i, s in states.items()} == {i: (rounds - 1, f"sha-{i}-{rounds - 1}") for i in ids}
+    last = rounds - 1
+    assert {i: (s.version, s.sha256) for i, s in states.items()} == {i: (last, f"sha-{i}-{last}") for i in ids}
     assert store.catalog.stats().items == len(ids)
     with open_reader(store_settings, MODEL) as reader:
         top = search(reader, vec(100 * (rounds - 1)))
@@ -186,11 +187,12 @@ def test_concurrent_writers_never_regress_an_item(store_settings: Settings, stor
 
 
 def test_a_failure_of_a_new_item_marks_it_failed_and_writes_a_dead_letter(store: WriteSide, reader: ReadSide) -> None:
-    store.writer.apply(failures=[Failure("kafka", '{"id": "a"}', "ImageRejected: truncated", id="a", uri="u", tries=3)])
+    why = "ImageRejected: truncated"
+    store.writer.apply(failures=[Failure("kafka", '{"id": "a"}', why, id="a", uri="u", tries=3)])
     item = store.catalog.get_item("a")
-    assert item is not None and (item.status, item.reason, item.vector_id) == ("failed", "ImageRejected: truncated", None)
+    assert item is not None and (item.status, item.reason, item.vector_id) == ("failed", why, None)
     [letter] = store.catalog.dead_letters()
-    assert (letter.item_id, letter.payload, letter.reason, letter.tries) == ("a", '{"id": "a"}', "ImageRejected: truncated", 3)
+    assert (letter.item_id, letter.payload, letter.reason, letter.tries) == ("a", '{"id": "a"}', why, 3)
     stats = store.catalog.stats()
     assert (stats.failed, stats.items, stats.dead_letters) == (1, 0, 1)
     assert reader.vectors.item_vector("a") is None and search_ids(reader, vec(1)) == []
