@@ -1,9 +1,9 @@
 """The two stores on the same data in one run: ingest, query latency and freshness, SQLite + FAISS against
 Milvus.
 
-    python bench/bench_milvus.py                        # 5,000 vectors (512-d), a milvus-lite server process
-    python bench/bench_milvus.py --quick                # 1,000 vectors
-    python bench/bench_milvus.py --milvus-uri http://milvus:19530 --vectors 1000000   # a real Milvus
+    python -m bench.bench_milvus                        # 5,000 vectors (512-d), a milvus-lite server process
+    python -m bench.bench_milvus --quick                # 1,000 vectors
+    python -m bench.bench_milvus --milvus-uri http://milvus:19530 --vectors 1000000   # a real Milvus
 
 What is measured is the store, through the roles the indexer and the servers use (`Writer.apply` in
 micro-batches of 64, `VectorSearch.search` top 10, `item_vector`), with synthetic unit vectors and
@@ -35,12 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shared.config import Settings, load_settings  # noqa: E402
-from shared.roles import Upsert  # noqa: E402
-from shared.stores import open_reader, open_writer  # noqa: E402
-from shared.types import Filters, ModelIdentity  # noqa: E402
+from shared.config import Settings, load_settings
+from shared.roles import Upsert
+from shared.stores import open_reader, open_writer
+from shared.types import Filters, ModelIdentity
 
 DIM = 512
 BATCH = 64
@@ -191,7 +189,8 @@ def main() -> None:
 
     tops = [r.pop("_top") for r in results.values()]
     print(f"\n{args.vectors} vectors of {DIM} dims, micro-batches of {BATCH}, {args.queries} queries (top 10)")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     print(f"same top 10 from both stores: {tops[0] == tops[1]}\n")
     rows = [
         ("ingest, vectors/s", "ingest_per_s", "{:.0f}"),

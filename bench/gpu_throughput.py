@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,23 @@ def jpeg_bytes(unique: int, width: int, height: int) -> list[bytes]:
     return out
 
 
+def indexer_decode(embedder: Embedder) -> Callable[[bytes], torch.Tensor]:
+    """Decode + preprocess as the pipeline does: toward the model's input side (JPEG draft, reduce)."""
+    return functools.partial(
+        decode_and_preprocess,
+        max_pixels=MAX_PIXELS,
+        preprocess=embedder.preprocess,
+        input_side=max(embedder.image_size),
+    )
+
+
 def sync(embedder: Embedder) -> None:
     if embedder.device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def end_to_end(embedder: Embedder, datas: list[bytes], batch: int, workers: int) -> float:
-    decode = functools.partial(decode_and_preprocess, max_pixels=MAX_PIXELS, preprocess=embedder.preprocess)
+    decode = indexer_decode(embedder)
     items = list(enumerate(datas))
 
     async def go() -> int:
@@ -86,7 +97,7 @@ def end_to_end(embedder: Embedder, datas: list[bytes], batch: int, workers: int)
 
 
 def encode_only(embedder: Embedder, datas: list[bytes], batch: int, rounds: int) -> float:
-    decode = functools.partial(decode_and_preprocess, max_pixels=MAX_PIXELS, preprocess=embedder.preprocess)
+    decode = indexer_decode(embedder)
     tensors = torch.stack([decode(d) for d in datas[:batch]])
     device_batch = tensors.to(embedder.device, embedder.dtype)
     embedder.encode_images(device_batch)  # warm up (kernels, autotuning)
@@ -99,7 +110,7 @@ def encode_only(embedder: Embedder, datas: list[bytes], batch: int, rounds: int)
 
 
 def decode_only(embedder: Embedder, datas: list[bytes], workers: int) -> float:
-    decode = functools.partial(decode_and_preprocess, max_pixels=MAX_PIXELS, preprocess=embedder.preprocess)
+    decode = indexer_decode(embedder)
     with decode_pool(workers) as pool:
         started = time.perf_counter()
         for _ in pool.map(decode, datas, chunksize=8):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from shared.errors import ImageRejected, ItemError
-from shared.images import decode_image
+from shared.images import DecodeBudget, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,19 @@ def fetch_and_hash(fetch: Fetch, uri: str) -> tuple[bytes, str]:
     return data, sha256_of(data)
 
 
-def decode_and_preprocess(data: bytes, *, max_pixels: int, preprocess: Preprocess) -> torch.Tensor:
-    """JPEG/PNG/... bytes to the model's input tensor [3, H, W]; ImageRejected when it is not a whole image."""
-    image = decode_image(data, max_pixels=max_pixels)
+def decode_and_preprocess(
+    data: bytes,
+    *,
+    max_pixels: int,
+    preprocess: Preprocess,
+    input_side: int | None = None,
+    budget: DecodeBudget | None = None,
+) -> torch.Tensor:
+    """JPEG/PNG/... bytes to the model's input tensor [3, H, W]; ImageRejected when it is not a whole image.
+
+    input_side: the model's input side; a big image is decoded reduced toward it (a 24 MP JPEG at 1/8
+    scale), which the model's own resize would throw away anyway. budget: the process's decode memory."""
+    image = decode_image(data, max_pixels=max_pixels, min_side=input_side, budget=budget)
     try:
         return preprocess(image)
     except ItemError:

@@ -1,7 +1,11 @@
 """Embed: decoding overlapped with the model, which runs in its own thread, off the event loop.
 
     decode pool ─▶ [ window of decoded images (bounded) ] ─▶ model thread: sub-batch k
-        (decoding sub-batches k+1, k+2 while the model encodes k)
+        (decoding sub-batches k+1, k+2 while the model encodes k)     │ the model raised:
+                                                                      └▶ each image of k alone
+
+An image that fails to decode, or that the model fails on (alone), is a failure of that image only; the
+rest of the micro-batch is embedded.
 
 Decoding is submitted item by item, at most `window` ahead of the model, and consumed in order, so the
 model waits on decoding only for the first sub-batch of a micro-batch, and memory stays bounded. The
@@ -75,6 +79,23 @@ async def decode_and_embed(
         vectors = encode(batch)
         return vectors, (time.perf_counter() - started) * 1000
 
+    async def embed(keys: list[K], tensors: list[torch.Tensor]) -> None:
+        try:
+            vectors, ms = await loop.run_in_executor(model_pool, run_model, tensors)
+            embedded = list(zip(keys, vectors, strict=True))
+        except Exception as exc:  # one odd image (or a flaky device) must not cost the whole batch
+            if len(tensors) == 1:
+                logger.warning("the model failed on one image: %s: %s", type(exc).__name__, exc)
+                out.failures[keys[0]] = ItemError(f"the model failed on this image: {type(exc).__name__}: {exc}")
+                return
+            logger.warning("the model failed on %d images (%s); trying them one at a time", len(tensors), exc)
+            for key, tensor in zip(keys, tensors, strict=True):
+                await embed([key], [tensor])
+            return
+        out.embed_ms += ms
+        out.model_calls += 1
+        out.vectors.update(embedded)
+
     top_up()
     try:
         while queue:
@@ -90,12 +111,8 @@ async def decode_and_embed(
                 else:
                     keys.append(key)
                     tensors.append(result)
-            if not tensors:
-                continue
-            vectors, ms = await loop.run_in_executor(model_pool, run_model, tensors)
-            out.embed_ms += ms
-            out.model_calls += 1
-            out.vectors.update(zip(keys, vectors, strict=True))
+            if tensors:
+                await embed(keys, tensors)
     finally:
         for _, future in queue:  # on an error or a cancellation: drop the decoding not yet started
             future.cancel()

@@ -31,6 +31,7 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError
 from shared.fetch import FetchPolicy, fetch_bytes
+from shared.images import decode_budget
 from shared.roles import Upsert, Writer
 from shared.types import Embedding
 
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PipelineOptions:
     max_pixels: int
+    decode_memory_mb: int = 1024  # the process's decode budget (shared.images.decode_budget)
     decode_workers: int = 2
     fetch_workers: int = 8
     embed_batch: int = 16  # images per model call (embed_batch_for); decoding the next ones overlaps it
@@ -51,6 +53,7 @@ class PipelineOptions:
         workers = settings.decode_workers or os.cpu_count() or 2
         return cls(
             max_pixels=settings.max_pixels,
+            decode_memory_mb=settings.decode_memory_mb,
             decode_workers=workers,
             fetch_workers=max(8, 2 * workers),
             embed_batch=embed_batch_for(settings.batch_size, device),
@@ -81,7 +84,11 @@ class Pipeline:
         self.options = options
         self._fetch = fetch
         self._decode = functools.partial(
-            decode_and_preprocess, max_pixels=options.max_pixels, preprocess=embedder.preprocess
+            decode_and_preprocess,
+            max_pixels=options.max_pixels,
+            preprocess=embedder.preprocess,
+            input_side=max(embedder.image_size),
+            budget=decode_budget(options.decode_memory_mb),
         )
         self._fetch_pool = ThreadPoolExecutor(options.fetch_workers, thread_name_prefix="clipdex-fetch")
         self._decode_pool = decode_pool(options.decode_workers)
@@ -177,6 +184,9 @@ class Pipeline:
                 await asyncio.sleep(delay)
             except OSError as exc:  # an I/O error the fetcher did not name: the file may come back
                 return _failure(work, ItemError(f"cannot read {work.uri}: {exc}"), tries)
+            except Exception as exc:  # whatever one uri does to a fetcher, the rest of the batch goes on
+                logger.warning("%s: unexpected error fetching %r", work.item_id, work.uri, exc_info=True)
+                return _failure(work, ItemError(f"cannot read {work.uri}: {type(exc).__name__}: {exc}"), tries)
 
     async def _embed(
         self, sorted_: Classified, report: BatchReport

@@ -42,14 +42,25 @@ class FailedRecord:
 
     def dead_letter(self) -> Failure:
         event = self.record.event
+        uri = None if event is None or self.item_id is None else event.uri
         return Failure(
             source=self.record.source,
-            payload=self.record.raw,
-            reason=self.reason,
+            payload=storable(self.record.raw),
+            reason=storable(self.reason),
             id=self.item_id,
-            uri=None if event is None or self.item_id is None else event.uri,
+            uri=None if uri is None else storable(uri),
             tries=self.tries,
         )
+
+
+def storable(text: str) -> str:
+    """`text` as SQLite can store it (UTF-8): a lone surrogate, which is what Python makes of a file name
+    that is not UTF-8, is escaped as `\\udcXX` instead of failing the batch's transaction."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Resolve: what a micro-batch asks of the store, before and after its images are read.
 
 Before reading (`plan`):
-- a record that is not a valid event is a dead letter with the parse error;
+- a record that is not a valid event is a dead letter with the parse error (made fit for SQLite);
 - item ids are namespaced by source (`kafka:sku-1`, `folder:cats/tom.jpg`);
 - several events for one id: the last wins, unless an earlier one carries a higher version;
 - an event older than the stored version is skipped.

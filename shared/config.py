@@ -6,10 +6,12 @@ and passes it down.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,6 +73,15 @@ class Settings(BaseSettings):
         "auto", description="Model precision; `auto` is fp16 on CUDA and fp32 on the CPU."
     )
     query_cache_size: int = Field(1024, ge=0, description="Recent text queries whose embeddings are cached.")
+    # CLIP reads 77 tokens, about 300 characters of English: 1,000 characters leave the model's own cut the
+    # one that matters for a real query, and keep a hostile one cheap (tokenising 0.9 MB took 3 s).
+    max_query_chars: int = Field(
+        1000,
+        ge=10,
+        le=100_000,
+        description="Longest text query, in characters (runs of whitespace count as one); a longer one is cut "
+        "before it is tokenised and its result says `query_truncated: true`.",
+    )
 
     # Indexer
     batch_size: int = Field(64, ge=1, le=4096, description="Images per micro-batch.")
@@ -100,11 +111,23 @@ class Settings(BaseSettings):
     )
     allowed_url_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Hosts whose http(s) image URLs may be fetched (comma-separated); empty means none.",
+        description="Hosts whose http(s) image URLs may be fetched (comma-separated); empty means none. "
+        "`name` allows ports 80 and 443, `name:port` that port. Names that resolve to loopback, private, "
+        "link-local or multicast addresses are refused unless the address itself is listed "
+        "(`10.0.0.5`, `127.0.0.1:8080`, `[::1]:8080`).",
+    )
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="The longest one URL download may take, start to end, redirects included."
     )
     max_image_bytes: int = Field(50 * 2**20, ge=1024, description="Largest image file or download, in bytes.")
     max_pixels: int = Field(
         64_000_000, ge=1024, description="Largest image, in pixels; larger ones are refused before decoding."
+    )
+    decode_memory_mb: int = Field(
+        1024,
+        ge=64,
+        description="Memory that the image decodes of one process may hold together, in MiB (estimated from "
+        "each image's header); a decode waits for room. Uploads, thumbnails and indexing share it.",
     )
     kafka_bootstrap_servers: str | None = Field(None, description="Kafka bootstrap servers, host:port.")
     kafka_topic: str | None = Field(None, description="Topic of catalog change events.")
@@ -158,12 +181,12 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
-    @field_validator("allowed_roots", "allowed_url_hosts", mode="before")
+    @field_validator("allowed_roots", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "allowed_url_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:  # not split on ':', which separates a host from its port
         if isinstance(value, str):
@@ -194,6 +217,13 @@ class Settings(BaseSettings):
     def _empty_milvus_token_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("allowed_url_hosts")
+    @classmethod
+    def _host_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_url_host(entry)  # ValueError says which entry is wrong
+        return value
+
     @field_validator("api_token", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
@@ -221,6 +251,25 @@ class Settings(BaseSettings):
     @property
     def index_dir(self) -> Path:
         return self.data_dir / "index"
+
+
+def parse_url_host(entry: str) -> tuple[str, int | None]:
+    """`name`, `name:port`, `1.2.3.4:port`, `::1` or `[::1]:port` -> (lowercased host, port or None).
+
+    Raises ValueError for anything else."""
+    text = entry.strip()
+    try:
+        return str(ipaddress.ip_address(text)), None  # a bare IPv6 address has colons but no port
+    except ValueError:
+        pass
+    parts = urlsplit("//" + text)
+    host = (parts.hostname or "").lower()
+    if not host or parts.username is not None or parts.path or parts.query or parts.fragment:
+        raise ValueError(f"{entry!r} is not a host name or address, with an optional :port")
+    port = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
+    if port == 0:
+        raise ValueError(f"{entry!r}: port 0 is not a port")
+    return host, port
 
 
 def env_name(field: str) -> str:

@@ -71,7 +71,12 @@ def build_core(settings: Settings, *, embedder: Embedder | None = None) -> Core:
         if owned:
             embedder.close()
         raise
-    return Core(settings, embedder, reader, SearchService(reader.vectors, reader.catalog, embedder))
+    return Core(
+        settings,
+        embedder,
+        reader,
+        SearchService(reader.vectors, reader.catalog, embedder, max_query_chars=settings.max_query_chars),
+    )
 
 
 class Refresher:

@@ -8,6 +8,10 @@
 - DNS-rebinding protection: the Host header must name the bound address, localhost, or one of
   CLIPDEX_ALLOWED_HOSTS (421 otherwise), and an Origin header, when a browser sends one, must match too
   (403 otherwise).
+- Cross-site requests: a browser marks a request that a page of another site makes (an <img>, a form, a
+  fetch) `Sec-Fetch-Site: cross-site`, Origin or not; they get 403, but for `/health`. Without it, any web
+  page could load a loopback server's thumbnails as images and learn from what loads which files are
+  indexed.
 - Request bodies over CLIPDEX_MAX_UPLOAD_BYTES get 413, from the Content-Length header before anything is
   read, or as soon as a streamed body passes the limit.
 """
@@ -142,6 +146,14 @@ class Gate:
                     403,
                     f"requests from origin {headers.get('origin')!r} are refused "
                     "(DNS-rebinding protection); add its host to CLIPDEX_ALLOWED_HOSTS if it is yours",
+                )
+                return
+            if headers.get("sec-fetch-site", "").lower() == "cross-site":
+                await _error(
+                    send,
+                    403,
+                    "cross-site browser requests are refused (Sec-Fetch-Site: cross-site): a page of another "
+                    "site may not use this server; open the page from the server's own address instead",
                 )
                 return
         if self.token is not None and path not in OPEN_PATHS and not self._authorized(headers):

@@ -140,7 +140,8 @@ def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
         if args.item_id is not None:
             result = core.search.similar_to_item(args.item_id, args.top_k, _filters(args), args.min_score)
         else:
-            image = decode_image(_read_image(args.image, settings), max_pixels=settings.max_pixels)
+            data = _read_image(args.image, settings)
+            image = decode_image(data, max_pixels=settings.max_pixels, min_side=max(core.embedder.image_size))
             result = core.search.search_image(image, args.top_k, _filters(args), args.min_score)
     finally:
         core.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import anyio.to_thread
@@ -31,6 +32,7 @@ from shared.errors import (
 )
 from shared.search import MAX_TOP_K
 from shared.types import Filters, MetaValue
+from tools.auth import BodyTooLarge
 from tools.metrics import CONTENT_TYPE, Metrics
 from tools.queries import Queries, SearchArgs
 from tools.schemas import ItemOut, SearchOutput
@@ -41,6 +43,12 @@ SEARCH_PARAMS = frozenset({"top_k", "min_score", "source"})
 FILTER_PREFIX = "filter."
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+INTERNAL_ERROR = "internal error: the request failed on the server; the server log says why"
+BAD_UPLOAD = (
+    "the request body is not a valid multipart/form-data upload: send the image in the field 'file' "
+    "(curl: -F file=@photo.jpg), or as a raw body with an image/* content type"
+)
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -80,16 +88,26 @@ class HttpApi:
         ]
 
     def _wrap(self, route: str, handler: Handler) -> Handler:
-        """Turn clipdex errors into JSON 4xx/5xx responses, and count responses by route and status."""
+        """Turn errors into JSON 4xx/5xx responses that tell the client what it may know (tools.redaction;
+        the log keeps the rest), and count responses by route and status."""
 
         async def endpoint(request: Request) -> Response:
+            where = f"{request.method} {request.url.path}"
             try:
                 response = await handler(request)
             except ClipdexError as exc:
                 status = status_of(exc)
+                message = self.queries.redactor.error(exc)
                 if status >= 500:
-                    logger.warning("%s %s failed: %s", request.method, request.url.path, exc)
-                response = error_response(status, str(exc))
+                    logger.warning("%s failed: %s", where, exc)
+                elif message != str(exc):
+                    logger.info("%s refused: %s", where, exc)
+                response = error_response(status, message)
+            except (HTTPException, BodyTooLarge):  # Starlette's and the Gate's own answers
+                raise
+            except Exception:
+                logger.exception("%s failed", where)
+                response = error_response(500, INTERNAL_ERROR)
             self.metrics.http_responses.inc(route, str(response.status_code))
             return response
 
@@ -217,11 +235,15 @@ def _json(model: Any) -> Response:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (404 for an unknown path, 405, a broken multipart body) as JSON."""
+    """Starlette's own errors (404 for an unknown path, 405, a broken multipart body) as JSON, in our words."""
     assert isinstance(exc, HTTPException)
-    detail = exc.detail
     if exc.status_code == 404:
         detail = f"no such endpoint {request.url.path}; see /docs for the API"
     elif exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
+    elif exc.status_code == 400:  # the multipart parser's own words stay in the log
+        logger.info("%s %s: bad request body: %s", request.method, request.url.path, exc.detail)
+        detail = BAD_UPLOAD
+    else:
+        detail = HTTPStatus(exc.status_code).phrase
     return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)

@@ -19,13 +19,12 @@ from collections.abc import Awaitable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, TypeVar
 
-import anyio.to_thread
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
-from shared.errors import ClipdexError
+from shared.errors import ClipdexError, StoreError
 from shared.types import SearchResult
 from tools.queries import ImageSource, Queries, SearchArgs
 from tools.schemas import IndexStatusOut, ItemOut, SearchFilters, SearchOutput
@@ -73,14 +72,15 @@ def build_mcp_server(queries: Queries) -> MCPServer:
         """Find images that match a text description.
 
         Use this when the user describes what an image shows ("a dog in the snow", "invoice with a red
-        logo"). Describe the picture, not the file: CLIP matches visual content, not file names. Very long
-        queries are cut to the model's context; the result then has query_truncated=true.
+        logo"). Describe the picture, not the file: CLIP matches visual content, not file names. Keep it
+        short: the model reads about 60 words (and at most 1,000 characters are used); a longer query is
+        cut, and the result then has query_truncated=true.
 
         Returns the best matches first, each with its id (for get_item or find_similar), uri, score and
         metadata, plus how big and how fresh the index is.
         """
         args = _search_args(top_k, filters, min_score)
-        result = await _tool_call(queries.search_text(query, args, "mcp"))
+        result = await _tool_call(queries, queries.search_text(query, args, "mcp"))
         return await _tool_result(queries, result, include_images)
 
     async def find_similar(
@@ -107,20 +107,20 @@ def build_mcp_server(queries: Queries) -> MCPServer:
         """
         args = _search_args(top_k, filters, min_score)
         source = ImageSource(item_id=item_id, image_base64=image_base64, path=path, url=url)
-        result = await _tool_call(queries.similar(source, args, "mcp"))
+        result = await _tool_call(queries, queries.similar(source, args, "mcp"))
         return await _tool_result(queries, result, include_images)
 
     async def get_item(
         item_id: Annotated[str, Field(description="The item id, as in a search result.")],
     ) -> ItemOut:
         """Show one item: its uri, metadata, content hash, and whether it is indexed or why it failed."""
-        return ItemOut.of(await _tool_call(queries.item(item_id, "mcp")))
+        return ItemOut.of(await _tool_call(queries, queries.item(item_id, "mcp")))
 
     async def index_status() -> IndexStatusOut:
         """Report on the index: item, failure and dead-letter counts (with the latest reasons), the model,
         the main index generation and delta size, the last compaction, and how far this server lags behind
         the store. Use it to explain empty or stale results."""
-        return await _tool_call(queries.status("mcp"))
+        return await _tool_call(queries, queries.status("mcp"))
 
     for tool in (search, find_similar, get_item, index_status):
         server.add_tool(tool, annotations=READ_ONLY)
@@ -131,11 +131,16 @@ def _search_args(top_k: int, filters: SearchFilters | None, min_score: float | N
     return SearchArgs(top_k=top_k, filters=filters.to_filters() if filters else None, min_score=min_score)
 
 
-async def _tool_call(call: Awaitable[T]) -> T:
+async def _tool_call(queries: Queries, call: Awaitable[T]) -> T:
+    """The call's result, or a ToolError that tells the caller what it may know (tools.redaction); the log
+    keeps the detail."""
     try:
         return await call
     except ClipdexError as exc:
-        raise ToolError(str(exc)) from exc
+        message = queries.redactor.error(exc)
+        if message != str(exc):
+            logger.log(logging.WARNING if isinstance(exc, StoreError) else logging.INFO, "tool call failed: %s", exc)
+        raise ToolError(message) from exc
 
 
 async def _tool_result(queries: Queries, result: SearchResult, include_images: bool) -> CallToolResult:
@@ -143,17 +148,20 @@ async def _tool_result(queries: Queries, result: SearchResult, include_images: b
     structured = output.model_dump(mode="json")
     content: list[ContentBlock] = [TextContent(type="text", text=json.dumps(structured))]
     if include_images:
-        content += await anyio.to_thread.run_sync(_thumbnails, queries, [h.id for h in output.hits[:MAX_IMAGES]])
+        ids = [h.id for h in output.hits[:MAX_IMAGES]]
+        content += _thumbnail_blocks(queries, ids, await queries.thumbnails(ids, "mcp"))
     return CallToolResult(content=content, structured_content=structured)
 
 
-def _thumbnails(queries: Queries, ids: list[str]) -> list[ContentBlock]:
+def _thumbnail_blocks(queries: Queries, ids: list[str], thumbnails: list[bytes | ClipdexError]) -> list[ContentBlock]:
     blocks: list[ContentBlock] = []
-    for rank, item_id in enumerate(ids, 1):
-        try:
-            jpeg = queries.thumbnail_sync(item_id)
-        except ClipdexError as exc:
-            blocks.append(TextContent(type="text", text=f"result {rank} ({item_id}): no thumbnail: {exc}"))
+    for rank, (item_id, jpeg) in enumerate(zip(ids, thumbnails, strict=True), 1):
+        if isinstance(jpeg, ClipdexError):
+            blocks.append(
+                TextContent(
+                    type="text", text=f"result {rank} ({item_id}): no thumbnail: {queries.redactor.error(jpeg)}"
+                )
+            )
             continue
         blocks.append(TextContent(type="text", text=f"result {rank}: {item_id}"))
         blocks.append(ImageContent(type="image", data=base64.b64encode(jpeg).decode(), mime_type="image/jpeg"))

@@ -15,20 +15,22 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import anyio
 import anyio.to_thread
+from PIL import Image
 
 from shared.core import Core
 from shared.errors import ClipdexError, ImageRejected, InvalidRequest, NotFound
 from shared.fetch import FetchPolicy, fetch_bytes, fetch_url, read_path
-from shared.images import decode_image, thumbnail_jpeg
+from shared.images import decode_budget, decode_image, thumbnail_jpeg
 from shared.search import MAX_TOP_K
 from shared.status import Status, read_status
 from shared.types import Filters, Item, SearchResult
 from tools.metrics import Metrics
+from tools.redaction import Redactor
 from tools.schemas import IndexStatusOut
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class Queries:
         self.core = core
         self.policy = policy
         self.metrics = metrics
+        self.redactor = Redactor.for_settings(core.settings, extra_roots=policy.roots)  # what clients may read
         self._thumbs: OrderedDict[tuple[str, str | None], bytes] = OrderedDict()
         self._thumbs_max = thumbnail_cache
         self._thumbs_lock = threading.Lock()
@@ -92,6 +95,8 @@ class Queries:
         # threads than cores leave room for the waits (URL fetches, file reads).
         self._workers = max(4, 2 * (os.cpu_count() or 1))
         self._limiter: anyio.CapacityLimiter | None = None
+        # Decodes of uploads, URLs and thumbnails share this process's memory budget with its indexer.
+        self.decode_budget = decode_budget(core.settings.decode_memory_mb)
 
     @property
     def max_image_bytes(self) -> int:
@@ -151,13 +156,23 @@ class Queries:
             )
         if not data:
             raise ImageRejected("the image is empty (0 bytes)")
-        image = decode_image(data, max_pixels=self.core.settings.max_pixels)
+        image = self._decode(data, max(self.core.embedder.image_size))
         return self.core.search.search_image(image, args.top_k, args.filters, args.min_score)
+
+    def _decode(self, data: bytes, side: int) -> Image.Image:
+        """Decoded toward `side` (the model's input, a thumbnail) within the process's decode budget."""
+        return decode_image(data, max_pixels=self.core.settings.max_pixels, min_side=side, budget=self.decode_budget)
 
     # -- items ------------------------------------------------------------------------------------------
 
     async def item(self, item_id: str, transport: str) -> Item:
-        return await self._call(transport, "get_item", lambda: self._item(item_id))
+        """The item, its failure reason as a client may read it."""
+
+        def run() -> Item:
+            item = self._item(item_id)
+            return item if item.reason is None else replace(item, reason=self.redactor.reason(item.reason))
+
+        return await self._call(transport, "get_item", run)
 
     def _item(self, item_id: str) -> Item:
         if not item_id.strip():
@@ -170,6 +185,21 @@ class Queries:
     async def thumbnail(self, item_id: str, transport: str) -> bytes:
         return await self._call(transport, "thumbnail", lambda: self.thumbnail_sync(item_id))
 
+    async def thumbnails(self, item_ids: list[str], transport: str) -> list[bytes | ClipdexError]:
+        """Thumbnails of several items (MCP include_images), each a JPEG or the error that prevented it,
+        made in the same worker threads, and under the same limit, as every other call."""
+
+        def run() -> list[bytes | ClipdexError]:
+            out: list[bytes | ClipdexError] = []
+            for item_id in item_ids:
+                try:
+                    out.append(self.thumbnail_sync(item_id))
+                except ClipdexError as exc:
+                    out.append(exc)
+            return out
+
+        return await self._call(transport, "thumbnails", run)
+
     def thumbnail_sync(self, item_id: str) -> bytes:
         """A JPEG of at most 256 px of the item's image, read from its uri (within the fetch policy)."""
         item = self._item(item_id)
@@ -180,7 +210,7 @@ class Queries:
                 self._thumbs.move_to_end(key)
                 return cached
         data = fetch_bytes(item.uri, self.policy)
-        jpeg = thumbnail_jpeg(decode_image(data, max_pixels=self.core.settings.max_pixels), THUMBNAIL_SIDE)
+        jpeg = thumbnail_jpeg(self._decode(data, THUMBNAIL_SIDE), THUMBNAIL_SIDE)
         with self._thumbs_lock:
             self._thumbs[key] = jpeg
             while len(self._thumbs) > self._thumbs_max:
@@ -195,7 +225,9 @@ class Queries:
     def status_sync(self) -> Status:
         """The store, the indexers' lag (`shared.status`), and this server's own index."""
         core = self.core
-        return read_status(core.settings.data_dir, core.catalog, searcher=core.vectors.state(), recent_dead_letters=5)
+        status = read_status(core.settings.data_dir, core.catalog, searcher=core.vectors.state(), recent_dead_letters=5)
+        letters = [replace(d, reason=self.redactor.reason(d.reason)) for d in status.recent_dead_letters]
+        return replace(status, recent_dead_letters=letters)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from indexer.events import parse_event
+from indexer.events import parse_event, raw_text
 from indexer.records import BatchReport, FailedRecord, Record, Sink
 from shared.errors import ClipdexError, InvalidEvent, StoreError
 from shared.heartbeat import Heartbeat
@@ -161,7 +161,7 @@ class SourceStats:
 
 def to_record(message: Message) -> Record:
     """A message becomes a record; a message that is not a valid event becomes one with its reason."""
-    raw = "" if message.value is None else message.value.decode("utf-8", "replace")
+    raw = raw_text(message.value)
     position = (message.partition, message.offset)
     try:
         event = parse_event(message.value, message.key)

@@ -169,6 +169,15 @@ class SqliteStore:
                 raise StoreError(f"store read failed ({self.path}): {exc}") from exc
 
     @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """Statements outside a snapshot, under the lock; a failure of SQLite is a StoreError."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StoreError(f"store read failed ({self.path}): {exc}") from exc
+
+    @contextmanager
     def snapshot(self) -> Iterator[None]:
         with self.read():
             yield
@@ -350,8 +359,8 @@ class SqliteStore:
 
     def index_meta(self) -> IndexMeta:
         keys = ("generation", "high_water", "main_seq", "seq")
-        with self._lock:  # one statement, one snapshot: never one generation's number with another's mark
-            rows = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?)", keys).fetchall())
+        with self._reading() as db:  # one statement, one snapshot: never one generation's number with another's
+            rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?)", keys).fetchall())
         if len(rows) != len(keys):
             raise StoreError(f"store meta keys missing: {sorted(set(keys) - set(rows))}")
         return IndexMeta(*(int(rows[k]) for k in keys))

@@ -94,7 +94,7 @@ COMPACTOR = """
     import sys, time
     from pathlib import Path
     import faiss
-    import shared.index as index_module
+    import shared.sqlite.index as index_module
     from indexer.compaction import compact
     from shared.sqlite.index import IndexParams
     from shared.sqlite.store import SqliteStore

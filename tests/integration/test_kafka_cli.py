@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from indexer.events import raw_text
 from shared.embedder import Embedder
 from tests.brokers import (
     SESSION_TIMEOUT_MS,
@@ -33,6 +34,7 @@ from tests.brokers import (
 )
 from tests.conftest import tiny_env, tiny_settings_for
 from tests.integration.test_kafka_consume import event, live_vectors, searchable_ids, write_image
+from tests.unit.indexer.test_pipeline_hostile import POISON
 
 pytestmark = pytest.mark.integration
 
@@ -259,3 +261,50 @@ async def test_killed_with_sigkill_again_and_again_every_event_takes_effect_exac
     assert {r[3] for r in rows} == {"indexed"} and dead_letters == 0
     settings = tiny_settings_for(tmp_path / "data")
     assert searchable_ids(settings, tiny_embedder) == live  # none missing, no deleted id, main + delta
+
+
+async def test_poison_events_between_good_ones_never_stop_it_and_a_kill_over_them_loses_nothing(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    kafka_topic: str,
+    consumer_for: Callable[..., Consumer],
+    tiny_embedder: Embedder,
+) -> None:
+    """Issue 9: one event of 100,000 nested arrays (or a bad IPv6 uri, a NUL in a path, a version of 10^30,
+    a 5,000-digit number) made `consume` exit, and crash-loop on the uncommitted batch after each restart."""
+    messages: list[tuple[bytes | None, bytes | None]] = []
+    good: set[str] = set()
+    for n, (name, poison) in enumerate(POISON.items()):
+        for i in (2 * n, 2 * n + 1):
+            write_image(tmp_path / "images" / f"g{i}.png", i, size=32)
+            messages.append((f"g{i}".encode(), event("upsert", f"g{i}", tmp_path / "images" / f"g{i}.png")))
+            good.add(f"kafka:g{i}")
+        messages.append((f"poison-{name}".encode(), poison))
+    positions = await publish(kafka_bootstrap, kafka_topic, messages)
+    consumer = consumer_for(kafka_bootstrap, kafka_topic)
+    db = tmp_path / "data" / "clipdex.sqlite3"
+
+    proc = consumer.start()
+    await wait_for(lambda: "batch source=kafka" in consumer.text() or proc.poll() is not None, 60, "a first batch")
+    assert proc.poll() is None, consumer.text()[-3000:]  # it did not stop itself on a poison event
+    proc.kill()  # SIGKILL over the batches with the poison events: some replay on restart
+    proc.wait()
+
+    proc = consumer.start()
+    ends = ends_of(positions)
+    deadline = time.monotonic() + 60
+    while await committed_offsets(kafka_bootstrap, kafka_topic, f"{kafka_topic}-indexer") != ends:
+        assert proc.poll() is None, consumer.text()[-3000:]
+        assert time.monotonic() < deadline, "the restarted consumer did not catch up"
+        await asyncio.sleep(0.2)
+    assert proc.poll() is None, "it stays up after the poison events"
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0, consumer.text()[-3000:]
+
+    assert live_vectors(db) == dict.fromkeys(good, 1)  # every good event once, none twice
+    assert searchable_ids(tiny_settings_for(tmp_path / "data"), tiny_embedder) == good
+    with sqlite3.connect(db) as conn:
+        letters = conn.execute("SELECT payload, reason FROM dead_letters").fetchall()
+    assert {payload for payload, _ in letters} == {raw_text(p) for p in POISON.values()}  # a replay may repeat one
+    assert all(reason.startswith("InvalidEvent: ") for _, reason in letters)
+    assert "Traceback" not in consumer.text()

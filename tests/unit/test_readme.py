@@ -338,3 +338,23 @@ def test_json_blocks_parse() -> None:
                 for line in block.text.splitlines():  # one JSON document per line
                     if line.strip():
                         json.loads(line)
+
+
+def test_the_limits_table_states_the_limits_in_the_code() -> None:
+    from indexer import events
+    from shared.search import MAX_QUERY_CHARS
+
+    text = readme()
+    section = text[text.index("## Limits and security") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "| Limit | Setting | What the caller sees |" in section
+    for value in (
+        events.MAX_EVENT_BYTES,
+        events.MAX_ID_BYTES,
+        events.MAX_URI_BYTES,
+        events.MAX_METADATA_BYTES,
+        MAX_QUERY_CHARS,
+    ):
+        assert f"{value:,}" in section, f"{value:,} is a limit in the code but not in README's Limits table"
+    assert f"nests at most {events.MAX_EVENT_DEPTH} levels" in section
+    assert f"its `metadata` {events.MAX_METADATA_DEPTH}" in section

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from shared.synthetic import (
+
+from clipdex.synthetic import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,

@@ -320,6 +320,7 @@ class SlowModel:
         self.inner = inner
         self.delay = delay
         self.device = inner.device
+        self.image_size = inner.image_size
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.inner.preprocess(image)

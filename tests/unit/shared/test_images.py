@@ -5,14 +5,18 @@ from __future__ import annotations
 import io
 import random
 import struct
+import threading
+import time
+import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from bench.hostile_images import flat_png, ico_holding
 from shared.errors import ImageRejected
-from shared.images import decode_image, thumbnail_jpeg
+from shared.images import FORMATS, DecodeBudget, decode_budget, decode_image, thumbnail_jpeg
 
 LIMIT = 10_000_000
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -190,3 +194,136 @@ def test_a_thumbnail_is_a_jpeg_within_the_size_keeping_the_aspect() -> None:
     data = thumbnail_jpeg(halves(1000, 500), max_side=128)
     thumb = Image.open(io.BytesIO(data))
     assert thumb.format == "JPEG" and thumb.size == (128, 64)
+
+
+# -- hostile images: formats, containers, memory (issue 9) ---------------------------------------------------------
+
+
+def test_only_the_listed_formats_are_decoded() -> None:
+    """An ICO is a container whose entries Pillow decodes inside Image.open: clipdex does not list it."""
+    assert "ICO" not in FORMATS and {"JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"} <= set(FORMATS)
+    icon = encode(halves(32, 32), "ICO")
+    assert Image.open(io.BytesIO(icon)).format == "ICO"  # Pillow itself would open it
+    with pytest.raises(ImageRejected, match="not an image in a supported format"):
+        decode_image(icon, max_pixels=LIMIT)
+
+
+def test_a_container_entry_over_the_limit_is_refused_by_pillow_before_it_is_decoded() -> None:
+    """Even where a container format is allowed, Pillow's own bomb limit is clipdex's pixel limit, so an
+    entry over it is refused from its header, before its pixels are inflated."""
+    bomb = ico_holding(flat_png(6_000, 6_000))  # 36 MP behind a 256x256 directory entry
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageRejected, match=r"over the limit of 10,000,000 pixels") as err:
+        decode_image(bomb, max_pixels=LIMIT, formats=("ICO",))
+    assert isinstance(err.value.__cause__, Image.DecompressionBombError)
+
+
+def test_a_16_bit_image_is_converted_without_a_full_size_float_copy() -> None:
+    """numpy reports its allocations to tracemalloc: the old path made float64 copies (8 bytes a pixel)."""
+    wide = np.tile(np.arange(2_000, dtype=np.uint16) * 32, (1_500, 1))
+    data = encode(Image.fromarray(wide), "PNG")
+    tracemalloc.start()
+    try:
+        img = decode_image(data, max_pixels=LIMIT)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert img.size == (2_000, 1_500) and img.mode == "RGB"
+    assert img.getpixel((1_999, 0)) == (round(1_999 * 32 / 257),) * 3
+    assert peak < 2_000 * 1_500, f"{peak:,} bytes of numpy arrays for a 3 MP image"
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """Smooth gradients and a few hard edges, like a photo rather than noise."""
+    base = Image.linear_gradient("L").resize((width, height))
+    img = Image.merge("RGB", (base, base.transpose(Image.Transpose.ROTATE_180), Image.new("L", (width, height), 90)))
+    img.paste(RED, (width // 5, height // 5, width // 2, height // 2))
+    img.paste(BLUE, (width // 2, height // 2, width * 4 // 5, height * 4 // 5))
+    return img
+
+
+@pytest.mark.parametrize(("fmt", "size"), [("JPEG", (4_000, 3_000)), ("PNG", (3_000, 2_000))])
+def test_a_big_image_is_decoded_reduced_toward_the_size_asked_for(fmt: str, size: tuple[int, int]) -> None:
+    data = encode(photo(*size), fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    img = decode_image(data, max_pixels=64_000_000, min_side=224)
+    assert 2 * 224 <= min(img.size) < 4 * 224, img.size  # twice the model's side: resampling keeps its quality
+    assert abs(img.size[0] / img.size[1] - size[0] / size[1]) < 0.01
+    full = decode_image(data, max_pixels=64_000_000)
+    assert full.size == size
+    # What the model sees (its input is a bicubic resize to 224) hardly differs.
+    seen = [
+        np.asarray(i.resize((224 * size[0] // size[1], 224), Image.Resampling.BICUBIC), np.int16) for i in (img, full)
+    ]
+    assert np.abs(seen[0] - seen[1]).mean() < 2.0
+
+
+def test_a_reduced_decode_still_applies_the_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img = decode_image(encode(halves(2_000, 1_000), "JPEG", exif=exif, quality=95), max_pixels=LIMIT, min_side=224)
+    assert img.size[1] > img.size[0] and min(img.size) >= 448
+    assert close_to(img.getpixel((4, 4)), RED) and close_to(img.getpixel((img.size[0] - 5, img.size[1] - 5)), BLUE)  # type: ignore[arg-type]
+
+
+def test_small_images_are_not_reduced() -> None:
+    data = encode(halves(600, 500), "PNG")
+    assert decode_image(data, max_pixels=LIMIT, min_side=224).size == (600, 500)
+
+
+# -- the decode memory budget ---------------------------------------------------------------------------------------
+
+
+def test_a_decode_waits_for_room_in_the_budget() -> None:
+    budget = DecodeBudget(8 * 2**20)
+    data = encode(halves(1_000, 1_000), "PNG")
+    done: list[Image.Image] = []
+    with budget.hold(budget.capacity):  # everything taken, as by other decodes
+        worker = threading.Thread(target=lambda: done.append(decode_image(data, max_pixels=LIMIT, budget=budget)))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive() and not done
+    worker.join(10)
+    assert done and done[0].size == (1_000, 1_000)
+    assert budget.in_use == 0
+    assert budget.high_water >= 1_000 * 1_000 * 4  # it held at least the RGB pixels it decoded
+
+
+def test_a_decode_bigger_than_the_whole_budget_runs_alone_rather_than_never() -> None:
+    budget = DecodeBudget(2**20)
+    img = decode_image(encode(halves(1_000, 1_000), "PNG"), max_pixels=LIMIT, budget=budget)
+    assert img.size == (1_000, 1_000) and budget.in_use == 0 and budget.high_water == budget.capacity
+
+
+def test_the_budget_serves_waiters_in_order() -> None:
+    budget = DecodeBudget(100)
+    order: list[str] = []
+    first = budget.hold(100)
+    first.__enter__()
+
+    def take(name: str, nbytes: int) -> None:
+        with budget.hold(nbytes):
+            order.append(name)
+
+    big = threading.Thread(target=take, args=("big", 100))
+    big.start()
+    time.sleep(0.1)
+    small = threading.Thread(target=take, args=("small", 10))
+    small.start()
+    time.sleep(0.1)
+    assert order == []  # the small one does not overtake the big one that waits before it
+    first.__exit__(None, None, None)
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"]
+
+
+def test_one_budget_per_process_for_one_setting() -> None:
+    assert decode_budget(512) is decode_budget(512)
+    assert decode_budget(512).capacity == 512 * 2**20
+
+
+def test_a_big_palette_image_keeps_its_colours_when_reduced() -> None:
+    pal = halves(2_000, 1_200).convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+    img = decode_image(encode(pal, "PNG"), max_pixels=LIMIT, min_side=224)
+    assert min(img.size) < 1_200 and img.mode == "RGB"
+    assert close_to(img.getpixel((4, 4)), RED) and close_to(img.getpixel((img.size[0] - 5, 4)), BLUE)  # type: ignore[arg-type]

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from indexer.compaction import compact
@@ -15,7 +17,7 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import InvalidRequest, NotFound
 from shared.roles import Delete, Failure, Upsert
-from shared.search import SearchService
+from shared.search import MAX_QUERY_CHARS, SearchService, cap_query
 from shared.sqlite.index import IndexParams
 from shared.stores import open_reader, open_writer
 from shared.types import Filters
@@ -163,6 +165,53 @@ def test_text_search_finds_the_item_stored_with_that_texts_vector(world: World, 
     assert result.query_truncated is False
     assert world.search.search_text(" ".join(["cat"] * 100)).query_truncated is True
     assert (result.index.items, result.index.vectors, result.index.generation) == (3, 3, 0)
+
+
+class RecordingEmbedder:
+    """The tiny model, noting every text it is asked to encode (and so every key of its query cache)."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.texts: list[str] = []
+
+    def encode_text(self, text: str) -> Any:
+        self.texts.append(text)
+        return self.inner.encode_text(text)
+
+
+def test_a_huge_query_is_cut_before_tokenising_flagged_and_cached_cut(world: World, tiny_embedder: Embedder) -> None:
+    """Issue 9: a 0.9 MB query took 3 s per tokenisation and stayed in the query cache."""
+    world.add("bike", tiny_embedder.encode_texts(["a red bicycle"])[0].vector)
+    world.refresh()
+    model = RecordingEmbedder(tiny_embedder)
+    search = SearchService(world.vectors, world.reader.catalog, model, max_query_chars=MAX_QUERY_CHARS)  # type: ignore[arg-type]
+    huge = "a red bicycle " * 75_000  # 1 MB
+    result = search.search_text(huge, top_k=1)
+    assert result.query_truncated is True and ids(result.hits) == ["bike"]
+    (text,) = model.texts
+    assert len(text) <= MAX_QUERY_CHARS and huge.startswith(text)  # the cache key is the cut text
+    assert search.search_text(huge[: MAX_QUERY_CHARS + 1]).query_truncated is True
+
+
+def test_runs_of_whitespace_count_once_against_the_cap(world: World, tiny_embedder: Embedder) -> None:
+    model = RecordingEmbedder(tiny_embedder)
+    search = SearchService(world.vectors, world.reader.catalog, model, max_query_chars=20)  # type: ignore[arg-type]
+    result = search.search_text("  a red\n\n" + " " * 5000 + "\tbicycle  ")
+    assert result.query_truncated is False and model.texts == ["a red bicycle"]  # what the tokenizer sees anyway
+    assert search.search_text("x" * 20).query_truncated is False
+    assert search.search_text("x" * 21).query_truncated is True and model.texts[-1] == "x" * 20
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    st.lists(st.sampled_from(["a", "bc", " ", "\n\t", " " * 100, "\u3000", "é" * 7]), max_size=200),
+    st.integers(min_value=1, max_value=40),
+)
+def test_the_cap_reads_a_prefix_and_cuts_exactly_as_the_whole_query_would(parts: list[str], cap: int) -> None:
+    query = "".join(parts)
+    collapsed = " ".join(query.split())
+    expected = (collapsed[:cap].rstrip(), True) if len(collapsed) > cap else (collapsed, False)
+    assert cap_query(query, cap) == expected
 
 
 def test_image_search_finds_the_same_image(world: World, tiny_embedder: Embedder) -> None:

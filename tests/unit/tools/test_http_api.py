@@ -108,6 +108,13 @@ async def test_search_bad_input_gets_400_saying_what_to_fix(
 # -- /similar ----------------------------------------------------------------------------------------------
 
 
+async def test_a_long_query_is_cut_and_flagged(client: httpx.AsyncClient) -> None:
+    response = await client.get("/search", params={"query": "red " * 10_000, "top_k": 2})
+    assert response.status_code == 200 and response.json()["query_truncated"] is True
+    short = await client.get("/search", params={"query": "red", "top_k": 2})
+    assert short.json()["query_truncated"] is False
+
+
 async def test_similar_by_id_leaves_the_item_out(client: httpx.AsyncClient, catalog: Sample) -> None:
     target = catalog.image_ids["blue"]
     body = (await client.get("/similar", params={"id": target, "top_k": 100})).json()
@@ -233,6 +240,22 @@ async def test_foreign_host_and_origin_headers_are_refused(world: tuple[Core, Sa
             assert ok.status_code == 200, host
         same_origin = await c.get("/search", params={"query": "x"}, headers={"origin": "http://localhost:8765"})
         assert same_origin.status_code == 200
+
+
+async def test_cross_site_browser_requests_are_refused_except_health(
+    client: httpx.AsyncClient, catalog: Sample
+) -> None:
+    """A page on another site can make a browser fetch an <img> from a loopback server, sending no Origin:
+    its thumbnails' success or failure told the page which files are indexed (issue 9)."""
+    thumbnail = f"/items/{catalog.image_ids['red']}/thumbnail"
+    cross = {"sec-fetch-site": "cross-site", "sec-fetch-dest": "image"}
+    assert_error(await client.get(thumbnail, headers=cross), 403, "cross-site", "Sec-Fetch-Site")
+    assert_error(await client.get("/search", params={"query": "x"}, headers=cross), 403, "cross-site")
+    assert_error(await client.post("/mcp", headers=cross, json={}), 403, "cross-site")
+    assert (await client.get("/health", headers=cross)).status_code == 200
+    for site in ("same-origin", "same-site", "none"):
+        ok = await client.get(thumbnail, headers={"sec-fetch-site": site})
+        assert ok.status_code == 200 and ok.headers["content-type"] == "image/jpeg", site
 
 
 async def test_the_token_is_checked_before_the_body_limit(world: tuple[Core, Sample]) -> None:

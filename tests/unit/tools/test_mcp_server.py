@@ -61,12 +61,14 @@ def image_host() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> Iterator[tuple[Core, Sample]]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder, image_host: str
+) -> Iterator[tuple[Core, Sample]]:
     base = tmp_path_factory.mktemp("mcp")
     settings = tiny_settings_for(
         base / "data",
         allowed_roots=[str(base / "images")],
-        allowed_url_hosts=["127.0.0.1"],
+        allowed_url_hosts=[image_host.removeprefix("http://")],  # 127.0.0.1:PORT: a loopback address, named
         max_image_bytes=20_000,
         max_pixels=10_000,
     )
@@ -184,6 +186,14 @@ async def test_search_with_images_notes_hits_without_a_readable_image(server: An
 
 async def test_a_query_longer_than_the_context_is_truncated_not_refused(server: Any) -> None:
     result = await call(server, "search", query=" ".join(["red"] * 200), top_k=3)
+    assert result.structured_content is not None
+    assert result.structured_content["query_truncated"] is True
+    assert len(result.structured_content["hits"]) == 3
+
+
+async def test_a_huge_query_is_cut_before_tokenising_and_flagged(server: Any) -> None:
+    """Issue 9: a 0.9 MB query took 3 s per tokenisation and stayed in the query cache."""
+    result = await call(server, "search", query="a red square " * 80_000, top_k=3)  # 1 MB of JSON
     assert result.structured_content is not None
     assert result.structured_content["query_truncated"] is True
     assert len(result.structured_content["hits"]) == 3
