@@ -89,28 +89,38 @@ class Milvus:
         return described
 
     def ensure(self, name: str, schema: Any, indexes: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Create the collection with its indexes unless it exists, then load it. Two processes may race:
-        the loser finds it made. An index this server cannot build (milvus-lite has no index on arrays)
-        is skipped: it speeds filters up, the results are the same."""
+        """Create the collection and whichever of its indexes are missing, then load it. Processes may race
+        (the loser finds them made), and one that died half way is finished by the next. An index this
+        server cannot build (milvus-lite has none on arrays) is skipped: it speeds filters up, the results
+        are the same."""
         if not self.has(name):
             try:
                 self._call(f"create collection {name}", self._client.create_collection, name, schema=schema)
+            except StoreUnavailable:
+                raise
             except StoreError:
                 if not self.has(name):
                     raise
-            for field, params in indexes:
-                index = self._client.prepare_index_params()
-                index.add_index(field, **params)
-                try:
-                    # sync=False: a real Milvus builds indexes in the background; load does not wait for them
-                    self._call(f"index {name}.{field}", self._client.create_index, name, index, sync=False)
-                except StoreUnavailable:
+        for field, params in indexes:
+            if field in self._indexes(name):
+                continue
+            index = self._client.prepare_index_params()
+            index.add_index(field, **params)
+            try:
+                # sync=False: a real Milvus builds indexes in the background; load does not wait for them
+                self._call(f"index {name}.{field}", self._client.create_index, name, index, sync=False)
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                if field in self._indexes(name):
+                    continue  # another process made it meanwhile
+                if field == "vector":
                     raise
-                except StoreError as exc:
-                    if field == "vector":
-                        raise
-                    logger.info("%s: no %s index on %s.%s (%s)", self.where, params.get("index_type"), name, field, exc)
+                logger.info("%s: no %s index on %s.%s (%s)", self.where, params.get("index_type"), name, field, exc)
         self.load(name)
+
+    def _indexes(self, name: str) -> set[str]:
+        return set(self._call(f"list the indexes of {name}", self._client.list_indexes, name))
 
     def load(self, name: str) -> None:
         self._call(f"load collection {name}", self._client.load_collection, name)

@@ -13,6 +13,7 @@ collection by its companions, or are told it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,10 @@ class Names:
 def derived_name(identity: ModelIdentity) -> str:
     """`clipdex_<architecture>_<12 digits of the weights' checksum>`, as Milvus allows names."""
     slug = re.sub(r"[^a-z0-9]+", "_", identity.name.lower()).strip("_")[:32] or "model"
-    digest = re.sub(r"[^a-f0-9]", "", identity.checksum.lower())[:12] or "0"
-    return f"clipdex_{slug}_{digest}"
+    checksum = identity.checksum.lower()
+    if not re.fullmatch(r"[0-9a-f]{12,}", checksum):  # always a sha256 from the embedder; be safe anyway
+        checksum = hashlib.sha256(identity.checksum.encode()).hexdigest()
+    return f"clipdex_{slug}_{checksum[:12]}"
 
 
 def name_for(settings: Settings, identity: ModelIdentity) -> str:
