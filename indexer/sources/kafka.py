@@ -259,7 +259,9 @@ class KafkaSource:
         while not self._stopping.is_set():
             self._beat("connecting")
             try:
-                await self._consumer.start(self._on_revoked)
+                if not await self._until_stopped(self._consumer.start(self._on_revoked)):
+                    logger.info("stopped while joining the group")
+                    return False
                 logger.info("consuming from %s", self._describe)
                 return True
             except BrokerError as exc:
@@ -346,6 +348,22 @@ class KafkaSource:
         # Each batch is committed before the lock is released, so waiting for it is the flush.
         async with self._batch_lock:
             logger.info("partitions revoked: the batch in flight is committed")
+
+    async def _until_stopped(self, joining: Awaitable[None]) -> bool:
+        """Await `joining` unless a stop comes first (then cancel it and say False): joining a group
+        waits for its first assignment, however long the group takes to settle."""
+        join = asyncio.ensure_future(joining)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({join, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not join.done():
+            join.cancel()
+            await asyncio.gather(join, return_exceptions=True)
+            return False
+        join.result()  # a BrokerError, if joining failed
+        return True
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once on `request_stop`."""
