@@ -272,7 +272,9 @@ async def test_a_consumer_killed_mid_stream_loses_nothing_and_the_replicas_agree
         i for i, v in expected.items.items() if v[2] == {"k": "new"}
     }
 
+    joined = victim.text().count("consuming from")
     victim.start()  # back to two members for the next test
+    await wait_until(lambda: victim.text().count("consuming from") > joined, 120, "the restarted consumer", cluster)
 
 
 async def test_milvus_stopped_mid_stream_consumers_wait_replicas_say_503_and_nothing_is_lost(cluster: Cluster) -> None:
