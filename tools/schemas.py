@@ -133,15 +133,16 @@ class ModelOut(BaseModel):
 
 
 class DeadLetterOut(BaseModel):
+    id: int = Field(description="The dead letter's number, for `clipdex dlq retry ID`.")
     item_id: str | None
     source: str
-    reason: str
+    reason: str = Field(description="Why it could not be indexed (paths shortened, URL query strings left out).")
     tries: int
     at: datetime
 
     @classmethod
     def of(cls, d: DeadLetter) -> DeadLetterOut:
-        return cls(item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
+        return cls(id=d.id, item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
 
 
 class IndexerOut(BaseModel):
@@ -150,6 +151,10 @@ class IndexerOut(BaseModel):
     lag_s: float | None = Field(description="Event to durable, as its last batch measured it.")
     pending: int = Field(description="Events it has seen and not yet written.")
     seconds_since_update: float = Field(description="How long ago it last reported.")
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut] = Field(description="Newest first.")
 
 
 class IndexStatusOut(BaseModel):
