@@ -31,6 +31,10 @@ _QUERY_WINDOW = 16_384  # Milvus answers at most this many rows per query (offse
 _NOT_LOADED = 101  # Milvus's code for "collection not loaded"
 _COLLECTION_NOT_FOUND = 100
 _CONNECT_FAILED = 2  # pymilvus: "Fail connecting to server on ..."
+# pymilvus pings an idle connection every 10 s; a gRPC server with the default policy (milvus-lite's) counts
+# those as abuse and closes the connection ("too_many_pings"), failing the calls in flight. Ping only while
+# a call runs: every call has a deadline anyway.
+_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 60_000, "grpc.keepalive_permit_without_calls": 0}
 
 
 def require_pymilvus() -> Any:
@@ -65,7 +69,9 @@ class Milvus:
         pymilvus = require_pymilvus()
         where = f"Milvus at {uri} (database {db})"
         try:
-            client = pymilvus.MilvusClient(uri=uri, token=token or "", db_name=db, timeout=CALL_TIMEOUT_S)
+            client = pymilvus.MilvusClient(
+                uri=uri, token=token or "", db_name=db, timeout=CALL_TIMEOUT_S, grpc_options=_GRPC_OPTIONS
+            )
         except Exception as exc:
             raise _wrapped(exc, f"cannot connect to {where}") from exc
         return cls(client, where)
