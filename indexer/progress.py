@@ -1,5 +1,6 @@
-"""A progress bar on stderr for `clipdex index` and `clipdex reembed`: redrawn in place on a terminal, a
-line every few seconds otherwise (a log file or a pipe gets progress without a wall of carriage returns).
+"""A progress bar on stderr for `clipdex index`, `clipdex reembed` and `clipdex migrate`: redrawn in place on
+a terminal, a line every few seconds otherwise (a log file or a pipe gets progress without a wall of
+carriage returns).
 
     [###########...................] 1200/3300 (36%) 41.5/s, ETA 51s, 2 failed
 """
@@ -26,10 +27,10 @@ class ProgressBar:
 
     def __call__(self, done: int, total: int, summary: FolderSummary) -> None:
         """The folder source's progress callback."""
-        self.draw(done, total, failed=summary.failed)
+        self.show(done, total, f"{summary.failed} failed")
 
-    def draw(
-        self, done: int, total: int, *, failed: int, rate: float | None = None, eta_s: float | None = None
+    def show(
+        self, done: int, total: int, note: str = "", *, rate: float | None = None, eta_s: float | None = None
     ) -> None:
         """`rate` and `eta_s` when the caller knows them better (a resumed job: only this run's items
         count); else from the first call on."""
@@ -48,7 +49,9 @@ class ProgressBar:
         fill = self.width if total == 0 else int(self.width * min(done, total) / total)
         bar = "#" * fill + "." * (self.width - fill)
         pct = 100.0 if total == 0 else 100.0 * done / total
-        text = f"[{bar}] {done}/{total} ({pct:.0f}%) {rate:.1f}/s, ETA {format_eta(eta_s)}, {failed} failed"
+        text = f"[{bar}] {done}/{total} ({pct:.0f}%) {rate:.1f}/s, ETA {format_eta(eta_s)}" + (
+            f", {note}" if note else ""
+        )
         self._ended = (done, total) if final else None
         if self.tty:
             self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))

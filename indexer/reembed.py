@@ -284,7 +284,7 @@ def holder_of_lock(data_dir: Path) -> str:
 @asynccontextmanager
 async def background_reembed(
     settings: Settings,
-    spaces: Spaces,
+    spaces: Spaces | None,
     catalog: Catalog,
     load: Callable[[Space], Embedder],
     release: Callable[[Embedder], None],
@@ -293,7 +293,7 @@ async def background_reembed(
 ) -> AsyncIterator[None]:
     """`CLIPDEX_REEMBED_IN_INDEXER`: while the block runs, fill a pending shadow space (`clipdex reembed
     --detach` created it) in the background of an indexer, when no other process re-embeds."""
-    if not settings.reembed_in_indexer:
+    if not settings.reembed_in_indexer or spaces is None:
         yield
         return
     stop = asyncio.Event()

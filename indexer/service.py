@@ -42,7 +42,7 @@ from shared.heartbeat import Heartbeat
 from shared.models import Models
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
-from shared.stores import WriteSide, open_writer
+from shared.stores import WriteSide, describe, open_writer
 
 logger = logging.getLogger(__name__)
 
@@ -233,12 +233,15 @@ async def reembed(
                 f"a re-embed is already running on {settings.data_dir} (pid {holder_of_lock(settings.data_dir)})"
             )
         with open_writer(settings, None) as store:
-            await asyncio.to_thread(store.spaces.drop_spaces, settings.reembed_grace_s)  # leftovers of earlier runs
+            spaces = store.spaces
+            if spaces is None:
+                raise ConfigError(f"the store at {describe(settings)} cannot re-embed: use the SQLite store")
+            await asyncio.to_thread(spaces.drop_spaces, settings.reembed_grace_s)  # leftovers of earlier runs
             models = Models(settings)
             try:
                 embedder = await asyncio.to_thread(models.configured)
                 configs = str(settings.model_configs) if settings.model_configs else None
-                shadow = await asyncio.to_thread(store.spaces.create_shadow, embedder.identity, configs)
+                shadow = await asyncio.to_thread(spaces.create_shadow, embedder.identity, configs)
                 if detach:
                     return None
                 compactor = None
@@ -247,7 +250,7 @@ async def reembed(
                 identity = embedder.identity
                 heartbeat = Heartbeat.reembed(settings.data_dir, model=identity.name, pretrained=identity.pretrained)
                 worker = Reembedder(
-                    store.spaces,
+                    spaces,
                     store.catalog,
                     shadow,
                     embedder,
@@ -275,6 +278,7 @@ async def drop_previous(settings: Settings, stop: asyncio.Event, say: Callable[[
     if stop.is_set():
         return False
     with open_writer(settings, None) as store:
+        assert store.spaces is not None, "a store that switched re-embeds"
         dropped = await asyncio.to_thread(store.spaces.drop_spaces, settings.reembed_grace_s)
     if dropped:
         say("removed the previous model's vectors")

@@ -4,6 +4,7 @@
     status, items, dead letters ▶ Catalog           items, dead letters, counts, embedding spaces
     search: SearchService ─────▶ VectorSearch      the best live items for a vector, and how fresh they are
     indexer: re-embed ─────────▶ Spaces            a shadow space for another model: fill, switch, drop
+    clipdex migrate ───────────▶ Portable          items, vectors and dead letters, out of one backend, into another
     ── the SQLite backend's own seams ──
     FAISS LiveIndex ───────────▶ ChangeFeed        vectors added and deleted since a change counter
     indexer: compaction ───────▶ CompactionLedger  the main index's generations, on top of the feed
@@ -59,6 +60,7 @@ class Upsert:
 @dataclass(frozen=True)
 class Delete:
     id: str
+    version: int | None = None  # a versioned delete removes no newer version
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class ApplyResult:
     updated: int = 0  # metadata-only
     deleted: int = 0
     failed: int = 0
-    vector_ids: list[int] = field(default_factory=list)
+    skipped: int = 0  # older than the version stored when the write happened (another writer got there first)
+    vector_ids: list[int] = field(default_factory=list)  # the new vectors' ids, where the backend numbers them
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,15 @@ class Writer(Protocol):
     def apply(
         self, upserts: Sequence[Upsert] = (), deletes: Sequence[Delete] = (), failures: Sequence[Failure] = ()
     ) -> ApplyResult:
-        """Write one micro-batch atomically: all of it is durable when this returns, or none of it
-        (StoreError). Replacing an item's vector and deleting an item take the old vector out of search,
-        in every space. ModelSwitched (nothing written): the bound space is no longer the active one."""
+        """Write one micro-batch: all of it is durable when this returns. On a StoreError, nothing that a
+        replay of the same batch does not make whole was written (SQLite: nothing at all; a backend
+        without transactions may have written part of it, which the replay writes again, idempotently).
+        Replacing an item's vector and deleting an item take the old vector out of search, in every space.
+        ModelSwitched (nothing written): the bound space is no longer the active one.
+
+        Versions are checked in the write itself, not only by the resolver's earlier read, so two writers
+        racing on one item cannot regress it: an upsert or delete whose version is below the stored one
+        is skipped (`ApplyResult.skipped`); an upsert without a version keeps the stored version."""
         ...
 
 
@@ -163,7 +172,7 @@ class Space:
     model: ModelIdentity | None  # None: nothing bound yet
     model_configs: str | None  # the open_clip config folder another process needs to load the model
     state: SpaceState
-    created_at: datetime
+    created_at: datetime | None  # None: not recorded (a backend with one space)
     switched_at: datetime | None  # when it became active, or was retired
 
 
@@ -215,6 +224,35 @@ class Catalog(Protocol):
 
     def coverage(self, space: int) -> Coverage:
         """How far a shadow space is (counts: for status, not for every query)."""
+        ...
+
+
+# -- moving a store to another backend ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An item as stored, with its vector (None: a failed item without one): what a migration copies."""
+
+    item: Item
+    embedding: Embedding | None
+
+
+class Portable(Protocol):
+    """What `clipdex migrate` reads from one backend and writes to another, vectors included (no model
+    call). Imports keep ids, versions, statuses and times, and are idempotent: a migration that stopped
+    starts again and skips what the target already holds."""
+
+    def export_items(self, chunk: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every item, failed ones too, in chunks."""
+        ...
+
+    def import_items(self, items: Sequence[StoredItem]) -> None: ...
+
+    def export_dead_letters(self) -> list[DeadLetter]: ...
+
+    def import_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Add the letters the store does not hold yet (same source, item, payload, reason and time)."""
         ...
 
 

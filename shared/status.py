@@ -45,7 +45,7 @@ class Reembed:
     filling it (none: paused, `clipdex reembed` again resumes it)."""
 
     model: ModelIdentity
-    started_at: datetime
+    started_at: datetime | None
     coverage: Coverage
     running: bool
     rate: float  # items per second
@@ -98,6 +98,7 @@ class Status:
     reembed: Reembed | None = None
     previous: Previous | None = None
     switch_error: str | None = None  # the asking server could not follow the store's new model: why
+    store: str = ""  # where the store is, for people (`shared.stores.describe`); "" : the data dir
 
     def to_dict(self) -> dict[str, Any]:
         """As `clipdex status --json` prints it."""
@@ -105,6 +106,7 @@ class Status:
         model = self.model
         return {
             "data_dir": str(self.data_dir),
+            "store": self.store or str(self.data_dir),
             "exists": self.exists,
             "items": s.items,
             "failed": s.failed,
@@ -132,9 +134,12 @@ def read_status(
     searcher: SearcherState | None = None,
     recent_dead_letters: int = 0,
     grace_s: float | None = None,
+    store: str = "",
 ) -> Status:
-    """The status of the store in `data_dir` (`catalog` None: there is no store yet). `grace_s`: how long
-    a previous model is kept after a switch (CLIPDEX_REEMBED_GRACE_S), to say until when."""
+    """The status of the store (`catalog` None: there is none yet) and of the indexers whose heartbeats
+    are in `data_dir` (with the Milvus store, the indexers of this machine that use that directory).
+    `grace_s`: how long a previous model is kept after a switch (CLIPDEX_REEMBED_GRACE_S), to say until
+    when."""
     reembed, previous = None, None
     if catalog is None:
         model, stats, recent = None, NO_STORE, []
@@ -158,6 +163,7 @@ def read_status(
         searcher=searcher,
         reembed=reembed,
         previous=previous,
+        store=store,
     )
 
 

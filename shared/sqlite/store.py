@@ -38,6 +38,7 @@ from shared.roles import (
     Failure,
     IndexMeta,
     Space,
+    StoredItem,
     StoredState,
     StoreStats,
     Upsert,
@@ -287,7 +288,11 @@ class SqliteStore:
             space = self._space_for_writing(db)
             seq = int(self._meta("seq"))
             for up in upserts:
-                row = db.execute("SELECT sha256 FROM items WHERE id = ?", (up.id,)).fetchone()
+                row = db.execute("SELECT sha256, version FROM items WHERE id = ?", (up.id,)).fetchone()
+                if row is not None and _older(up.version, row[1]):
+                    result.skipped += 1  # a newer version was written since the resolver read this item
+                    continue
+                version = up.version if up.version is not None else (row[1] if row else None)
                 live = _live_vectors(db, up.id)
                 # Whatever the source says about an item ends a failed re-embed of it: it is tried again.
                 db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (up.id,))
@@ -315,10 +320,14 @@ class SqliteStore:
                        ON CONFLICT(id) DO UPDATE SET source = excluded.source, uri = excluded.uri,
                            sha256 = excluded.sha256, metadata = excluded.metadata, status = 'indexed',
                            reason = NULL, version = excluded.version, updated_at = excluded.updated_at""",
-                    (up.id, up.source, up.uri, up.sha256, json.dumps(up.metadata), up.version, now, now),
+                    (up.id, up.source, up.uri, up.sha256, json.dumps(up.metadata), version, now, now),
                 )
             for de in deletes:
-                if db.execute("SELECT 1 FROM items WHERE id = ?", (de.id,)).fetchone() is None:
+                row = db.execute("SELECT version FROM items WHERE id = ?", (de.id,)).fetchone()
+                if row is None:
+                    continue
+                if _older(de.version, row[0]):
+                    result.skipped += 1
                     continue
                 for vector_id in _live_vectors(db, de.id):
                     seq += 1
@@ -483,6 +492,77 @@ class SqliteStore:
             ).fetchall()
         return [item_of(r) for r in rows]
 
+    # -- migration --------------------------------------------------------------------------------------
+
+    def export_items(self, chunk: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every item with its live vector in the bound (or active) space (failed ones without), by id, in
+        chunks."""
+        space = self.view_space()
+        last = ""
+        while True:
+            with self.locked() as db:
+                rows = db.execute(
+                    f"SELECT {ITEM_COLUMNS}, v.embedding FROM items i LEFT JOIN vectors v ON v.item_id = i.id "
+                    "AND v.space = ? AND v.tombstoned = 0 WHERE i.id > ? ORDER BY i.id LIMIT ?",
+                    (space, last, chunk),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [StoredItem(item_of(r), None if r[-1] is None else self.decode([r[-1]])[0]) for r in rows]
+
+    def import_items(self, items: Sequence[StoredItem]) -> None:
+        """Write items as another store held them (ids, versions, statuses and times kept), in one
+        transaction, into the bound (or active) space; an item already here is replaced, its old vectors
+        tombstoned in every space."""
+        with self.write() as db:
+            space = self._space_for_writing(db)
+            seq = int(self._meta("seq"))
+            for stored in items:
+                it = stored.item
+                for vector_id in _live_vectors(db, it.id):
+                    seq += 1
+                    db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, vector_id))
+                if stored.embedding is not None:
+                    seq += 1
+                    db.execute(
+                        "INSERT INTO vectors(space, item_id, sha256, embedding, seq, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (space, it.id, it.sha256, self.blob(stored.embedding), seq, it.updated_at.timestamp()),
+                    )
+                db.execute(
+                    "INSERT OR REPLACE INTO items(id, source, uri, sha256, metadata, status, reason, version, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        it.id,
+                        it.source,
+                        it.uri,
+                        it.sha256,
+                        json.dumps(it.metadata),
+                        it.status,
+                        it.reason,
+                        it.version,
+                        it.created_at.timestamp(),
+                        it.updated_at.timestamp(),
+                    ),
+                )
+            self._set_meta("seq", str(seq))
+
+    def export_dead_letters(self) -> list[DeadLetter]:
+        return self.dead_letters(limit=2**62)
+
+    def import_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Add the letters not held yet (the same source, item, payload, reason and time)."""
+        have = {_letter_identity(d) for d in self.export_dead_letters()}
+        new = [d for d in letters if _letter_identity(d) not in have]
+        with self.write() as db:
+            db.executemany(
+                "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(d.source, d.item_id, d.payload, d.reason, d.tries, d.created_at.timestamp()) for d in new],
+            )
+        return len(new)
+
     # -- dead letters and stats -------------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
@@ -593,6 +673,16 @@ def _identity(text: str) -> ModelIdentity:
 
 def _model_json(identity: ModelIdentity) -> str:
     return json.dumps(identity.__dict__)
+
+
+def _letter_identity(d: DeadLetter) -> tuple[str, str | None, str, str, float]:
+    """What makes two dead letters the same one, whichever store kept it."""
+    return (d.source, d.item_id, d.payload, d.reason, round(d.created_at.timestamp(), 3))
+
+
+def _older(version: int | None, stored: int | None) -> bool:
+    """The rule of `indexer.resolve`, checked again inside the transaction: only two versions compare."""
+    return version is not None and stored is not None and version < stored
 
 
 def _dt(ts: float) -> datetime:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipdex import cli
 from clipdex.cli import build_parser
 from indexer.commands import retry_record
 from indexer.decode import sha256_of
@@ -260,9 +261,9 @@ async def test_the_throttle_holds_the_rate_and_a_stop_cuts_it_short() -> None:
 def test_the_progress_bar_shows_the_rate_and_the_eta() -> None:
     out = io.StringIO()
     bar = ProgressBar(out, width=10, every_s=0)
-    bar.draw(25, 100, failed=1, rate=5.0, eta_s=15.0)
-    bar.draw(100, 100, failed=1, rate=5.0, eta_s=0.0)
-    bar.draw(100, 100, failed=1, rate=5.0, eta_s=0.0)  # the end, once
+    bar.show(25, 100, "1 failed", rate=5.0, eta_s=15.0)
+    bar.show(100, 100, "1 failed", rate=5.0, eta_s=0.0)
+    bar.show(100, 100, "1 failed", rate=5.0, eta_s=0.0)  # the end, once
     assert out.getvalue().splitlines() == [
         "[##........] 25/100 (25%) 5.0/s, ETA 15s, 1 failed",
         "[##########] 100/100 (100%) 5.0/s, ETA 0s, 1 failed",
@@ -313,3 +314,20 @@ def test_abort_from_the_command_line_drops_the_shadow_space(
         assert [s.state for s in store.catalog.spaces()] == ["active"]
     assert main("reembed", "--abort") == 0
     assert "no re-embed in progress" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--model", "ViT-B-16", "--pretrained", "x"], ["--abort"]])
+def test_on_the_milvus_store_the_command_stops_at_once_and_says_what_to_do(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLIPDEX_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CLIPDEX_STORE", "milvus")
+    monkeypatch.setenv("CLIPDEX_MILVUS_URI", "http://127.0.0.1:9")  # nothing listens: nothing may be asked
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    started = time.monotonic()
+    assert cli.main(["reembed", *argv]) == 2
+    assert time.monotonic() - started < 5  # no connection attempt, no model load
+    err = capsys.readouterr().err
+    assert "re-embedding (clipdex reembed) is supported on the SQLite store" in err
+    assert "docs/architecture.md" in err and "CLIPDEX_MODEL" in err
+    assert not (tmp_path / "data").exists()

@@ -1,0 +1,190 @@
+"""`clipdex migrate`: a SQLite store copied to Milvus and back, vectors and all, without a model call;
+resumable after a stop; and the command itself."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.config import Settings
+from shared.embedder import Embedder
+from shared.errors import StoreError
+from shared.migrate import migrate
+from shared.roles import Spaces, SpaceVector
+from shared.stores import PortableStore, open_portable, open_reader, open_writer
+from tests.conftest import clipdex_command, milvus_env, milvus_settings_for, tiny_settings_for
+from tests.sample_store import fill_data_dir
+
+
+def snapshot(store: PortableStore) -> tuple[dict[str, tuple[object, ...]], list[tuple[object, ...]]]:
+    """Every item (with its vector) and every dead letter, as comparable values."""
+    items = {
+        s.item.id: (
+            s.item.source,
+            s.item.uri,
+            s.item.sha256,
+            s.item.metadata,
+            s.item.status,
+            s.item.reason,
+            s.item.version,
+            round(s.item.created_at.timestamp(), 3),
+            None if s.embedding is None else tuple(np.round(s.embedding, 5)),
+        )
+        for chunk in store.export_items()
+        for s in chunk
+    }
+    letters = sorted(
+        (d.source, d.item_id, d.payload, d.reason, d.tries, round(d.created_at.timestamp(), 3))
+        for d in store.export_dead_letters()
+    )
+    return items, letters
+
+
+@pytest.fixture
+def filled(tmp_path: Path, tiny_embedder: Embedder, milvus_uri: str) -> Settings:
+    """A SQLite store with images, catalog items, a failed item and a dead letter; Milvus settings beside it."""
+    settings = milvus_settings_for(tmp_path / "data", milvus_uri, allowed_roots=[str(tmp_path)])
+    fill_data_dir(settings.model_copy(update={"store": "sqlite"}), tiny_embedder, tmp_path / "images")
+    return settings
+
+
+def test_sqlite_to_milvus_and_back_keeps_everything(filled: Settings, tiny_embedder: Embedder, tmp_path: Path) -> None:
+    identity = tiny_embedder.identity
+    sqlite = open_portable(filled, "sqlite", None)
+    milvus = open_portable(filled, "milvus", identity)
+    assert sqlite is not None and milvus is not None
+    report = migrate(sqlite, milvus, chunk=7)
+    assert (report.items, report.copied, report.dead_letters, report.interrupted) == (45, 45, 1, False)
+    assert snapshot(milvus) == snapshot(sqlite)
+    assert milvus.model_identity() == identity
+
+    again = migrate(sqlite, milvus)
+    assert (again.copied, again.dead_letters) == (0, 0)  # a re-run writes nothing twice
+
+    back_settings = tiny_settings_for(tmp_path / "back")
+    back = open_portable(back_settings, "sqlite", identity)
+    assert back is not None
+    migrate(milvus, back)
+    assert snapshot(back) == snapshot(sqlite)
+    for store in (sqlite, milvus, back):
+        store.close()
+
+    # the copy answers searches like the original, with no model call for stored vectors
+    with open_reader(filled, identity) as m, open_reader(back_settings, identity) as s:
+        query = s.vectors.item_vector("kafka:sku-3")
+        assert query is not None
+        assert [h.id for h in m.vectors.search(query, 5)] == [h.id for h in s.vectors.search(query, 5)]
+
+
+def test_a_stopped_migration_resumes_where_it_stopped(filled: Settings, tiny_embedder: Embedder) -> None:
+    sqlite = open_portable(filled, "sqlite", None)
+    milvus = open_portable(filled, "milvus", tiny_embedder.identity)
+    assert sqlite is not None and milvus is not None
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def progress(done: int, total: int, copied: int) -> None:
+        seen.append(done)
+        stop.set()  # as a signal would, after the first chunk
+
+    first = migrate(sqlite, milvus, chunk=10, stop=stop, progress=progress)
+    assert (first.copied, first.interrupted, first.dead_letters) == (10, True, 0)
+    assert seen == [10]
+    rest = migrate(sqlite, milvus, chunk=10)
+    assert (rest.items, rest.copied, rest.dead_letters) == (45, 35, 1)
+    assert snapshot(milvus) == snapshot(sqlite)
+    sqlite.close()
+    milvus.close()
+
+
+def test_the_command_migrates_and_says_what_to_set(filled: Settings, milvus_uri: str) -> None:
+    assert filled.milvus_collection is not None
+    env = milvus_env(filled.data_dir, milvus_uri, filled.milvus_collection)
+    done = subprocess.run(
+        [*clipdex_command(), "migrate", "--to", "milvus", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "migrated 45 items" in done.stdout and "45 copied" in done.stdout and "1 dead letters" in done.stdout
+    assert "CLIPDEX_STORE=milvus" in done.stdout
+    status = subprocess.run(
+        [*clipdex_command(), "status"], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "44 indexed, 1 failed, 1 dead letters" in status.stdout and "Milvus at" in status.stdout
+
+
+def reembed_synthetically(spaces: Spaces, embedder: Embedder, *, switch: bool) -> dict[str, np.ndarray]:
+    """Fill a shadow space for `embedder`'s model as `clipdex reembed` would (random unit vectors stand in
+    for the model: what is tested is where they go), and switch to it."""
+    shadow = spaces.create_shadow(embedder.identity, None)
+    rng = np.random.default_rng(15)
+    vectors: dict[str, np.ndarray] = {}
+    while pending := spaces.pending(shadow.id, after=max(vectors, default=""), limit=16):
+        batch = []
+        for p in pending:
+            v = rng.standard_normal(embedder.identity.dim).astype(np.float32)
+            vectors[p.id] = v / np.linalg.norm(v)
+            batch.append(SpaceVector(p, p.sha256 or "", vectors[p.id]))
+        spaces.add_vectors(shadow.id, batch)
+    if switch:
+        assert spaces.switch(shadow.id)
+    return vectors
+
+
+def test_a_re_embedded_sqlite_store_migrates_with_its_new_model(
+    filled: Settings, tiny16_embedder: Embedder, tmp_path: Path
+) -> None:
+    new = tiny16_embedder.identity
+    with open_writer(filled.model_copy(update={"store": "sqlite"}), None) as side:
+        assert side.spaces is not None
+        vectors = reembed_synthetically(side.spaces, tiny16_embedder, switch=True)
+        assert [s.state for s in side.catalog.spaces()] == ["retired", "active"]  # the old one, in its grace
+    assert len(vectors) == 44
+
+    sqlite = open_portable(filled, "sqlite", None)
+    assert sqlite is not None and sqlite.model_identity() == new
+    milvus = open_portable(filled, "milvus", new)
+    assert milvus is not None
+    report = migrate(sqlite, milvus, chunk=10)
+    assert (report.items, report.copied, report.dead_letters) == (45, 45, 1)
+    assert milvus.model_identity() == new
+    items, _ = snapshot(milvus)
+    assert snapshot(milvus) == snapshot(sqlite)
+    for item_id, vector in vectors.items():  # the new model's vectors, none of the old model's
+        copied = items[item_id][-1]
+        assert copied is not None and len(copied) == 16
+        np.testing.assert_allclose(copied, vector, atol=1e-5)
+
+    back_settings = tiny_settings_for(tmp_path / "back")
+    back = open_portable(back_settings, "sqlite", new)
+    assert back is not None
+    migrate(milvus, back)
+    assert snapshot(back) == snapshot(sqlite) and back.model_identity() == new
+    for store in (sqlite, milvus, back):
+        store.close()
+    with open_reader(filled, new) as m:  # Milvus searches the new model's vectors
+        hit = m.vectors.search(vectors["kafka:sku-3"], 1)[0]
+        assert (hit.id, round(hit.score, 4)) == ("kafka:sku-3", 1.0)
+        assert m.vectors.info().model == new
+
+
+def test_a_re_embed_in_progress_is_not_migrated(filled: Settings, tiny16_embedder: Embedder) -> None:
+    with open_writer(filled.model_copy(update={"store": "sqlite"}), None) as side:
+        assert side.spaces is not None
+        reembed_synthetically(side.spaces, tiny16_embedder, switch=False)
+    sqlite = open_portable(filled, "sqlite", None)
+    assert sqlite is not None
+    target = open_portable(filled, "milvus", sqlite.model_identity())
+    assert target is not None
+    with pytest.raises(StoreError, match=r"a re-embed into clipdex-tiny-16 .* is in progress.*--abort"):
+        migrate(sqlite, target)
+    assert target.stats().items == 0
+    sqlite.close()
+    target.close()
