@@ -40,11 +40,12 @@ from shared.roles import (
     Upsert,
     VectorIds,
 )
-from shared.types import Embedding, Item, ModelIdentity
+from shared.sqlite import tags
+from shared.types import Embedding, Filters, Item, Metadata, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: item_tags (filter tags), filled from the items of a version-1 store when it opens
 _BUSY_TIMEOUT_MS = 10_000
 _PAGE_SIZE = 16_384
 
@@ -76,6 +77,12 @@ CREATE TABLE IF NOT EXISTS vectors (
 CREATE INDEX IF NOT EXISTS vectors_seq ON vectors(seq);
 CREATE INDEX IF NOT EXISTS vectors_sha256 ON vectors(sha256);
 CREATE INDEX IF NOT EXISTS vectors_tombstoned ON vectors(tombstoned);
+CREATE TABLE IF NOT EXISTS item_tags (
+    tag INTEGER NOT NULL,
+    vector_id INTEGER NOT NULL,
+    PRIMARY KEY (tag, vector_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
@@ -112,6 +119,7 @@ class SqliteStore:
             with self._write():
                 self._create_schema()
                 self._set_default("schema_version", str(SCHEMA_VERSION))
+                self._migrate()
                 self._set_default("vector_dtype", vector_dtype)
                 self._set_default("seq", "0")
                 self._set_default("generation", "0")
@@ -127,6 +135,15 @@ class SqliteStore:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 self._db.execute(statement)
+
+    def _migrate(self) -> None:
+        """Bring an older store up to SCHEMA_VERSION, inside the opening transaction (one process does it)."""
+        if self._meta("schema_version") == "1":
+            rows = self._db.execute("SELECT vector_id, source, metadata FROM items WHERE vector_id IS NOT NULL")
+            for vector_id, source, metadata in rows.fetchall():
+                self._tag(vector_id, source, json.loads(metadata) if metadata else {})
+            self._set_meta("schema_version", "2")
+            logger.info("store %s: filter tags added (schema version 2)", self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -239,6 +256,8 @@ class SqliteStore:
             for up in upserts:
                 row = db.execute("SELECT vector_id, sha256 FROM items WHERE id = ?", (up.id,)).fetchone()
                 old_vector = row[0] if row else None
+                if old_vector is not None:
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (old_vector,))
                 if up.embedding is None:
                     if old_vector is None or row[1] != up.sha256:
                         raise StoreError(f"metadata-only update of {up.id!r}, which has no vector for that hash")
@@ -259,6 +278,7 @@ class SqliteStore:
                     vector_id = cur.lastrowid
                     result.indexed += 1
                     result.vector_ids.append(int(vector_id or 0))
+                self._tag(vector_id, up.source, up.metadata)
                 db.execute(
                     """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, vector_id,
                                          created_at, updated_at)
@@ -286,6 +306,7 @@ class SqliteStore:
                 if row[0] is not None:
                     seq += 1
                     db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
                 db.execute("DELETE FROM items WHERE id = ?", (de.id,))
                 result.deleted += 1
             for fail in failures:
@@ -308,6 +329,13 @@ class SqliteStore:
                ON CONFLICT(id) DO UPDATE SET reason = excluded.reason, updated_at = excluded.updated_at,
                    status = CASE WHEN items.vector_id IS NULL THEN 'failed' ELSE items.status END""",
             (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now),
+        )
+
+    def _tag(self, vector_id: int | None, source: str, metadata: Metadata) -> None:
+        """Index the facts a filter can ask about (shared.sqlite.tags) under the item's current vector."""
+        self._db.executemany(
+            "INSERT OR IGNORE INTO item_tags(tag, vector_id) VALUES (?, ?)",
+            [(t, vector_id) for t in tags.item_tags(source, metadata)],
         )
 
     def _blob(self, embedding: Embedding) -> bytes:
@@ -431,13 +459,55 @@ class SqliteStore:
     def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
         """Live items by their current vector. A tombstoned vector has no item, so never shows up."""
         out: dict[int, Item] = {}
-        with self._lock:
-            for chunk in _chunks([int(v) for v in vector_ids], 500):
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks})", chunk):
-                    item = _item(row)
-                    assert item.vector_id is not None
-                    out[item.vector_id] = item
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            marks = ",".join("?" * len(chunk))
+            with self._reading() as db:
+                rows = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks})", chunk).fetchall()
+            for row in rows:  # parsed outside the lock
+                item = _item(row)
+                assert item.vector_id is not None
+                out[item.vector_id] = item
+        return out
+
+    def matching_vectors(self, filters: Filters, limit: int) -> VectorIds | None:
+        """The vectors of the live items that may pass `filters` (a superset: the caller checks each item),
+        looked up in the filter tags, when at most `limit` match; None when more do, or when no condition
+        of the filter is indexed (only `null` values). Reads O(min(matches, limit)) index rows."""
+        wanted = sorted(set(tags.filter_tags(filters)))
+        if not wanted:
+            return None
+        with self._reading() as db:
+            # Start from the rarest condition: each count stops at limit + 1 rows of the primary key.
+            counts = []
+            for t in wanted:
+                (n,) = db.execute(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM item_tags WHERE tag = ? LIMIT ?)", (t, limit + 1)
+                ).fetchone()
+                if n == 0:
+                    return np.zeros(0, np.int64)
+                counts.append((n, t))
+            counts.sort()
+            if counts[0][0] > limit:
+                return None
+            rarest, *others = (t for _, t in counts)
+            rows = db.execute(
+                "SELECT vector_id FROM item_tags WHERE tag = ?"
+                + " INTERSECT SELECT vector_id FROM item_tags WHERE tag = ?" * len(others),
+                (rarest, *others),
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def embeddings(self, vector_ids: Sequence[int]) -> dict[int, Embedding]:
+        """Stored vectors by id (tombstoned ones too, until a compaction purges them)."""
+        out: dict[int, Embedding] = {}
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            marks = ",".join("?" * len(chunk))
+            with self._reading() as db:
+                rows = db.execute(f"SELECT vector_id, embedding FROM vectors WHERE vector_id IN ({marks})", chunk)
+                found = rows.fetchall()
+            if found:
+                vecs = self._decode([r[1] for r in found])
+                out.update((int(r[0]), vecs[i]) for i, r in enumerate(found))
         return out
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:

@@ -125,7 +125,7 @@ def test_min_score_cuts_the_list(ranked: World) -> None:
 
 @pytest.mark.parametrize("top_k", [0, -1, 101, 10_000])
 def test_top_k_out_of_range_is_an_invalid_request(ranked: World, top_k: int) -> None:
-    with pytest.raises(InvalidRequest, match="between 1 and 100"):
+    with pytest.raises(InvalidRequest, match="from 1 to 100"):
         ranked.search.search_text("a cat", top_k=top_k)
     with pytest.raises(InvalidRequest):
         ranked.search.similar_to_item("item-0", top_k=top_k)

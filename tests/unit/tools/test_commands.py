@@ -55,6 +55,6 @@ def test_errors_exit_2_with_the_reason(catalog: Sample, capsys: pytest.CaptureFi
     assert cli.main(["similar", "--id", "kafka:nope"]) == 2
     assert "no item with id 'kafka:nope'" in capsys.readouterr().err
     assert cli.main(["search", "x", "--top-k", "0"]) == 2
-    assert "top_k must be between 1 and 100" in capsys.readouterr().err
+    assert "top_k must be a whole number from 1 to 100" in capsys.readouterr().err
     assert cli.main(["search", "x", "--filter", "nokey"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
