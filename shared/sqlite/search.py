@@ -56,7 +56,7 @@ class IndexSearch:
         if among is not None and len(among) == 0:
             return Found([], vectors=np.zeros((0, query.shape[-1]), np.float32) if with_vectors else None)
         post_filtered = among is None and (not filters.empty or bool(exclude))
-        fetch = top_k * 4 + len(exclude) if post_filtered else top_k + len(exclude)
+        fetch = min(top_k * 4, MAX_SCAN) + len(exclude) if post_filtered else top_k + len(exclude)
         items: dict[int, Item | None] = {}
         partial = False
         while True:  # widen the candidate list until top_k pass the checks, candidates run out, or the bound
