@@ -275,8 +275,9 @@ class ChangeFeed(Protocol):
         """Reads inside the block see one consistent state of the store."""
         ...
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        """Live items by their current vector id; a tombstoned vector has none."""
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
+        """Live items by their current vector id; a tombstoned vector has none. With `filters`, may leave
+        out items that do not pass them (never one that does)."""
         ...
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None: ...

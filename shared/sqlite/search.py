@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 # rank). Listing them reads that many rows of an index: 20k take about 10 ms.
 PREFILTER_MAX = 20_000
 # Otherwise at least PREFILTER_MAX items pass the filter, so the nearest vectors pass it often enough; at
-# most this many of them are checked before the search gives up looking and says so (`partial`).
-MAX_SCAN = 20_000
+# most this many of them are checked (in SQL: about 50 ms for 10k) before the search gives up looking and
+# says so (`partial`). Only a filter on `null` alone can reach it before finding top_k.
+MAX_SCAN = 10_000
 
 
 class IndexSearch:
@@ -62,7 +63,7 @@ class IndexSearch:
         while True:  # widen the candidate list until top_k pass the checks, candidates run out, or the bound
             candidates = self._candidates(query, fetch, among)
             unknown = [vid for vid, _ in candidates if vid not in items]
-            found = self.feed.items_for_vectors(unknown)
+            found = self.feed.items_for_vectors(unknown, None if filters.empty else filters)
             items.update((vid, found.get(vid)) for vid in unknown)
             hits, vids, below_min = _check(candidates, items, top_k, filters, min_score, exclude)
             if len(hits) == top_k or below_min or len(candidates) < fetch:

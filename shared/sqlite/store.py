@@ -456,13 +456,18 @@ class SqliteStore:
             row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else _item(row)
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        """Live items by their current vector. A tombstoned vector has no item, so never shows up."""
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
+        """Live items by their current vector. A tombstoned vector has no item, so never shows up. With
+        `filters`, only the items that may pass them (a superset, checked in SQL from the filter tags and,
+        for `null`, the metadata JSON): the others are never parsed."""
+        where, params = _filter_sql(filters) if filters is not None else ("", [])
         out: dict[int, Item] = {}
         for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
             marks = ",".join("?" * len(chunk))
             with self._reading() as db:
-                rows = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks})", chunk).fetchall()
+                rows = db.execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks}){where}", [*chunk, *params]
+                ).fetchall()
             for row in rows:  # parsed outside the lock
                 item = _item(row)
                 assert item.vector_id is not None
@@ -617,6 +622,19 @@ class SqliteStore:
         with self._lock:
             row = self._db.execute("SELECT MIN(created_at) FROM vectors WHERE vector_id > ?", (high_water,)).fetchone()
         return None if row[0] is None else max(0.0, time.time() - float(row[0]))
+
+
+def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
+    """SQL conditions on `items` that every item passing `filters` meets (values and keys are parameters)."""
+    where, params = "", []
+    for t in tags.filter_tags(filters):
+        where += " AND EXISTS (SELECT 1 FROM item_tags t WHERE t.tag = ? AND t.vector_id = items.vector_id)"
+        params.append(t)
+    for key, value in filters.metadata.items():
+        if value is None:  # null or absent
+            where += " AND NOT EXISTS (SELECT 1 FROM json_each(items.metadata) j WHERE j.key = ? AND j.type != 'null')"
+            params.append(key)
+    return where, params
 
 
 _ITEM_COLUMNS = "id, source, uri, sha256, metadata, status, reason, version, vector_id, created_at, updated_at"

@@ -124,7 +124,7 @@ def test_a_filter_no_index_holds_checks_a_bounded_number_and_says_so(
     store, _, search = filtered
     looked: list[int] = []
     real = store.items_for_vectors
-    monkeypatch.setattr(store, "items_for_vectors", lambda ids: looked.append(len(ids)) or real(ids))
+    monkeypatch.setattr(store, "items_for_vectors", lambda ids, f=None: looked.append(len(ids)) or real(ids, f))
     monkeypatch.setattr(search_module, "MAX_SCAN", 64)
     found = search.search(QUERY, 10, Filters({"tag": None}))  # every item has a tag: none passes
     assert found.hits == [] and found.partial and sum(looked) <= 64
