@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -38,17 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vectors import base_and_queries
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vectors import base_and_queries  # noqa: E402
-
-from indexer.compaction import compact  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from shared.roles import Upsert  # noqa: E402
-from shared.sqlite.index import IndexParams, LiveIndex, index_kind  # noqa: E402
-from shared.sqlite.search import IndexSearch  # noqa: E402
-from shared.sqlite.store import SqliteStore  # noqa: E402
-from shared.types import Embedding, Filters, Hit  # noqa: E402
+from indexer.compaction import compact
+from shared.config import Settings
+from shared.roles import Upsert
+from shared.sqlite.index import IndexParams, LiveIndex, index_kind
+from shared.sqlite.search import IndexSearch
+from shared.sqlite.store import SqliteStore
+from shared.types import Embedding, Filters, Hit
 
 DIM = 512
 K = 10
@@ -190,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             old = None
             if name != "matches nothing (null condition: capped scan)" or args.old_runs:
                 old = p50_ms(lambda q, f=filters: old_search(store, index, q, K, f), queries, args.old_runs)  # type: ignore[misc]
-            single[name] = {"new_p50_ms": round(new, 2), "old_p50_ms": round(old, 1) if old else None, "partial": partial}
+            single[name] = {"new_p50_ms": round(new, 2), "old_p50_ms": old and round(old, 1), "partial": partial}
             print(f"{name:48s} new p50 {new:8.2f} ms   old p50 {old or float('nan'):9.1f} ms   partial={partial}")
 
         nothing = cases["matches nothing (value no item has)"]

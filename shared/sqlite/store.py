@@ -626,7 +626,8 @@ class SqliteStore:
 
 def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
     """SQL conditions on `items` that every item passing `filters` meets (values and keys are parameters)."""
-    where, params = "", []
+    where = ""
+    params: list[Any] = []
     for t in tags.filter_tags(filters):
         where += " AND EXISTS (SELECT 1 FROM item_tags t WHERE t.tag = ? AND t.vector_id = items.vector_id)"
         params.append(t)
