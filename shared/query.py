@@ -49,6 +49,7 @@ from shared.types import Embedding, Filters, Hit, MetaValue
 MAX_TOP_K = 100  # results per page
 MAX_DEPTH = 1_000  # how deep pages reach into one search
 MAX_TERMS = 16
+MAX_IMAGE_TERMS = 4  # images given as bytes, paths or URLs: each is read, decoded and embedded
 MAX_WEIGHT = 100.0
 MAX_CURSOR_CHARS = 4_096  # an id is at most 1 KiB; a cursor holds one
 
@@ -144,6 +145,9 @@ def check_terms(terms: Sequence[Term]) -> None:
             raise InvalidRequest(f"a term's weight is a non-zero number (got {w!r})")
         if abs(w) > MAX_WEIGHT:
             raise InvalidRequest(f"a term's weight is between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g} (got {w})")
+    images = sum(isinstance(term, ImageTerm) for term in terms)
+    if images > MAX_IMAGE_TERMS:
+        raise InvalidRequest(f"at most {MAX_IMAGE_TERMS} images in one query (got {images})")
     if all(term.weight < 0 for term in terms):
         raise InvalidRequest(
             "every term has a negative weight: say what to look for with at least one positive term "

@@ -29,7 +29,7 @@ def test_search_json_prints_id_uri_score_metadata(catalog: Sample, capsys: pytes
     assert cli.main(["search", "a red square", "--top-k", "4", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 4
-    assert all(set(h) == {"id", "uri", "score", "metadata"} for h in hits)
+    assert all(set(h) == {"id", "uri", "score", "metadata", "duplicates"} for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 

@@ -69,7 +69,7 @@ async def test_search_returns_hits_and_index_info(client: httpx.AsyncClient, cat
     body = response.json()
     assert len(body["hits"]) == 5
     assert body["index"]["items"] == catalog.searchable
-    assert set(body["hits"][0]) == {"id", "uri", "score", "metadata"}
+    assert set(body["hits"][0]) == {"id", "uri", "score", "metadata", "duplicates"}
 
 
 async def test_search_filters_by_metadata_with_json_values_and_by_source(client: httpx.AsyncClient) -> None:
