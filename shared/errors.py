@@ -5,7 +5,8 @@
     ├── ModelError               the CLIP model cannot be loaded
     │   ├── UnknownModelError    no such open_clip architecture
     │   ├── CheckpointNotFound   CLIPDEX_PRETRAINED names a file that does not exist
-    │   └── ModelDownloadError   a hub download failed (offline?)
+    │   ├── ModelDownloadError   a hub download failed (offline?)
+    │   └── ModelExportError     a tower cannot be exported to ONNX (CLIPDEX_RUNTIME=onnx)
     ├── StoreError               the SQLite store itself failed (disk full, locked): stop, do not commit
     │   └── ModelMismatchError   the store was built with another model
     ├── ItemError                one item cannot be indexed or used; the others go on
@@ -48,6 +49,10 @@ class CheckpointNotFound(ModelError):
 
 
 class ModelDownloadError(ModelError):
+    pass
+
+
+class ModelExportError(ModelError):
     pass
 
 
