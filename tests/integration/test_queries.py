@@ -330,7 +330,7 @@ async def test_hits_link_to_resources_for_metadata_thumbnail_and_image(served: S
         item = (await client.read_resource(resource)).contents[0]
         thumb = (await client.read_resource(resource + "/thumbnail")).contents[0]
         image = (await client.read_resource(resource + "/image")).contents[0]
-        with pytest.raises(MCPError, match="no item with id 'folder:nope.jpg'"):
+        with pytest.raises(MCPError, match=r"no item with id 'folder:nope\.jpg'"):
             await client.read_resource("clipdex://items/folder%3Anope.jpg")
     assert isinstance(item, TextResourceContents) and f'"id":"{copy}"'.replace(" ", "") in item.text.replace(" ", "")
     assert isinstance(thumb, BlobResourceContents) and thumb.mime_type == "image/jpeg"
