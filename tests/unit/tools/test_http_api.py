@@ -359,3 +359,18 @@ async def test_similar_takes_the_same_shaping_options(client: httpx.AsyncClient,
     nxt = {"id": catalog.image_ids["red"], "top_k": 3, "cursor": first["next_cursor"]}
     second = (await client.get("/similar", params=nxt)).json()
     assert len(second["hits"]) == 3 and not {h["id"] for h in first["hits"]} & {h["id"] for h in second["hits"]}
+
+
+async def test_the_openapi_description_lists_exactly_the_parameters_search_takes(client: httpx.AsyncClient) -> None:
+    from tools.http_api import SEARCH_PARAMS, TEXT_TERMS
+
+    spec = (await client.get("/openapi.json")).json()
+    get = {p["name"] for p in spec["paths"]["/search"]["get"]["parameters"]}
+    assert get == set(TEXT_TERMS | SEARCH_PARAMS) | {"filter.<key>"}
+    similar = {p["name"] for p in spec["paths"]["/similar"]["get"]["parameters"]}
+    assert similar == set(SEARCH_PARAMS) | {"id", "filter.<key>"}
+    body = spec["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/SearchIn"}
+    assert {"terms", "top_k", "cursor", "max_drop", "collapse", "sort_by", "order"} <= set(
+        spec["components"]["schemas"]["SearchIn"]["properties"]
+    )
