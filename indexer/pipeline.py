@@ -154,7 +154,8 @@ class Pipeline:
         result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters)
         report.write_ms = (time.perf_counter() - write_started) * 1000
 
-        report.indexed = result.indexed - len(sorted_.reused)
+        report.indexed = max(0, result.indexed - len(sorted_.reused))
+        report.skipped += result.skipped  # another writer stored a newer version in the meantime
         report.unchanged = len(sorted_.unchanged)
         report.reused = len(sorted_.reused)
         report.deleted = result.deleted
