@@ -189,7 +189,13 @@ def build_core(settings: Settings, *, embedder: Embedder | None = None, models: 
 
 
 def _answering(settings: Settings, embedder: Embedder, reader: ReadSide) -> Answering:
-    search = SearchService(reader.vectors, reader.catalog, embedder, max_query_chars=settings.max_query_chars)
+    search = SearchService(
+        reader.vectors,
+        reader.catalog,
+        embedder,
+        max_query_chars=settings.max_query_chars,
+        near_duplicate_cosine=settings.near_duplicate_cosine,
+    )
     return Answering(embedder, reader, search)
 
 

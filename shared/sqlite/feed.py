@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.errors import SpaceGone, StoreError
 from shared.roles import Changes, IndexMeta, VectorIds
-from shared.types import Embedding, Item
+from shared.types import Embedding, Filters, Item
 
 if TYPE_CHECKING:
     from shared.sqlite.store import SqliteStore
@@ -108,8 +108,14 @@ class SpaceFeed:
     def snapshot(self) -> AbstractContextManager[None]:
         return self.store.snapshot()
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        return self.store.items_for_vectors(vector_ids)
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
+        return self.store.items_for_vectors(vector_ids, filters)
+
+    def matching_vectors(self, filters: Filters, limit: int) -> VectorIds | None:
+        return self.store.matching_vectors(filters, limit, self.space)
+
+    def embeddings(self, vector_ids: Sequence[int]) -> dict[int, Embedding]:
+        return self.store.embeddings(vector_ids)
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
         with self.store.locked() as db:

@@ -7,11 +7,15 @@
     vectors           embeddings; each belongs to one space and one item; tombstoned when replaced or
                       deleted; `seq` bumped on insert and on tombstone. At most one live vector per
                       (item, space): `vectors_live`.
+    item_tags         (tag, vector_id): the facts a filter can ask about (`shared.sqlite.tags`), per live
+                      vector, so of every space the item has a vector in
     reembed_failures  items a shadow space could not get (their source is gone): the re-embed's dead letters
     dead_letters      what could not be indexed, with the raw event or path and the reason
 
-Schema 1 (one model per store) had the main index's state in `meta` and the item's vector in
-`items.vector_id`; `migrate_from_1` turns such a store into one active space, in one transaction.
+Versions, each reached from the one before by its own step, all in the opening transaction:
+    1  one model per store: the main index's state in `meta`, the item's vector in `items.vector_id`
+    2  `add_item_tags`: the filter tags (issue 14)
+    3  `add_spaces`: embedding spaces (issue 15): one active space holding every vector
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import os
 import sqlite3
 from pathlib import Path
 
+from shared.sqlite.tags import item_tags
+
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,6 +71,11 @@ CREATE TABLE IF NOT EXISTS vectors (
     seq INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS item_tags (
+    tag INTEGER NOT NULL,
+    vector_id INTEGER NOT NULL,
+    PRIMARY KEY (tag, vector_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reembed_failures (
     space INTEGER NOT NULL,
     item_id TEXT NOT NULL,
@@ -90,6 +101,7 @@ CREATE INDEX IF NOT EXISTS vectors_space ON vectors(space, tombstoned);
 CREATE INDEX IF NOT EXISTS vectors_space_seq ON vectors(space, seq);
 CREATE INDEX IF NOT EXISTS vectors_sha256 ON vectors(sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS vectors_live ON vectors(item_id, space) WHERE tombstoned = 0;
+CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id);
 """
 
 _SPACE_KEYS = ("model", "generation", "high_water", "main_seq", "main_kind", "last_compaction_at")
@@ -116,8 +128,40 @@ def create(db: sqlite3.Connection) -> None:
     execute_script(db, INDEXES)
 
 
-def migrate_from_1(db: sqlite3.Connection, now: float) -> None:
-    """A schema-1 store becomes one active space (id 1) holding every vector, in the caller's transaction.
+def migrate(db: sqlite3.Connection, version: int, now: float, path: Path) -> bool:
+    """Bring a store of an older `version` to SCHEMA_VERSION, step by step, in the caller's transaction.
+    True when the FAISS files must move to the first space's folder (`move_index_files`, after commit)."""
+    moved = False
+    if version == 1:
+        add_item_tags(db)
+        version = 2
+    if version == 2:
+        add_spaces(db, now)
+        moved = True
+        version = 3
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    logger.info("store %s: migrated to schema version %d", path, version)
+    return moved
+
+
+def add_item_tags(db: sqlite3.Connection) -> None:
+    """1 → 2: the filter tags of every item's vector (schema 1 points items at their vector)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS item_tags (tag INTEGER NOT NULL, vector_id INTEGER NOT NULL, "
+        "PRIMARY KEY (tag, vector_id)) WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id)")
+    rows = db.execute("SELECT vector_id, source, metadata FROM items WHERE vector_id IS NOT NULL").fetchall()
+    for vector_id, source, metadata in rows:
+        db.executemany(
+            "INSERT OR IGNORE INTO item_tags(tag, vector_id) VALUES (?, ?)",
+            [(t, vector_id) for t in item_tags(source, json.loads(metadata) if metadata else {})],
+        )
+
+
+def add_spaces(db: sqlite3.Connection, now: float) -> None:
+    """2 → 3: one active space (id 1) holding every vector, the main index's state moved from `meta` to it,
+    and `items.vector_id` dropped (an item's vector is found per space).
 
     Live vectors that no item points to (none should exist) are tombstoned, so that "one live vector per
     item and space" holds from here on."""
@@ -150,16 +194,16 @@ def migrate_from_1(db: sqlite3.Connection, now: float) -> None:
     if orphans:
         logger.warning("migration: %d vectors that no item pointed to were tombstoned", orphans)
         db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(seq),))
+    db.execute("DELETE FROM item_tags WHERE vector_id NOT IN (SELECT vector_id FROM vectors WHERE tombstoned = 0)")
     db.execute("DROP INDEX IF EXISTS items_vector_id")
     db.execute("ALTER TABLE items DROP COLUMN vector_id")
     db.execute("DROP INDEX IF EXISTS vectors_tombstoned")
     db.execute("DROP INDEX IF EXISTS vectors_seq")
     execute_script(db, INDEXES)
     db.execute(f"DELETE FROM meta WHERE key IN ({','.join('?' * len(_SPACE_KEYS))})", _SPACE_KEYS)
-    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     if "model" in meta:
         name = json.loads(meta["model"]).get("name")
-        logger.info("migrated the store to schema %d: model %s is its active space", SCHEMA_VERSION, name)
+        logger.info("embedding spaces: model %s is the store's active space", name)
 
 
 def move_index_files(index_dir: Path, space_dir: Path) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Sequence, Set
 
 from shared.errors import SpaceGone, StoreError
 from shared.roles import CompactionLedger, Pending, Space, SpaceFailure, SpaceState, SpaceVector
-from shared.sqlite.store import SqliteStore
+from shared.sqlite.store import SqliteStore, tag
 from shared.types import Embedding, ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,13 @@ class SqliteSpaces:
                 if not _unchanged(db, vec.item, active, space):
                     continue  # replaced or deleted since it was read: it is pending again, or gone
                 seq += 1
-                db.execute(
+                cur = db.execute(
                     "INSERT INTO vectors(space, item_id, sha256, embedding, seq, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                     (space, vec.item.id, vec.sha256, self.store.blob(vec.embedding), seq, now),
                 )
+                # tagged with the item as it is now (a metadata-only update since `pending` keeps its vector)
+                item = db.execute("SELECT source, metadata FROM items WHERE id = ?", (vec.item.id,)).fetchone()
+                tag(db, int(cur.lastrowid or 0), item[0], json.loads(item[1]))
                 written += 1
             model = shadow.model
             for fail in failures:
@@ -169,10 +172,10 @@ class SqliteSpaces:
         deleted = 0
         while True:
             with self.store.write() as db:
-                n = db.execute(
-                    "DELETE FROM vectors WHERE vector_id IN (SELECT vector_id FROM vectors WHERE space = ? LIMIT ?)",
-                    (space, _DROP_CHUNK),
-                ).rowcount
+                ids = db.execute("SELECT vector_id FROM vectors WHERE space = ? LIMIT ?", (space, _DROP_CHUNK))
+                doomed = [(int(r[0]),) for r in ids.fetchall()]
+                db.executemany("DELETE FROM item_tags WHERE vector_id = ?", doomed)
+                n = db.executemany("DELETE FROM vectors WHERE vector_id = ?", doomed).rowcount
             deleted += n
             if n < _DROP_CHUNK:
                 break

@@ -44,9 +44,9 @@ from shared.roles import (
     Upsert,
     VectorIds,
 )
-from shared.sqlite import schema
+from shared.sqlite import schema, tags
 from shared.sqlite.feed import SpaceFeed
-from shared.types import Embedding, Item, ModelIdentity
+from shared.types import Embedding, Filters, Item, Metadata, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,8 @@ class SqliteStore:
                     self._set_meta("schema_version", str(SCHEMA_VERSION))
                     self._set_meta("vector_dtype", vector_dtype)
                     self._set_meta("seq", "0")
-                elif version == 1:
-                    schema.migrate_from_1(db, time.time())
-                    migrated = True
+                elif version < SCHEMA_VERSION:
+                    migrated = schema.migrate(db, version, time.time(), self.path)
                 elif version != SCHEMA_VERSION:
                     raise StoreError(f"{path}: schema version {version}, expected {SCHEMA_VERSION} (a newer clipdex?)")
         except sqlite3.Error as exc:
@@ -294,6 +293,8 @@ class SqliteStore:
                     continue
                 version = up.version if up.version is not None else (row[1] if row else None)
                 live = _live_vectors(db, up.id)
+                for vector_id in live:  # its filter tags are written again below, for the vectors it keeps
+                    untag(db, vector_id)
                 # Whatever the source says about an item ends a failed re-embed of it: it is tried again.
                 db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (up.id,))
                 if up.embedding is None:
@@ -313,6 +314,9 @@ class SqliteStore:
                     )
                     result.indexed += 1
                     result.vector_ids.append(int(cur.lastrowid or 0))
+                    live = {int(cur.lastrowid or 0): space}
+                for vector_id in live:  # metadata-only: every space's vector; new content: the new vector
+                    tag(db, vector_id, up.source, up.metadata)
                 db.execute(
                     """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, created_at,
                                          updated_at)
@@ -332,6 +336,7 @@ class SqliteStore:
                 for vector_id in _live_vectors(db, de.id):
                     seq += 1
                     db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, vector_id))
+                    untag(db, vector_id)
                 db.execute("DELETE FROM items WHERE id = ?", (de.id,))
                 db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (de.id,))
                 result.deleted += 1
@@ -456,21 +461,70 @@ class SqliteStore:
             row = db.execute(f"{_ITEMS_IN_SPACE} WHERE i.id = ?", (space, item_id)).fetchone()
         return None if row is None else item_of(row)
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
         """Live items by their current vector, in any space. A tombstoned vector has no item, so never
-        shows up."""
+        shows up. With `filters`, only the items that may pass them (a superset, checked in SQL from the
+        filter tags and, for `null`, the metadata JSON): the others are never parsed."""
+        where, params = _filter_sql(filters) if filters is not None else ("", [])
         out: dict[int, Item] = {}
-        with self.locked() as db:
-            for chunk in _chunks([int(v) for v in vector_ids], 500):
-                marks = ",".join("?" * len(chunk))
-                for row in db.execute(
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            marks = ",".join("?" * len(chunk))
+            with self.locked() as db:
+                rows = db.execute(
                     f"SELECT {ITEM_COLUMNS} FROM vectors v JOIN items i ON i.id = v.item_id "
-                    f"WHERE v.vector_id IN ({marks}) AND v.tombstoned = 0",
-                    chunk,
-                ):
-                    item = item_of(row)
-                    assert item.vector_id is not None
-                    out[item.vector_id] = item
+                    f"WHERE v.vector_id IN ({marks}) AND v.tombstoned = 0{where}",
+                    [*chunk, *params],
+                ).fetchall()
+            for row in rows:  # parsed outside the lock
+                item = item_of(row)
+                assert item.vector_id is not None
+                out[item.vector_id] = item
+        return out
+
+    def matching_vectors(self, filters: Filters, limit: int, space: int | None = None) -> VectorIds | None:
+        """The vectors of `space` (default: the bound, else the active one) of the live items that may pass
+        `filters` (a superset: the caller checks each item), looked up in the filter tags, when at most
+        `limit` match; None when more do, or when no condition of the filter is indexed (only `null`
+        values). Reads O(min(matches, limit)) index rows.
+        The counts are of every space's vectors (twice the items while a re-embed fills a shadow space),
+        the ids of `space`'s only."""
+        wanted = sorted(set(tags.filter_tags(filters)))
+        if not wanted:
+            return None
+        space = self.view_space() if space is None else space
+        with self.locked() as db:
+            # Start from the rarest condition: each count stops at limit + 1 rows of the primary key.
+            counts = []
+            for t in wanted:
+                (n,) = db.execute(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM item_tags WHERE tag = ? LIMIT ?)", (t, limit + 1)
+                ).fetchone()
+                if n == 0:
+                    return np.zeros(0, np.int64)
+                counts.append((n, t))
+            counts.sort()
+            if counts[0][0] > limit:
+                return None
+            rarest, *others = (t for _, t in counts)
+            rows = db.execute(
+                "SELECT m.vector_id FROM (SELECT vector_id FROM item_tags WHERE tag = ?"
+                + " INTERSECT SELECT vector_id FROM item_tags WHERE tag = ?" * len(others)
+                + ") m JOIN vectors v ON v.vector_id = m.vector_id WHERE v.space = ?",
+                (rarest, *others, space),
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def embeddings(self, vector_ids: Sequence[int]) -> dict[int, Embedding]:
+        """Stored vectors by id, of any space (tombstoned ones too, until a compaction purges them)."""
+        out: dict[int, Embedding] = {}
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            marks = ",".join("?" * len(chunk))
+            with self.locked() as db:
+                rows = db.execute(f"SELECT vector_id, embedding FROM vectors WHERE vector_id IN ({marks})", chunk)
+                found = rows.fetchall()
+            if found:
+                vecs = self.decode([r[1] for r in found])
+                out.update((int(r[0]), vecs[i]) for i, r in enumerate(found))
         return out
 
     def item_ids(self, source: str | None = None, prefix: str = "") -> dict[str, str | None]:
@@ -523,13 +577,15 @@ class SqliteStore:
                 for vector_id in _live_vectors(db, it.id):
                     seq += 1
                     db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, vector_id))
+                    untag(db, vector_id)
                 if stored.embedding is not None:
                     seq += 1
-                    db.execute(
+                    cur = db.execute(
                         "INSERT INTO vectors(space, item_id, sha256, embedding, seq, created_at) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
                         (space, it.id, it.sha256, self.blob(stored.embedding), seq, it.updated_at.timestamp()),
                     )
+                    tag(db, int(cur.lastrowid or 0), it.source, it.metadata)  # filtered searches find it by these
                 db.execute(
                     "INSERT OR REPLACE INTO items(id, source, uri, sha256, metadata, status, reason, version, "
                     "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -628,6 +684,34 @@ def _live_vectors(db: sqlite3.Connection, item_id: str) -> dict[int, int]:
     """vector id → space of an item's live vectors (one per space)."""
     rows = db.execute("SELECT vector_id, space FROM vectors WHERE item_id = ? AND tombstoned = 0", (item_id,))
     return {int(r[0]): int(r[1]) for r in rows}
+
+
+def tag(db: sqlite3.Connection, vector_id: int, source: str, metadata: Metadata) -> None:
+    """Index the facts a filter can ask about (shared.sqlite.tags) under one of the item's live vectors."""
+    db.executemany(
+        "INSERT OR IGNORE INTO item_tags(tag, vector_id) VALUES (?, ?)",
+        [(t, vector_id) for t in tags.item_tags(source, metadata)],
+    )
+
+
+def untag(db: sqlite3.Connection, vector_id: int) -> None:
+    """A vector tombstoned or deleted (or about to be tagged again) leaves the filter tags."""
+    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (vector_id,))
+
+
+def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
+    """SQL conditions on a vector `v` and its item `i` that every item passing `filters` meets (values and
+    keys are parameters)."""
+    where = ""
+    params: list[Any] = []
+    for t in tags.filter_tags(filters):
+        where += " AND EXISTS (SELECT 1 FROM item_tags t WHERE t.tag = ? AND t.vector_id = v.vector_id)"
+        params.append(t)
+    for key, value in filters.metadata.items():
+        if value is None:  # null or absent
+            where += " AND NOT EXISTS (SELECT 1 FROM json_each(i.metadata) j WHERE j.key = ? AND j.type != 'null')"
+            params.append(key)
+    return where, params
 
 
 ITEM_COLUMNS = (

@@ -16,6 +16,7 @@ from shared.errors import StoreError
 from shared.migrate import migrate
 from shared.roles import Spaces, SpaceVector
 from shared.stores import PortableStore, open_portable, open_reader, open_writer
+from shared.types import Filters
 from tests.conftest import clipdex_command, milvus_env, milvus_settings_for, tiny_settings_for
 from tests.sample_store import fill_data_dir
 
@@ -77,7 +78,11 @@ def test_sqlite_to_milvus_and_back_keeps_everything(filled: Settings, tiny_embed
     with open_reader(filled, identity) as m, open_reader(back_settings, identity) as s:
         query = s.vectors.item_vector("kafka:sku-3")
         assert query is not None
-        assert [h.id for h in m.vectors.search(query, 5)] == [h.id for h in s.vectors.search(query, 5)]
+        assert [h.id for h in m.vectors.search(query, 5).hits] == [h.id for h in s.vectors.search(query, 5).hits]
+        # filters too: the imported SQLite store has its filter tags (a filter is looked up in them first)
+        hats = Filters(metadata={"category": "hats", "year": 2021}, source="kafka")
+        got = [[h.id for h in side.vectors.search(query, 50, hats).hits] for side in (m, s)]
+        assert got[0] == got[1] and len(got[0]) > 3
 
 
 def test_a_stopped_migration_resumes_where_it_stopped(filled: Settings, tiny_embedder: Embedder) -> None:
@@ -170,7 +175,7 @@ def test_a_re_embedded_sqlite_store_migrates_with_its_new_model(
     for store in (sqlite, milvus, back):
         store.close()
     with open_reader(filled, new) as m:  # Milvus searches the new model's vectors
-        hit = m.vectors.search(vectors["kafka:sku-3"], 1)[0]
+        hit = m.vectors.search(vectors["kafka:sku-3"], 1).hits[0]
         assert (hit.id, round(hit.score, 4)) == ("kafka:sku-3", 1.0)
         assert m.vectors.info().model == new
 

@@ -13,9 +13,10 @@ import pytest
 
 from shared.errors import ModelMismatchError, ModelSwitched, SpaceGone, StoreError
 from shared.roles import Delete, Failure, Pending, SpaceFailure, SpaceVector, Upsert
+from shared.sqlite import tags
 from shared.sqlite.spaces import SqliteSpaces
 from shared.sqlite.store import SqliteStore
-from shared.types import ModelIdentity
+from shared.types import Filters, ModelIdentity
 
 OLD = ModelIdentity("old-model", "none", 8, "0123456789abcdef")
 NEW = ModelIdentity("new-model", "none", 4, "fedcba9876543210")  # another dimension
@@ -198,6 +199,41 @@ def test_a_dead_letter_of_a_failed_item_keeps_its_vector_in_the_bound_space(stor
     assert item is not None and item.status == "indexed" and item.vector_id is not None
 
 
+def tagged(store: SqliteStore, space: int, **wanted: object) -> set[str]:
+    """The items whose vector in `space` the filter tags list for `wanted`."""
+    vids = store.matching_vectors(Filters(dict(wanted)), 100, space)
+    assert vids is not None
+    return {item.id for item in store.items_for_vectors([int(v) for v in vids]).values()}
+
+
+def test_filter_tags_are_per_space_follow_every_write_and_go_with_a_dropped_space(store: SqliteStore) -> None:
+    spaces = SqliteSpaces(store)
+    shadow = spaces.create_shadow(NEW, None)
+    active = store.view_space()
+    pending = spaces.pending(shadow.id, limit=2)  # kafka:0 and kafka:1, read with {"n": 0} and {"n": 1}
+    store.apply([up("kafka:1", "sha-1", dim=None, seed=7)])  # metadata only, after `pending` read it
+    fill(spaces, shadow.id, pending)
+    assert tagged(store, shadow.id, n=0) == {"kafka:0"}  # the shadow's own vectors, not the active ones
+    assert tagged(store, shadow.id, n=7) == {"kafka:1"} and tagged(store, shadow.id, n=1) == set()
+    assert tagged(store, active, n=7) == {"kafka:1"} and tagged(store, active, n=2) == {"kafka:2"}
+    assert tagged(store, shadow.id, n=2) == set()  # not re-embedded yet
+    store.apply([up("kafka:0", "sha-0", dim=None, seed=5)])  # metadata only: both spaces' vectors
+    assert tagged(store, shadow.id, n=5) == tagged(store, active, n=5) == {"kafka:0"}
+    store.apply([up("kafka:0", "sha-0-new", seed=6)])  # new content: the shadow's vector goes, untagged
+    assert tagged(store, shadow.id, n=6) == set() and tagged(store, active, n=6) == {"kafka:0"}
+    shadow_vectors = [int(v) for ids, _ in store.feed(shadow.id).live_vectors() for v in ids]
+    assert shadow_vectors
+    spaces.abort()
+    spaces.drop_spaces(grace_s=0)
+    with store.locked() as db:
+        marks = ",".join("?" * len(shadow_vectors))
+        assert db.execute(
+            f"SELECT COUNT(*) FROM item_tags WHERE vector_id IN ({marks})", shadow_vectors
+        ).fetchone() == (0,)
+        live = db.execute("SELECT COUNT(*) FROM vectors WHERE tombstoned = 0").fetchone()[0]
+        assert db.execute("SELECT COUNT(DISTINCT vector_id) FROM item_tags").fetchone()[0] == live == 5
+
+
 # -- schema 1 ------------------------------------------------------------------------------------------------
 
 SCHEMA_1 = """
@@ -216,11 +252,15 @@ CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT
 """
 
 
-def test_a_schema_1_store_becomes_one_active_space(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_store_migrates_step_by_step_to_one_active_space_with_its_filter_tags(
+    tmp_path: Path, version: int
+) -> None:
+    """Version 1 (one model), 2 (+ the filter tags of issue 14) → 3 (embedding spaces), in one transaction."""
     path = tmp_path / "clipdex.sqlite3"
     db = sqlite3.connect(path)
     db.executescript(SCHEMA_1)
-    meta = {"schema_version": "1", "vector_dtype": "float32", "seq": "4", "generation": "3", "high_water": "2",
+    meta = {"schema_version": str(version), "vector_dtype": "float32", "seq": "4", "generation": "3", "high_water": "2",
             "main_seq": "2", "main_kind": "flat", "model": json.dumps(OLD.__dict__)}  # fmt: skip
     db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
     for vid, item in ((1, "kafka:a"), (2, "kafka:b"), (3, "kafka:orphan"), (4, "kafka:b")):
@@ -229,11 +269,20 @@ def test_a_schema_1_store_becomes_one_active_space(tmp_path: Path) -> None:
             "VALUES (?, ?, ?, ?, ?, ?, 1.0)",
             (vid, item, f"sha-{vid}", vec(vid, 8).tobytes(), 1 if vid == 2 else 0, vid),
         )
-    for item, vid in (("kafka:a", 1), ("kafka:b", 4)):
+    for item, vid, colour in (("kafka:a", 1, "red"), ("kafka:b", 4, "blue")):
         db.execute(
-            "INSERT INTO items VALUES (?, 'kafka', 'u', ?, '{}', 'indexed', NULL, NULL, ?, 1.0, 1.0)",
-            (item, f"sha-{vid}", vid),
+            "INSERT INTO items VALUES (?, 'kafka', 'u', ?, ?, 'indexed', NULL, NULL, ?, 1.0, 1.0)",
+            (item, f"sha-{vid}", json.dumps({"colour": colour}), vid),
         )
+    if version == 2:  # what issue 14's store wrote: the tags of the items' vectors
+        db.execute(
+            "CREATE TABLE item_tags (tag INTEGER NOT NULL, vector_id INTEGER NOT NULL, "
+            "PRIMARY KEY (tag, vector_id)) WITHOUT ROWID"
+        )
+        for vid, colour in ((1, "red"), (4, "blue")):
+            db.executemany(
+                "INSERT INTO item_tags VALUES (?, ?)", [(t, vid) for t in tags.item_tags("kafka", {"colour": colour})]
+            )
     db.commit()
     db.close()
     (tmp_path / "index").mkdir()
@@ -248,6 +297,11 @@ def test_a_schema_1_store_becomes_one_active_space(tmp_path: Path) -> None:
         assert store.stats().items == 2  # the orphan vector 3 was tombstoned
         assert 3 in set(store.changes_since(4).tombstoned_ids.tolist())
         assert (tmp_path / "index" / "space-1" / "main-3.faiss").read_bytes() == b"faiss"
+        assert store.matching_vectors(Filters({"colour": "red"}), 100).tolist() == [1]  # type: ignore[union-attr]
+        assert store.matching_vectors(Filters({"colour": "blue"}), 100).tolist() == [4]  # type: ignore[union-attr]
+        assert store.matching_vectors(Filters({"colour": "green"}), 100).tolist() == []  # type: ignore[union-attr]
+        with store.locked() as conn:
+            assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
         store.bind_model(OLD)
         store.apply([Upsert("kafka:c", "kafka", "u", "sha-c", {}, vec(9, 8))])
     with SqliteStore(path) as reopened:  # opening again changes nothing

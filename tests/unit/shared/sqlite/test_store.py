@@ -284,7 +284,8 @@ def test_a_512_d_float32_vector_costs_well_under_two_pages_on_disk(tmp_path: Pat
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
     per_vector = (tmp_path / "db.sqlite3").stat().st_size / n
-    assert per_vector < 3000, per_vector
+    # a page per row would be 4.2 KiB; the per-space indexes and the filter tags add about 0.2 KiB
+    assert per_vector < 3300, per_vector
 
 
 def test_an_existing_store_keeps_its_page_size(tmp_path: Path) -> None:
