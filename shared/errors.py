@@ -8,6 +8,7 @@
     │   └── ModelDownloadError   a hub download failed (offline?)
     ├── StoreError               the SQLite store itself failed (disk full, locked): stop, do not commit
     │   └── ModelMismatchError   the store was built with another model
+    ├── WriterBusy               another process writes to this data directory (names it): retriable
     ├── ItemError                one item cannot be indexed or used; the others go on
     │   ├── InvalidEvent         a catalog event that does not match the schema
     │   ├── ImageRejected        not an image, corrupt, truncated, too many bytes or pixels
@@ -57,6 +58,13 @@ class StoreError(ClipdexError):
 
 class ModelMismatchError(StoreError):
     pass
+
+
+class WriterBusy(ClipdexError):
+    """Another process holds the data directory's writer lock. The message names it (pid, command, since
+    when); trying again after it stops succeeds."""
+
+    retriable = True
 
 
 class ItemError(ClipdexError):
