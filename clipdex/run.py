@@ -18,6 +18,7 @@ from shared.config import Settings
 from shared.core import Core, build_core
 from shared.errors import ConfigError
 from shared.signals import stop_on_signals
+from shared.stores import writer_lock
 from tools.app import serve_http
 from tools.auth import check_bind
 
@@ -46,12 +47,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not root.is_dir():
         raise ConfigError(f"{root}: not a directory (clipdex run DIR indexes and watches a folder of images)")
     check_bind(settings, insecure=args.insecure)  # refuse before the model loads
-    core = build_core(settings)
-    try:
-        core.start_refresh()
-        asyncio.run(_run_indexer_and_server(core, settings, root, insecure=args.insecure))
-    finally:
-        core.close()
+    with writer_lock(settings):  # and a second writer of the data directory too, naming the first
+        core = build_core(settings)
+        try:
+            core.start_refresh()
+            asyncio.run(_run_indexer_and_server(core, settings, root, insecure=args.insecure))
+        finally:
+            core.close()
     return 0
 
 

@@ -14,24 +14,22 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from indexer import service
 from indexer.compaction import Compactor
-from indexer.events import parse_event
 from indexer.progress import ProgressBar
-from indexer.records import Record
 from indexer.sources.folder import FolderSummary
 from indexer.sources.kafka_client import require_kafka
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
-from shared.errors import InvalidEvent
+from shared.lockfile import Holder
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
 from shared.status import read_status
-from shared.stores import open_catalog, open_writer
+from shared.stores import open_catalog, open_writer, writer_holder, writer_lock
 
 
 def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
@@ -83,7 +81,8 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
         "compact",
         help="fold the delta into a new main index now",
         description="Build the next main index generation from the store and purge deleted vectors. "
-        "Searches keep running meanwhile; a running indexer also does this on its own thresholds.",
+        "Searches keep running meanwhile; a running indexer also does this on its own thresholds, and "
+        "this command may run beside it (the two take turns).",
     )
     comp.add_argument("--if-needed", action="store_true", help="only when a size or age threshold is passed")
     comp.set_defaults(func=_cmd_compact)
@@ -95,7 +94,12 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     dlq_list.add_argument("--json", action="store_true", help="print a JSON list")
     dlq_list.set_defaults(func=_cmd_dlq_list)
     for verb, func, text in (
-        ("retry", _cmd_dlq_retry, "index the dead letters again (after fixing the files); still failing ones stay"),
+        (
+            "retry",
+            _cmd_dlq_retry,
+            "index the dead letters again (after fixing the cause); still failing ones stay. Beside a running "
+            "indexer, that indexer retries them",
+        ),
         ("purge", _cmd_dlq_purge, "delete dead letters"),
     ):
         p = verbs.add_parser(verb, help=text)
@@ -113,6 +117,11 @@ def _batch_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_index(args: argparse.Namespace, settings: Settings) -> int:
+    with writer_lock(settings):  # before anything loads: a second writer is refused at once
+        return _index(args, settings)
+
+
+def _index(args: argparse.Namespace, settings: Settings) -> int:
     progress = None if args.no_progress else ProgressBar()
 
     async def main() -> FolderSummary:
@@ -152,14 +161,16 @@ def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
         stop_on_signals(stop)
         return await service.watch_folder(settings, args.dir, stop)
 
-    summary = asyncio.run(main())
+    with writer_lock(settings):
+        summary = asyncio.run(main())
     print(format_summary(summary))
     return 0
 
 
 def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     require_kafka(settings)  # before anything loads
-    return asyncio.run(service.consume(settings))
+    with writer_lock(settings):
+        return asyncio.run(service.consume(settings))
 
 
 # -- status and compact ----------------------------------------------------------------------------------------
@@ -168,7 +179,10 @@ def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 def status_of(settings: Settings) -> dict[str, Any]:
     """Everything `clipdex status` shows, as plain data. Reads the store; loads no model."""
     with open_catalog(settings) as catalog:
-        return read_status(settings.data_dir, catalog).to_dict()
+        status = read_status(settings.data_dir, catalog).to_dict()
+    writer = writer_holder(settings)
+    status["writer"] = None if writer is None else {"pid": writer.pid, "command": writer.command, "since": writer.since}
+    return status
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -188,12 +202,16 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         f"data dir    {st['data_dir']}",
         "model       "
         + ("(none yet)" if model is None else f"{model['name']} / {model['pretrained']} (dim {model['dim']})"),
-        f"items       {st['items']} indexed, {st['failed']} failed, {st['dead_letters']} dead letters",
+        f"items       {st['items']} indexed, {st['failed']} failed, {st['dead_letters']} dead letters"
+        + (f" ({st['dead_letters_retrying']} to be retried automatically)" if st["dead_letters_retrying"] else ""),
         f"index       main generation {st['generation']}, delta {st['delta_size']} vectors, "
         f"{st['tombstones']} deleted vectors not yet purged",
         f"newest      {st['newest_indexed_at'] or '-'}",
         f"compacted   {st['last_compaction_at'] or 'never'}",
     ]
+    writer = st["writer"]
+    if writer is not None:
+        lines.append(f"writer      pid {writer['pid']} (`{writer['command']}`), since {_iso(_at(writer['since']))}")
     lag = "- (no indexer running)" if st["lag_s"] is None else f"{st['lag_s']:.2f} s"
     lines.append(f"lag         {lag}, {st['pending']} pending")
     for hb in st["indexers"]:
@@ -210,7 +228,7 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.db_path.exists():
         print(f"nothing to compact: no store in {settings.data_dir}")
         return 0
-    with open_writer(settings, None) as store:
+    with open_writer(settings, None, exclusive=False) as store:  # beside a running indexer too
         identity = store.catalog.model_identity()
         if identity is None:
             print("nothing to compact: the store holds no vectors yet")
@@ -241,8 +259,18 @@ def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters")
     for d in letters:
-        print(f"#{d.id} {_iso(d.created_at)} {d.source} {d.item_id or '-'} (tries {d.tries})\n    {d.reason}")
+        print(f"#{d.id} {_iso(d.created_at)} {d.source} {d.item_id or '-'} ({_retry_state(d)})\n    {d.reason}")
     return 0
+
+
+def _retry_state(d: DeadLetter) -> str:
+    """Where a dead letter stands: `attempt 2, transient: retried automatically at ...`."""
+    head = f"attempt {d.attempts}, {d.tries} {'fetch' if d.tries == 1 else 'fetches'}"
+    if d.retry_at is not None:
+        return f"{head}, {'transient' if d.retriable else 'permanent'}: retried at {_iso(d.retry_at)}"
+    if d.retriable:
+        return f"{head}, transient: not retried automatically (retries used up, or a later event came)"
+    return f"{head}, permanent"
 
 
 def _letter_json(d: DeadLetter) -> dict[str, Any]:
@@ -254,6 +282,9 @@ def _letter_json(d: DeadLetter) -> dict[str, Any]:
         "reason": d.reason,
         "tries": d.tries,
         "created_at": _iso(d.created_at),
+        "retriable": d.retriable,
+        "attempts": d.attempts,
+        "retry_at": _iso(d.retry_at),
     }
 
 
@@ -289,20 +320,37 @@ def _cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters to retry")
         return 0
-    report = asyncio.run(service.retry(settings, letters, [retry_record(d) for d in letters]))
+    writer = writer_holder(settings)
+    if writer is not None:
+        return _hand_over(settings, writer, letters)
+    report = asyncio.run(service.retry(settings, letters))  # WriterBusy if an indexer started meanwhile
     done, failed = report.records - report.failed, report.failed
     print(f"retried {len(letters)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
     return 0
 
 
-def retry_record(letter: DeadLetter) -> Record:
-    """A dead letter as a record again, as its source first sent it."""
-    key = letter.item_id.removeprefix(f"{letter.source}:") if letter.item_id else None
-    try:
-        event = parse_event(letter.payload, key)
-    except InvalidEvent as exc:
-        return Record(letter.source, letter.payload, None, str(exc))
-    return Record(letter.source, letter.payload, event)
+def _hand_over(settings: Settings, writer: Holder, letters: list[DeadLetter]) -> int:
+    """An indexer is running: two writers must not race, so it retries the letters of its own items
+    (made due now); the others wait until it stops."""
+    mine = [d for d in letters if writer.takes(d.item_id)]
+    if mine:
+        with open_catalog(settings) as catalog:
+            assert catalog is not None, "dead letters were listed, so the store exists"
+            catalog.schedule_dead_letters([d.id for d in mine], datetime.now(UTC))
+    print(
+        f"an indexer is writing to this store: {writer.describe()}.\n"
+        f"It retries {len(mine)} of these {len(letters)} dead letters within a few seconds (see `clipdex dlq list`)."
+    )
+    if len(mine) < len(letters):
+        print(
+            f"The other {len(letters) - len(mine)} are not its items (another source or folder): stop it and run "
+            "`clipdex dlq retry` again, or start the indexer of their source."
+        )
+    return 0
 
 
-__all__ = ["format_summary", "register", "retry_record", "status_of"]
+def _at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+__all__ = ["format_summary", "register", "status_of"]

@@ -49,7 +49,7 @@ class Plan:
 
     @property
     def store_deletes(self) -> list[Delete]:
-        return [Delete(w.item_id) for w in self.deletes]
+        return [Delete(w.item_id, w.event.version) for w in self.deletes]
 
 
 def item_id_of(record: Record) -> str | None:

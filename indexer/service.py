@@ -8,6 +8,10 @@
     consume        `clipdex consume`: Kafka events, until a signal
     retry          `clipdex dlq retry`: dead letters through the pipeline again
 
+One writer process per data directory: `open_indexer` takes the writer lock before it loads the model,
+so a second writer is refused at once with the holder's pid and command (WriterBusy). `watch_folder`
+and `consume` also retry their own transient dead letters while they run (`indexer.redeliver`).
+
 A store failure (`StoreError`) propagates: the caller stops without committing its source position, and
 the CLI exits non-zero. The caller owns signals (`shared.signals`): `stop` set means finish the batch in
 flight and return.
@@ -26,9 +30,10 @@ from pathlib import Path
 
 from indexer.compaction import Compactor
 from indexer.pipeline import Pipeline
-from indexer.records import BatchReport, Record, Sink
+from indexer.records import BatchReport, Sink
+from indexer.redeliver import Redeliverer, retry_record
 from indexer.sources import folder, kafka
-from indexer.sources.folder import FolderSource, FolderSummary, Progress
+from indexer.sources.folder import Folder, FolderSource, FolderSummary, Progress
 from indexer.sources.kafka import KafkaSource
 from indexer.sources.kafka_client import AioKafkaConsumer, KafkaDeadLetters, require_kafka
 from shared.config import Settings
@@ -37,7 +42,7 @@ from shared.errors import ConfigError, StoreError
 from shared.heartbeat import Heartbeat
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
-from shared.stores import WriteSide, open_writer
+from shared.stores import WriteSide, announce_retries, open_writer
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,19 @@ class Indexer:
     pipeline: Pipeline
     store: WriteSide
     embedder: Embedder
+    settings: Settings
+
+    @asynccontextmanager
+    async def redelivering(self, prefix: str) -> AsyncIterator[Redeliverer]:
+        """Retry the due dead letters of the items whose ids start with `prefix` while the block runs,
+        and tell `clipdex dlq retry` in other processes that this indexer does."""
+        announce_retries(self.settings, [prefix])
+        redeliverer = Redeliverer(self.store.catalog, self.pipeline, [prefix], check_s=_REDELIVER_CHECK_S)
+        async with redeliverer.running():
+            yield redeliverer
+
+
+_REDELIVER_CHECK_S = 2.0  # how soon a dead letter that `clipdex dlq retry` hands over is picked up
 
 
 @asynccontextmanager
@@ -65,18 +83,25 @@ async def open_indexer(
     owned = embedder is None
 
     def load() -> tuple[Embedder, WriteSide]:
-        model = embedder or Embedder.from_settings(settings)
+        store = open_writer(settings, None)  # the writer lock first: a second writer is refused at once
         try:
-            return model, open_writer(settings, model.identity)
+            model = embedder or Embedder.from_settings(settings)
+        except BaseException:
+            store.close()
+            raise
+        try:
+            store.writer.bind_model(model.identity)
         except BaseException:
             if owned:
                 model.close()
+            store.close()
             raise
+        return model, store
 
     model, store = await asyncio.to_thread(load)
     try:
         pipeline = Pipeline.from_settings(store.writer, model, settings, roots=roots)
-        indexer = Indexer(pipeline, store, model)
+        indexer = Indexer(pipeline, store, model, settings)
         try:
             if compaction and store.compaction is not None:
                 async with Compactor.from_settings(store.compaction, settings, model.identity.dim).running():
@@ -93,8 +118,9 @@ async def open_indexer(
 
 @asynccontextmanager
 async def open_pipeline(settings: Settings) -> AsyncIterator[Sink]:
-    """The sink that `consume` writes to: a pipeline over its own model and store, compacting beside it."""
-    async with open_indexer(settings) as indexer:
+    """The sink that `consume` writes to: a pipeline over its own model and store, compacting beside it
+    and retrying the transient dead letters of Kafka items."""
+    async with open_indexer(settings) as indexer, indexer.redelivering(kafka.SOURCE + ":"):
         yield indexer.pipeline
 
 
@@ -107,7 +133,7 @@ async def index_folder(
     """`clipdex index`: bring the store in line with the folder once, then compact if a threshold is passed."""
     _check_folder(root)
     async with open_indexer(settings, roots=[root], compaction=False) as indexer:
-        source = _folder_source(settings, root, indexer)
+        source = await asyncio.to_thread(_folder_source, settings, root, indexer)
         summary = await source.index_once(stop, progress)
         if indexer.store.compaction is not None:
             compactor = Compactor.from_settings(indexer.store.compaction, settings, indexer.embedder.identity.dim)
@@ -130,12 +156,20 @@ async def watch_folder(
     _check_folder(root)
     _quiet_watchfiles()
     async with open_indexer(settings, embedder=embedder, roots=[root]) as indexer:
-        return await _folder_source(settings, root, indexer).run(stop, ready)
+        source = await asyncio.to_thread(_folder_source, settings, root, indexer)
+        async with indexer.redelivering(source.folder.prefix):
+            return await source.run(stop, ready)
 
 
 def _folder_source(settings: Settings, root: Path, indexer: Indexer) -> FolderSource:
-    heartbeat = Heartbeat(settings.data_dir, folder.SOURCE, root=str(Path(os.path.abspath(root))))
-    return FolderSource.from_settings(root, indexer.pipeline, indexer.store.catalog, settings, heartbeat=heartbeat)
+    """Blocking: the folder's source, under its name in the store (registered on first use)."""
+    path = Path(os.path.abspath(root))
+    name = indexer.store.writer.register_folder(str(path))
+    heartbeat = Heartbeat(settings.data_dir, folder.SOURCE, root=str(path))
+    store = indexer.store
+    return FolderSource.from_settings(
+        Folder(path, name), indexer.pipeline, store.catalog, store.writer.rename_items, settings, heartbeat=heartbeat
+    )
 
 
 def _check_folder(root: Path) -> None:
@@ -155,11 +189,13 @@ def _quiet_watchfiles() -> None:
 OpenSink = Callable[[Settings], AbstractAsyncContextManager[Sink]]  # the pipeline, opened and closed
 
 
-async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> int:
-    """`clipdex consume`: the pipeline (store + model) and a consumer group member, until a signal."""
+async def consume(settings: Settings, open_sink: OpenSink = open_pipeline, stop: asyncio.Event | None = None) -> int:
+    """`clipdex consume`: the pipeline (store + model) and a consumer group member, until a signal (or
+    until `stop` is set, when given)."""
     servers, topic = require_kafka(settings)
-    stop = asyncio.Event()
-    stop_on_signals(stop)  # from here on: a signal while the model loads is a clean exit too
+    if stop is None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)  # from here on: a signal while the model loads is a clean exit too
     async with open_sink(settings) as sink:
         dead_letters = KafkaDeadLetters(servers, settings.kafka_dlq_topic) if settings.kafka_dlq_topic else None
         heartbeat = Heartbeat(settings.data_dir, kafka.SOURCE, topic=topic, group=settings.kafka_group, servers=servers)
@@ -188,11 +224,10 @@ async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> in
 # -- dead letters -------------------------------------------------------------------------------------------
 
 
-async def retry(settings: Settings, letters: Sequence[DeadLetter], records: Sequence[Record]) -> BatchReport:
-    """Write `records` (the dead letters as their sources first sent them) again; only once that is
-    durable, new dead letters included, do the old ones go."""
+async def retry(settings: Settings, letters: Sequence[DeadLetter]) -> BatchReport:
+    """Write the dead letters again, as their sources first sent them; the old letters go in the same
+    transaction as the outcome (indexed, or a new dead letter)."""
+    records = [retry_record(d) for d in letters]
     roots = sorted({root for r in records if (root := folder.root_of(r)) is not None})
     async with open_indexer(settings, roots=roots, compaction=False) as indexer:
-        report = await indexer.pipeline.write(records)
-        await asyncio.to_thread(indexer.store.catalog.delete_dead_letters, [d.id for d in letters])
-        return report
+        return await indexer.pipeline.write(records)

@@ -15,7 +15,8 @@
     │   ├── PathNotAllowed       a path outside the allowed roots (traversal, symlink escape)
     │   ├── HostNotAllowed       a URL whose host is not allowlisted
     │   ├── SourceNotFound       the file or URL does not exist
-    │   └── FetchFailed          a transient fetch failure (timeout, HTTP 5xx): retriable
+    │   ├── FetchFailed          a transient fetch failure (timeout, HTTP 5xx): retriable
+    │   └── EmbedFailed          the model failed on one image (a flaky device?): retriable
     ├── NotFound                 an unknown item id
     └── InvalidRequest           a search argument out of range or missing
 
@@ -92,6 +93,13 @@ class SourceNotFound(ItemError):
 
 
 class FetchFailed(ItemError):
+    retriable = True
+
+
+class EmbedFailed(ItemError):
+    """The model failed on this one image, alone: perhaps the image, perhaps a device that is out of
+    memory or lost. Retried a bounded number of times (a dead letter's automatic retries)."""
+
     retriable = True
 
 

@@ -209,6 +209,10 @@ class Catalog(Protocol):
         or before `now`), the longest waiting first."""
         ...
 
+    def folders(self) -> dict[str, str]:
+        """Every folder registered in the store (`Writer.register_folder`): name -> absolute path."""
+        ...
+
     def schedule_dead_letters(self, ids: Sequence[int], at: datetime) -> int:
         """Make these dead letters due at `at` (`clipdex dlq retry` beside a running indexer, which then
         retries them). A small write, safe beside the writer."""

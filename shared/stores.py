@@ -7,15 +7,23 @@
 Writers and readers are bound to a model identity: the first one records it, and every later one with
 another model is refused (ModelMismatchError). A process that both indexes and serves (`clipdex run`)
 opens one of each on one model. Callers keep the role they need, never the backend's class.
+
+One writer process per data directory (the SQLite backend): `open_writer` holds `<data dir>/writer.lock`
+(`shared.lockfile`) until it is closed, and a second writer gets WriterBusy naming the holder. Commands
+take it before loading a model (`writer_lock`), so a refusal is immediate. `clipdex compact` opens a
+writer that does not hold it (`exclusive=False`): its only store write, a new index generation, is
+serialised with the indexer's own compactions by the compaction lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 
+from shared import lockfile
 from shared.config import Settings
+from shared.lockfile import Holder
 from shared.roles import Catalog, CompactionLedger, VectorSearch, Writer
 from shared.sqlite.index import IndexParams, LiveIndex
 from shared.sqlite.search import IndexSearch
@@ -56,17 +64,35 @@ class ReadSide:
         self.close()
 
 
-def open_writer(settings: Settings, identity: ModelIdentity | None) -> WriteSide:
-    """The store of an indexer, bound to its model. `identity=None`: a maintenance command that loads no
-    model (`clipdex compact`, `clipdex dlq purge`) and binds nothing."""
-    store = _sqlite(settings)
-    try:
+def open_writer(settings: Settings, identity: ModelIdentity | None, *, exclusive: bool = True) -> WriteSide:
+    """The store of an indexer, bound to its model, holding the data directory's writer lock until it is
+    closed (WriterBusy: another process writes). `identity=None`: bind nothing yet (the caller binds
+    once its model is loaded, or is a command that loads none). `exclusive=False`: no writer lock
+    (`clipdex compact` beside a running indexer)."""
+    with ExitStack() as undo:
+        if exclusive:
+            undo.enter_context(writer_lock(settings))
+        store = undo.enter_context(_sqlite(settings))
         if identity is not None:
             store.bind_model(identity)
-    except BaseException:
-        store.close()
-        raise
-    return WriteSide(store, store, store, store.close)
+        release = undo.pop_all()
+    return WriteSide(store, store, store, release.close)
+
+
+def writer_lock(settings: Settings) -> AbstractContextManager[Holder]:
+    """Hold the data directory's writer lock for a block (counted within a process: `open_writer` in
+    the block holds the same one). WriterBusy at once, naming the holder, when another process holds it."""
+    return lockfile.hold(settings.data_dir / lockfile.LOCK_NAME)
+
+
+def writer_holder(settings: Settings) -> Holder | None:
+    """The process that writes to the store now (this one included), or None."""
+    return lockfile.holder(settings.data_dir / lockfile.LOCK_NAME)
+
+
+def announce_retries(settings: Settings, prefixes: Sequence[str]) -> None:
+    """Tell other processes (`clipdex dlq retry`) which item ids' dead letters this writer retries."""
+    lockfile.announce_retries(settings.data_dir / lockfile.LOCK_NAME, prefixes)
 
 
 def open_reader(settings: Settings, identity: ModelIdentity) -> ReadSide:
