@@ -14,9 +14,9 @@ from shared.errors import ModelMismatchError, StoreError
 from shared.roles import Delete, Failure, Upsert
 from shared.sqlite.store import SqliteStore
 from shared.types import ModelIdentity
+from tests.sample_store import damage_store_file
 
 DIM = 8
-_PAGE = 16_384
 
 
 def vec(seed: int) -> np.ndarray:
@@ -545,19 +545,8 @@ def test_every_read_turns_a_sqlite_failure_into_a_store_error(read: str, tmp_pat
         s.apply(upserts=[up("a", "sha-a", vec(1))])
     s = SqliteStore(path)
     try:
-        damage(path)
+        damage_store_file(path)
         with pytest.raises(StoreError, match="store read failed"):
             READS[read](s)
     finally:
         s.close()
-
-
-def damage(path: Path) -> None:
-    """Overwrite every page but the first (the header) with junk, as a failing disk might."""
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    size = path.stat().st_size
-    with open(path, "r+b") as fh:
-        fh.seek(_PAGE)
-        fh.write(b"\xa5" * (size - _PAGE))
