@@ -12,13 +12,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from indexer.service import watch_folder
+from indexer.service import folder_lock, watch_folder
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
 from shared.core import Core, build_core
 from shared.errors import ConfigError
 from shared.signals import stop_on_signals
-from shared.stores import writer_lock
 from tools.app import serve_http
 from tools.auth import check_bind
 
@@ -47,7 +46,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not root.is_dir():
         raise ConfigError(f"{root}: not a directory (clipdex run DIR indexes and watches a folder of images)")
     check_bind(settings, insecure=args.insecure)  # refuse before the model loads
-    with writer_lock(settings):  # and a second writer of the data directory too, naming the first
+    with folder_lock(settings, root):  # and a second writer of this folder too, naming the first
         core = build_core(settings)
         try:
             core.start_refresh()

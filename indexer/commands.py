@@ -25,11 +25,10 @@ from indexer.sources.folder import FolderSummary
 from indexer.sources.kafka_client import require_kafka
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
-from shared.lockfile import Holder
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
 from shared.status import read_status
-from shared.stores import open_catalog, open_writer, writer_holder, writer_lock
+from shared.stores import open_catalog, open_writer, writers
 
 
 def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
@@ -117,11 +116,6 @@ def _batch_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_index(args: argparse.Namespace, settings: Settings) -> int:
-    with writer_lock(settings):  # before anything loads: a second writer is refused at once
-        return _index(args, settings)
-
-
-def _index(args: argparse.Namespace, settings: Settings) -> int:
     progress = None if args.no_progress else ProgressBar()
 
     async def main() -> FolderSummary:
@@ -161,16 +155,14 @@ def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
         stop_on_signals(stop)
         return await service.watch_folder(settings, args.dir, stop)
 
-    with writer_lock(settings):
-        summary = asyncio.run(main())
+    summary = asyncio.run(main())
     print(format_summary(summary))
     return 0
 
 
 def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     require_kafka(settings)  # before anything loads
-    with writer_lock(settings):
-        return asyncio.run(service.consume(settings))
+    return asyncio.run(service.consume(settings))
 
 
 # -- status and compact ----------------------------------------------------------------------------------------
@@ -180,8 +172,9 @@ def status_of(settings: Settings) -> dict[str, Any]:
     """Everything `clipdex status` shows, as plain data. Reads the store; loads no model."""
     with open_catalog(settings) as catalog:
         status = read_status(settings.data_dir, catalog).to_dict()
-    writer = writer_holder(settings)
-    status["writer"] = None if writer is None else {"pid": writer.pid, "command": writer.command, "since": writer.since}
+    status["writers"] = [
+        {"pid": w.pid, "command": w.command, "since": _iso(_at(w.since)), "writes": w.what} for w in writers(settings)
+    ]
     return status
 
 
@@ -209,9 +202,8 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         f"newest      {st['newest_indexed_at'] or '-'}",
         f"compacted   {st['last_compaction_at'] or 'never'}",
     ]
-    writer = st["writer"]
-    if writer is not None:
-        lines.append(f"writer      pid {writer['pid']} (`{writer['command']}`), since {_iso(_at(writer['since']))}")
+    for w in st["writers"]:
+        lines.append(f"writer      {w['writes']}: pid {w['pid']} (`{w['command']}`), since {w['since']}")
     lag = "- (no indexer running)" if st["lag_s"] is None else f"{st['lag_s']:.2f} s"
     lines.append(f"lag         {lag}, {st['pending']} pending")
     for hb in st["indexers"]:
@@ -228,7 +220,7 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.db_path.exists():
         print(f"nothing to compact: no store in {settings.data_dir}")
         return 0
-    with open_writer(settings, None, exclusive=False) as store:  # beside a running indexer too
+    with open_writer(settings, None) as store:  # beside running indexers too: the compaction lock serialises
         identity = store.catalog.model_identity()
         if identity is None:
             print("nothing to compact: the store holds no vectors yet")
@@ -320,33 +312,31 @@ def _cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters to retry")
         return 0
-    writer = writer_holder(settings)
-    if writer is not None:
-        return _hand_over(settings, writer, letters)
-    report = asyncio.run(service.retry(settings, letters))  # WriterBusy if an indexer started meanwhile
-    done, failed = report.records - report.failed, report.failed
-    print(f"retried {len(letters)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
+    handed = _hand_over(settings, letters)  # two writers of one source must not race
+    rest = [d for d in letters if d.id not in handed]
+    if rest:
+        report = asyncio.run(service.retry(settings, rest))  # WriterBusy if an indexer started meanwhile
+        done, failed = report.records - report.failed, report.failed
+        print(f"retried {len(rest)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
     return 0
 
 
-def _hand_over(settings: Settings, writer: Holder, letters: list[DeadLetter]) -> int:
-    """An indexer is running: two writers must not race, so it retries the letters of its own items
-    (made due now); the others wait until it stops."""
-    mine = [d for d in letters if writer.takes(d.item_id)]
-    if mine:
+def _hand_over(settings: Settings, letters: list[DeadLetter]) -> set[int]:
+    """The letters whose items a running indexer retries by itself, made due now; their ids."""
+    handed: set[int] = set()
+    for writer in writers(settings):
+        mine = [d for d in letters if d.id not in handed and writer.takes(d.item_id)]
+        if not mine:
+            continue
         with open_catalog(settings) as catalog:
             assert catalog is not None, "dead letters were listed, so the store exists"
             catalog.schedule_dead_letters([d.id for d in mine], datetime.now(UTC))
-    print(
-        f"an indexer is writing to this store: {writer.describe()}.\n"
-        f"It retries {len(mine)} of these {len(letters)} dead letters within a few seconds (see `clipdex dlq list`)."
-    )
-    if len(mine) < len(letters):
+        handed.update(d.id for d in mine)
         print(
-            f"The other {len(letters) - len(mine)} are not its items (another source or folder): stop it and run "
-            "`clipdex dlq retry` again, or start the indexer of their source."
+            f"{len(mine)} dead letters of {writer.what or 'its items'} are retried within a few seconds by the "
+            f"indexer that runs for them: {writer.describe()} (see `clipdex dlq list`)"
         )
-    return 0
+    return handed
 
 
 def _at(ts: float) -> datetime:

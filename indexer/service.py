@@ -8,9 +8,11 @@
     consume        `clipdex consume`: Kafka events, until a signal
     retry          `clipdex dlq retry`: dead letters through the pipeline again
 
-One writer process per data directory: `open_indexer` takes the writer lock before it loads the model,
-so a second writer is refused at once with the holder's pid and command (WriterBusy). `watch_folder`
-and `consume` also retry their own transient dead letters while they run (`indexer.redeliver`).
+One writer per source of items: `index_folder` and `watch_folder` hold their folder's writer lock,
+`consume` the Kafka one (`folder_lock`, `kafka_lock`), taken before the model loads, so a second writer
+of the same source is refused at once with the holder's pid and command (WriterBusy). Writers of
+different sources share a store safely (`shared.stores`). `watch_folder` and `consume` also retry
+their own transient dead letters while they run (`indexer.redeliver`).
 
 A store failure (`StoreError`) propagates: the caller stops without committing its source position, and
 the CLI exits non-zero. The caller owns signals (`shared.signals`): `stop` set means finish the batch in
@@ -24,7 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +42,10 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ConfigError, StoreError
 from shared.heartbeat import Heartbeat
+from shared.lockfile import Holder
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
-from shared.stores import WriteSide, announce_retries, open_writer
+from shared.stores import WriteSide, announce_retries, open_writer, writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +60,10 @@ class Indexer:
     settings: Settings
 
     @asynccontextmanager
-    async def redelivering(self, prefix: str) -> AsyncIterator[Redeliverer]:
+    async def redelivering(self, prefix: str, source: str, scope: str = "") -> AsyncIterator[Redeliverer]:
         """Retry the due dead letters of the items whose ids start with `prefix` while the block runs,
-        and tell `clipdex dlq retry` in other processes that this indexer does."""
-        announce_retries(self.settings, [prefix])
+        and tell `clipdex dlq retry` in other processes (through the lock of `source`/`scope`) it does."""
+        announce_retries(self.settings, source, scope, [prefix])
         redeliverer = Redeliverer(self.store.catalog, self.pipeline, [prefix], check_s=_REDELIVER_CHECK_S)
         async with redeliverer.running():
             yield redeliverer
@@ -83,20 +86,13 @@ async def open_indexer(
     owned = embedder is None
 
     def load() -> tuple[Embedder, WriteSide]:
-        store = open_writer(settings, None)  # the writer lock first: a second writer is refused at once
+        model = embedder or Embedder.from_settings(settings)
         try:
-            model = embedder or Embedder.from_settings(settings)
-        except BaseException:
-            store.close()
-            raise
-        try:
-            store.writer.bind_model(model.identity)
+            return model, open_writer(settings, model.identity)
         except BaseException:
             if owned:
                 model.close()
-            store.close()
             raise
-        return model, store
 
     model, store = await asyncio.to_thread(load)
     try:
@@ -120,8 +116,19 @@ async def open_indexer(
 async def open_pipeline(settings: Settings) -> AsyncIterator[Sink]:
     """The sink that `consume` writes to: a pipeline over its own model and store, compacting beside it
     and retrying the transient dead letters of Kafka items."""
-    async with open_indexer(settings) as indexer, indexer.redelivering(kafka.SOURCE + ":"):
+    async with open_indexer(settings) as indexer, indexer.redelivering(kafka.SOURCE + ":", kafka.SOURCE):
         yield indexer.pipeline
+
+
+def folder_lock(settings: Settings, root: Path) -> AbstractContextManager[Holder]:
+    """The writer lock of one folder's items in the store (WriterBusy when another process holds it)."""
+    path = os.path.abspath(root)
+    return writer_lock(settings, folder.SOURCE, path, what=f"the folder {path}")
+
+
+def kafka_lock(settings: Settings) -> AbstractContextManager[Holder]:
+    """The writer lock of the store's Kafka items: one consumer per store."""
+    return writer_lock(settings, kafka.SOURCE, what="Kafka events")
 
 
 # -- folders ------------------------------------------------------------------------------------------------
@@ -132,12 +139,13 @@ async def index_folder(
 ) -> FolderSummary:
     """`clipdex index`: bring the store in line with the folder once, then compact if a threshold is passed."""
     _check_folder(root)
-    async with open_indexer(settings, roots=[root], compaction=False) as indexer:
-        source = await asyncio.to_thread(_folder_source, settings, root, indexer)
-        summary = await source.index_once(stop, progress)
-        if indexer.store.compaction is not None:
-            compactor = Compactor.from_settings(indexer.store.compaction, settings, indexer.embedder.identity.dim)
-            await asyncio.to_thread(compactor.compact_if_needed)
+    with folder_lock(settings, root):
+        async with open_indexer(settings, roots=[root], compaction=False) as indexer:
+            source = await asyncio.to_thread(_folder_source, settings, root, indexer)
+            summary = await source.index_once(stop, progress)
+            if indexer.store.compaction is not None:
+                compactor = Compactor.from_settings(indexer.store.compaction, settings, indexer.embedder.identity.dim)
+                await asyncio.to_thread(compactor.compact_if_needed)
     return summary
 
 
@@ -155,10 +163,11 @@ async def watch_folder(
     big first run that takes a while: serve meanwhile, do not wait for it)."""
     _check_folder(root)
     _quiet_watchfiles()
-    async with open_indexer(settings, embedder=embedder, roots=[root]) as indexer:
-        source = await asyncio.to_thread(_folder_source, settings, root, indexer)
-        async with indexer.redelivering(source.folder.prefix):
-            return await source.run(stop, ready)
+    with folder_lock(settings, root):
+        async with open_indexer(settings, embedder=embedder, roots=[root]) as indexer:
+            source = await asyncio.to_thread(_folder_source, settings, root, indexer)
+            async with indexer.redelivering(source.folder.prefix, folder.SOURCE, str(source.root)):
+                return await source.run(stop, ready)
 
 
 def _folder_source(settings: Settings, root: Path, indexer: Indexer) -> FolderSource:
@@ -196,6 +205,11 @@ async def consume(settings: Settings, open_sink: OpenSink = open_pipeline, stop:
     if stop is None:
         stop = asyncio.Event()
         stop_on_signals(stop)  # from here on: a signal while the model loads is a clean exit too
+    with kafka_lock(settings):
+        return await _consume(settings, open_sink, stop, servers, topic)
+
+
+async def _consume(settings: Settings, open_sink: OpenSink, stop: asyncio.Event, servers: str, topic: str) -> int:
     async with open_sink(settings) as sink:
         dead_letters = KafkaDeadLetters(servers, settings.kafka_dlq_topic) if settings.kafka_dlq_topic else None
         heartbeat = Heartbeat(settings.data_dir, kafka.SOURCE, topic=topic, group=settings.kafka_group, servers=servers)
@@ -229,5 +243,10 @@ async def retry(settings: Settings, letters: Sequence[DeadLetter]) -> BatchRepor
     transaction as the outcome (indexed, or a new dead letter)."""
     records = [retry_record(d) for d in letters]
     roots = sorted({root for r in records if (root := folder.root_of(r)) is not None})
-    async with open_indexer(settings, roots=roots, compaction=False) as indexer:
-        return await indexer.pipeline.write(records)
+    with ExitStack() as locks:  # the writer lock of every source these letters belong to
+        for root in roots:
+            locks.enter_context(folder_lock(settings, root))
+        if any(r.source == kafka.SOURCE for r in records):
+            locks.enter_context(kafka_lock(settings))
+        async with open_indexer(settings, roots=roots, compaction=False) as indexer:
+            return await indexer.pipeline.write(records)

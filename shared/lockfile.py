@@ -1,17 +1,19 @@
-"""One writer per data directory: a lock file that names its holder.
+"""Writer locks: lock files that name their holder.
 
-    <data dir>/writer.lock   {"pid": 4242, "command": "clipdex watch /srv/images", "since": 1767...,
-                              "host": "box", "retries": ["folder:images/"]}
+    <data dir>/writer-folder-<digest of the folder's path>.lock, <data dir>/writer-kafka.lock
+        {"pid": 4242, "command": "clipdex watch /srv/images", "since": 1767..., "host": "box",
+         "what": "the folder /srv/images", "retries": ["folder:images/"]}
 
 `hold(path)` takes an exclusive `flock` on the file, then writes who holds it. The kernel releases the
 lock when the holder's process ends, however it ends: a holder killed with SIGKILL leaves its file
 behind, but blocks nobody (the next writer takes the lock and writes itself in). A second process that
-asks fails at once with `WriterBusy`, whose message names the holder.
+asks fails at once with `WriterBusy`, whose message names the holder. (`shared.stores` decides what a
+lock covers: one per source of items.)
 
-Within one process the lock is counted, not taken twice (`clipdex run` holds it for its whole life and
-its indexer asks again): one writer *process* per data directory, whose writes its pipeline serialises.
-`holder(path)` tells another process who writes now, without taking the lock (`clipdex dlq retry` hands
-its dead letters to the running indexer instead of writing beside it).
+Within one process a lock is counted, not taken twice (`clipdex run` holds its folder's for its whole
+life and its indexer asks again). `holders(dir)` tells another process who writes now, without taking
+any lock (`clipdex status`; `clipdex dlq retry` hands dead letters to the running indexer of their items
+instead of writing beside it).
 
 `flock` works on local file systems; on NFS, Linux emulates it with POSIX byte-range locks, which need a
 working lock daemon. Keep a data directory on a local disk.
@@ -39,17 +41,18 @@ from shared.errors import WriterBusy
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = "writer.lock"
+PREFIX = "writer-"
 
 
 @dataclass(frozen=True)
 class Holder:
-    """Who writes to a data directory."""
+    """Who holds a writer lock, and over what."""
 
     pid: int
     command: str
     since: float
     host: str = ""
+    what: str = ""  # what the lock covers, for people: "the folder /srv/images", "Kafka items"
     retries: tuple[str, ...] = ()  # item id prefixes whose due dead letters it retries on its own
 
     def describe(self) -> str:
@@ -70,6 +73,7 @@ class Holder:
                 command=str(data.get("command") or "?"),
                 since=float(data.get("since") or 0.0),
                 host=str(data.get("host") or ""),
+                what=str(data.get("what") or ""),
                 retries=tuple(str(p) for p in data.get("retries") or ()),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -98,9 +102,10 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 @contextmanager
-def hold(path: Path, *, command: str | None = None) -> Iterator[Holder]:
-    """Hold the lock file at `path` for the block; WriterBusy at once when another process holds it."""
-    key = _acquire(path, command)
+def hold(path: Path, *, what: str = "", command: str | None = None) -> Iterator[Holder]:
+    """Hold the lock file at `path` (`what` it covers, for messages) for the block; WriterBusy at once,
+    naming the holder, when another process holds it."""
+    key = _acquire(path, what, command)
     try:
         yield _held[key].holder
     finally:
@@ -116,6 +121,12 @@ def announce_retries(path: Path, prefixes: Sequence[str]) -> None:
         held.extra_retries.extend(p for p in prefixes if p not in held.extra_retries)
         held.holder = Holder(**{**held.holder.__dict__, "retries": tuple(held.extra_retries)})
         _write(held.file, held.holder)
+
+
+def holders(directory: Path) -> list[Holder]:
+    """Every process that holds one of the writer locks in `directory` now (this one included)."""
+    found = [holder(path) for path in sorted(directory.glob(f"{PREFIX}*.lock"))]
+    return [h for h in found if h is not None]
 
 
 def holder(path: Path) -> Holder | None:
@@ -137,7 +148,7 @@ def holder(path: Path) -> Holder | None:
         return None
 
 
-def _acquire(path: Path, command: str | None) -> str:
+def _acquire(path: Path, what: str, command: str | None) -> str:
     key = _key(path)
     with _guard:
         held = _held.get(key)
@@ -151,11 +162,13 @@ def _acquire(path: Path, command: str | None) -> str:
         except BlockingIOError:
             other = _read_holder(file)
             file.close()
-            raise WriterBusy(_busy_message(path.parent, other)) from None
+            raise WriterBusy(_busy_message(path.parent, what, other)) from None
         except BaseException:
             file.close()
             raise
-        me = Holder(pid=os.getpid(), command=command or command_line(), since=time.time(), host=socket.gethostname())
+        me = Holder(
+            pid=os.getpid(), command=command or command_line(), since=time.time(), host=socket.gethostname(), what=what
+        )
         _write(file, me)
         _held[key] = _Held(file, me, count=1)
         logger.debug("holding %s", path)
@@ -199,6 +212,7 @@ def _write(file: IO[str], who: Holder) -> None:
         "command": who.command,
         "since": who.since,
         "host": who.host,
+        "what": who.what,
         "retries": list(who.retries),
     }
     file.write(json.dumps(data))
@@ -216,11 +230,12 @@ def _read_holder(file: IO[str]) -> Holder | None:
     return None
 
 
-def _busy_message(data_dir: Path, other: Holder | None) -> str:
+def _busy_message(data_dir: Path, what: str, other: Holder | None) -> str:
     who = other.describe() if other is not None else "another process (it has not said which yet)"
     return (
-        f"another clipdex process is writing to {data_dir}: {who}. One writer per data directory: stop it "
-        "first, or use another CLIPDEX_DATA_DIR. Beside it you can search (`clipdex serve`, `clipdex mcp`), "
-        "read `clipdex status` and `clipdex dlq list`, run `clipdex compact`, and `clipdex dlq retry` "
-        "(the running indexer does the retry)."
+        f"another clipdex process is already indexing {what or 'this source'} into {data_dir}: {who}. "
+        "One writer per source of items: stop it first, or let it do the work. Beside it you can index "
+        "another folder or Kafka into the same store, search (`clipdex serve`, `clipdex mcp`), read "
+        "`clipdex status` and `clipdex dlq list`, run `clipdex compact`, and `clipdex dlq retry` (the "
+        "running indexer retries its own items)."
     )

@@ -98,7 +98,8 @@ class StoredState:
 
 
 class Writer(Protocol):
-    """The indexer's door to the store: one writer per store at a time."""
+    """The indexer's door to the store. One writer per source of items at a time (`shared.stores`);
+    writers of different sources may share a store, since their item ids never collide."""
 
     def bind_model(self, identity: ModelIdentity) -> None:
         """Record the model on first use; raise ModelMismatchError for any other model afterwards."""

@@ -8,18 +8,22 @@ Writers and readers are bound to a model identity: the first one records it, and
 another model is refused (ModelMismatchError). A process that both indexes and serves (`clipdex run`)
 opens one of each on one model. Callers keep the role they need, never the backend's class.
 
-One writer process per data directory (the SQLite backend): `open_writer` holds `<data dir>/writer.lock`
-(`shared.lockfile`) until it is closed, and a second writer gets WriterBusy naming the holder. Commands
-take it before loading a model (`writer_lock`), so a refusal is immediate. `clipdex compact` opens a
-writer that does not hold it (`exclusive=False`): its only store write, a new index generation, is
-serialised with the indexer's own compactions by the compaction lock.
+Writers: one process per source of items (each watched folder, Kafka), each holding its source's
+writer lock (`writer_lock`, a file in the data directory, `shared.lockfile`) for as long as it runs; a
+second writer of the same source gets WriterBusy naming the first, at once, before it loads a model.
+Writers of different sources may share a store: their items never share an id (`kafka:...`,
+`folder:<name>/...`), each write is one transaction, versions are checked inside it, and each retries
+only its own dead letters. `clipdex compact` holds no writer lock: its only store write, a new index
+generation, is serialised with the indexers' own compactions by the compaction lock.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared import lockfile
 from shared.config import Settings
@@ -64,35 +68,40 @@ class ReadSide:
         self.close()
 
 
-def open_writer(settings: Settings, identity: ModelIdentity | None, *, exclusive: bool = True) -> WriteSide:
-    """The store of an indexer, bound to its model, holding the data directory's writer lock until it is
-    closed (WriterBusy: another process writes). `identity=None`: bind nothing yet (the caller binds
-    once its model is loaded, or is a command that loads none). `exclusive=False`: no writer lock
-    (`clipdex compact` beside a running indexer)."""
-    with ExitStack() as undo:
-        if exclusive:
-            undo.enter_context(writer_lock(settings))
-        store = undo.enter_context(_sqlite(settings))
+def open_writer(settings: Settings, identity: ModelIdentity | None) -> WriteSide:
+    """The store of an indexer, bound to its model. `identity=None`: bind nothing yet (the caller binds
+    once its model is loaded, or is a command that loads none). The caller holds the writer lock of
+    the source it writes (`writer_lock`)."""
+    store = _sqlite(settings)
+    try:
         if identity is not None:
             store.bind_model(identity)
-        release = undo.pop_all()
-    return WriteSide(store, store, store, release.close)
+    except BaseException:
+        store.close()
+        raise
+    return WriteSide(store, store, store, store.close)
 
 
-def writer_lock(settings: Settings) -> AbstractContextManager[Holder]:
-    """Hold the data directory's writer lock for a block (counted within a process: `open_writer` in
-    the block holds the same one). WriterBusy at once, naming the holder, when another process holds it."""
-    return lockfile.hold(settings.data_dir / lockfile.LOCK_NAME)
+def writer_lock(settings: Settings, source: str, scope: str = "", *, what: str = "") -> AbstractContextManager[Holder]:
+    """Hold the writer lock of one source of items in this store (`source` "folder" with the folder's
+    absolute path as `scope`, or "kafka") for a block; counted within a process. WriterBusy at once,
+    naming the holder, when another process holds it. `what`: the source, for people."""
+    return lockfile.hold(_lock_path(settings, source, scope), what=what or f"{source} {scope}".strip())
 
 
-def writer_holder(settings: Settings) -> Holder | None:
-    """The process that writes to the store now (this one included), or None."""
-    return lockfile.holder(settings.data_dir / lockfile.LOCK_NAME)
+def writers(settings: Settings) -> list[Holder]:
+    """The processes that write to the store now, one per source (this one included)."""
+    return lockfile.holders(settings.data_dir) if settings.data_dir.is_dir() else []
 
 
-def announce_retries(settings: Settings, prefixes: Sequence[str]) -> None:
+def announce_retries(settings: Settings, source: str, scope: str, prefixes: Sequence[str]) -> None:
     """Tell other processes (`clipdex dlq retry`) which item ids' dead letters this writer retries."""
-    lockfile.announce_retries(settings.data_dir / lockfile.LOCK_NAME, prefixes)
+    lockfile.announce_retries(_lock_path(settings, source, scope), prefixes)
+
+
+def _lock_path(settings: Settings, source: str, scope: str) -> Path:
+    tag = f"-{hashlib.sha256(scope.encode()).hexdigest()[:16]}" if scope else ""
+    return settings.data_dir / f"{lockfile.PREFIX}{source}{tag}.lock"
 
 
 def open_reader(settings: Settings, identity: ModelIdentity) -> ReadSide:

@@ -187,7 +187,7 @@ def cli(
     return code, out, ""
 
 
-def test_one_writer_per_data_directory_and_a_killed_writer_blocks_no_restart(
+def test_one_writer_per_source_beside_others_and_a_killed_writer_blocks_no_restart(
     watch_process: tuple[subprocess.Popen[str], list[str], threading.Thread],
     folder: Path,
     tmp_path: Path,
@@ -197,19 +197,22 @@ def test_one_writer_per_data_directory_and_a_killed_writer_blocks_no_restart(
     proc, lines, _ = watch_process
     data = tmp_path / "data"
     wait_for_line(lines, "the files found at start are indexed")
-    other = tmp_path / "other"
-    write_folder(other, 1, seed=5, size=(64, 64))
 
-    for argv in (("watch", str(other)), ("index", str(folder))):
+    for argv in (("watch", str(folder)), ("index", str(folder))):  # the same folder: refused at once
         code, _, err = cli(data, monkeypatch, capsys, *argv)
         assert code == 2, err
-        assert f"another clipdex process is writing to {data}: pid {proc.pid}" in err
-        assert f"`clipdex watch {folder}`" in err and "stop it first" in err
+        assert f"another clipdex process is already indexing the folder {folder} into {data}" in err
+        assert f"pid {proc.pid} (`clipdex watch {folder}`)" in err and "stop it first" in err
 
-    code, out, _ = cli(data, monkeypatch, capsys, "compact")  # beside it: the two take turns
-    assert code == 0 and "compacted: main generation 1" in out
+    other = tmp_path / "other"  # another folder into the same store: beside it
+    write_folder(other, 1, seed=5, size=(64, 64))
+    code, out, err = cli(data, monkeypatch, capsys, "index", "--no-progress", str(other))
+    assert code == 0 and "indexed 1" in out, err
+    code, out, _ = cli(data, monkeypatch, capsys, "compact")  # the two take turns
+    assert code == 0 and "compacted: main generation" in out
     code, out, _ = cli(data, monkeypatch, capsys, "status", "--json")
-    assert json.loads(out)["writer"]["pid"] == proc.pid
+    (writer,) = json.loads(out)["writers"]
+    assert (writer["pid"], writer["writes"]) == (proc.pid, f"the folder {folder}")
 
     code, out, _ = cli(data, monkeypatch, capsys, "dlq", "list", "--json")
     (letter,) = json.loads(out)
@@ -220,11 +223,11 @@ def test_one_writer_per_data_directory_and_a_killed_writer_blocks_no_restart(
         None,
     )
     code, out, _ = cli(data, monkeypatch, capsys, "dlq", "retry", "--all")  # handed to the running watcher
-    assert code == 0 and f"pid {proc.pid}" in out and "It retries 1 of these 1 dead letters" in out
+    assert code == 0 and f"1 dead letters of the folder {folder} are retried" in out and f"pid {proc.pid}" in out
     deadline = time.monotonic() + 60
     while True:  # the watcher retries it (the file is still broken, so it fails again: attempt 2)
-        code, out, _ = cli(data, monkeypatch, capsys, "dlq", "list", "--json")
-        if [d["attempts"] for d in json.loads(out)] == [2]:
+        code, out, _ = cli(data, monkeypatch, capsys, "dlq", "list")
+        if "attempt 2, 1 fetch, permanent" in out:
             break
         assert time.monotonic() < deadline, out
         time.sleep(0.2)
@@ -232,7 +235,7 @@ def test_one_writer_per_data_directory_and_a_killed_writer_blocks_no_restart(
 
     proc.kill()  # SIGKILL: no chance to clean up; its lock file stays behind
     proc.wait(timeout=30)
-    assert (data / "writer.lock").exists()
-    code, out, err = cli(data, monkeypatch, capsys, "index", "--no-progress", str(other))
+    assert list(data.glob("writer-folder-*.lock"))
+    code, out, err = cli(data, monkeypatch, capsys, "index", "--no-progress", str(folder))
     assert code == 0, err
-    assert "indexed 1" in out
+    assert "unchanged 5" in out

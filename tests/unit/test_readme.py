@@ -362,7 +362,7 @@ def test_the_limits_table_states_the_limits_in_the_code() -> None:
 
 def test_the_limits_table_states_the_retry_policy_the_writer_lock_and_the_store_failure_as_coded() -> None:
     from indexer.redeliver import MAX_DELAY_S
-    from shared.lockfile import LOCK_NAME
+    from shared.lockfile import PREFIX
     from tools.http_api import STORE_RETRY_AFTER_S
     from tools.redaction import STORE_UNAVAILABLE
 
@@ -373,5 +373,5 @@ def test_the_limits_table_states_the_retry_policy_the_writer_lock_and_the_store_
     retries, delay = defaults["dlq_retries"].default, defaults["dlq_retry_delay_s"].default
     assert f"{retries} more attempts, the first after {delay:.0f} s" in section
     assert f"at most {MAX_DELAY_S // 3600} hours" in section
-    assert f"`<data dir>/{LOCK_NAME}`" in section
+    assert f"`<data dir>/{PREFIX}folder-<digest>.lock`, `{PREFIX}kafka.lock`" in section
     assert f"503 `{STORE_UNAVAILABLE}` with `Retry-After: {STORE_RETRY_AFTER_S}`" in section

@@ -25,7 +25,7 @@ HOLDER = """
     from pathlib import Path
     from shared import lockfile
 
-    with lockfile.hold(Path(sys.argv[1]), command="clipdex watch /srv/images"):
+    with lockfile.hold(Path(sys.argv[1]), what="the folder /srv/images", command="clipdex watch /srv/images"):
         lockfile.announce_retries(Path(sys.argv[1]), ["folder:images/"])
         print("holding", flush=True)
         time.sleep(120)
@@ -35,7 +35,7 @@ HOLDER = """
 @pytest.fixture
 def holder_process(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(HOLDER), str(tmp_path / "data" / "writer.lock")],
+        [sys.executable, "-c", textwrap.dedent(HOLDER), str(tmp_path / "data" / "writer-folder-x.lock")],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
         text=True,
@@ -51,22 +51,23 @@ def holder_process(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
 def test_a_second_writer_is_refused_at_once_naming_the_holder(
     tmp_path: Path, holder_process: subprocess.Popen[str]
 ) -> None:
-    path = tmp_path / "data" / "writer.lock"
+    path = tmp_path / "data" / "writer-folder-x.lock"
     started = time.monotonic()
-    with pytest.raises(WriterBusy) as refused, lockfile.hold(path):
+    with pytest.raises(WriterBusy) as refused, lockfile.hold(path, what="the folder /srv/images"):
         pass
     assert time.monotonic() - started < 5, "refused at once, not after waiting for the holder"
     message = str(refused.value)
-    for part in (f"pid {holder_process.pid}", "`clipdex watch /srv/images`", "since 20", str(tmp_path / "data")):
+    assert message.startswith(f"another clipdex process is already indexing the folder /srv/images into {path.parent}")
+    for part in (f"pid {holder_process.pid}", "`clipdex watch /srv/images`", "since 20", "stop it first"):
         assert part in message, message
-    assert "stop it first" in message and "CLIPDEX_DATA_DIR" in message
     seen = lockfile.holder(path)
     assert seen is not None and seen.pid == holder_process.pid and seen.retries == ("folder:images/",)
+    assert lockfile.holders(path.parent) == [seen]
     assert seen.takes("folder:images/a.jpg") and not seen.takes("kafka:a") and not seen.takes(None)
 
 
 def test_a_holder_killed_with_sigkill_blocks_no_one(tmp_path: Path, holder_process: subprocess.Popen[str]) -> None:
-    path = tmp_path / "data" / "writer.lock"
+    path = tmp_path / "data" / "writer-folder-x.lock"
     os.kill(holder_process.pid, signal.SIGKILL)
     holder_process.wait(timeout=10)
     assert path.exists() and str(holder_process.pid) in path.read_text()  # the file stays behind
@@ -78,7 +79,7 @@ def test_a_holder_killed_with_sigkill_blocks_no_one(tmp_path: Path, holder_proce
 
 
 def test_within_one_process_the_lock_is_counted_not_taken_twice(tmp_path: Path) -> None:
-    path = tmp_path / "writer.lock"
+    path = tmp_path / "writer-folder-x.lock"
     with lockfile.hold(path) as outer:
         with lockfile.hold(path) as inner:  # `clipdex run`: the command, then its indexer
             assert inner == outer
@@ -105,7 +106,7 @@ def test_the_command_is_shown_as_people_typed_it() -> None:
 
 
 def test_a_damaged_lock_file_is_no_holder_and_is_overwritten(tmp_path: Path) -> None:
-    path = tmp_path / "writer.lock"
+    path = tmp_path / "writer-folder-x.lock"
     path.write_text("{not json")
     assert lockfile.holder(path) is None
     with lockfile.hold(path):
