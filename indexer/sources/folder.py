@@ -498,7 +498,9 @@ class FolderSource:
         files = scan(self.root)
         found = reconcile(self.folder, files, self.catalog.items(source=SOURCE), self.catalog.folders())
         if found.renames:
-            renamed = self.rename(found.renames)
+            # in chunks: another source's indexer may be waiting to write (SQLite takes writes in turn)
+            pairs = sorted(found.renames.items())
+            renamed = sum(self.rename(dict(pairs[i : i + 5000])) for i in range(0, len(pairs), 5000))
             logger.info(
                 "%s: %d items from before folder names now have ids %s... (their vectors are kept)",
                 self.root,
