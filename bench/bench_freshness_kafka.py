@@ -60,6 +60,9 @@ def model_env(args: argparse.Namespace, data: Path, images: Path) -> dict[str, s
     )
     if args.model == "clipdex-tiny":
         env["CLIPDEX_MODEL_CONFIGS"] = str(TINY_CONFIGS)
+    for name in ("runtime", "precision", "model_cache_dir"):
+        if getattr(args, name, None):
+            env[f"CLIPDEX_{name.upper()}"] = str(getattr(args, name))
     return env
 
 
@@ -247,6 +250,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="events per second")
     parser.add_argument("--size", type=int, default=256, help="image side, pixels")
     parser.add_argument("--model", default="clipdex-tiny")
+    parser.add_argument("--runtime", default=None, help="CLIPDEX_RUNTIME of the indexer (default: auto)")
+    parser.add_argument("--precision", default=None, help="CLIPDEX_PRECISION of the indexer")
+    parser.add_argument("--model-cache-dir", default=None, help="CLIPDEX_MODEL_CACHE_DIR (ONNX exports)")
     parser.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting tansu")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()

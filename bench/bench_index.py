@@ -15,7 +15,12 @@ then hits both sides of a ratio alike). The ratios reported are medians over the
   durable rows. Its throughput counts the scan and the writes, not the bench's own measurements between
   them. Model loading is excluded from every figure.
 
-Targets: clipdex index >= 0.85 x encode only, and >= 1.8 x the seed loop. Not part of the test run.
+With `--runtime onnx --precision int8` the indexer and "encode only" run on ONNX Runtime, and the bench
+also measures torch fp32 alone on the same batches ("torch encode only"; the seed loop always runs on
+torch fp32, as the seed did), so the runtime's gain is a ratio between neighbours in time too.
+
+Targets: clipdex index >= 0.85 x encode only, and >= 1.8 x the seed loop; with ONNX int8, >= 1.5 x torch
+and >= 2.5 x the seed loop. Not part of the test run.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ def make_settings(data_dir: Path, root: Path, args: argparse.Namespace) -> Setti
         pretrained="none",
         model_configs=TINY_CONFIGS if args.model == "clipdex-tiny" else None,
         device=args.device,
+        runtime=args.runtime,
+        precision=args.precision,
+        model_cache_dir=args.cache_dir,
         allowed_roots=[str(root)],
         batch_size=args.batch_size,
     )
@@ -95,9 +103,17 @@ def seed_loop(embedder: Embedder, paths: list[Path]) -> float:
 class Interleaved:
     """The pipeline as a sink, with the model alone and the seed loop measured just before each batch."""
 
-    def __init__(self, pipeline: Pipeline, embedder: Embedder, tensors: list[torch.Tensor], seed_paths: list[Path]):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        embedder: Embedder,
+        tensors: list[torch.Tensor],
+        seed_paths: list[Path],
+        torch_embedder: Embedder,
+    ):
         self.pipeline = pipeline
         self.embedder = embedder
+        self.torch_embedder = torch_embedder  # the baseline: torch fp32, as the seed ran
         self.tensors = tensors
         self.seed_paths = seed_paths
         self.rows: list[dict[str, float]] = []
@@ -106,23 +122,39 @@ class Interleaved:
     async def write(self, records: Sequence[Record]) -> BatchReport:
         started = time.perf_counter()
         encode = encode_only(self.embedder, self.tensors, len(self.tensors))
-        seed = seed_loop(self.embedder, self.seed_paths)
+        torch_encode = encode
+        if self.torch_embedder is not self.embedder:
+            torch_encode = encode_only(self.torch_embedder, self.tensors, len(self.tensors))
+        seed = seed_loop(self.torch_embedder, self.seed_paths)
         self.measuring_s += time.perf_counter() - started
         started = time.perf_counter()
         report = await self.pipeline.write(records)
         index = len(records) / (time.perf_counter() - started)
-        self.rows.append({"records": len(records), "encode_only": encode, "seed_loop": seed, "clipdex_index": index})
+        self.rows.append(
+            {
+                "records": len(records),
+                "encode_only": encode,
+                "torch_encode_only": torch_encode,
+                "seed_loop": seed,
+                "clipdex_index": index,
+            }
+        )
         return report
 
 
 async def clipdex_index(
-    embedder: Embedder, settings: Settings, root: Path, tensors: list[torch.Tensor], seed_paths: list[Path]
+    embedder: Embedder,
+    settings: Settings,
+    root: Path,
+    tensors: list[torch.Tensor],
+    seed_paths: list[Path],
+    torch_embedder: Embedder,
 ) -> dict[str, Any]:
     with SqliteStore(settings.db_path, vector_dtype=settings.vector_dtype) as store:
         store.bind_model(embedder.identity)
         pipeline = Pipeline.from_settings(store, embedder, settings, roots=[root])
         try:
-            sink = Interleaved(pipeline, embedder, tensors, seed_paths)
+            sink = Interleaved(pipeline, embedder, tensors, seed_paths, torch_embedder)
             folder = Folder(root, store.register_folder(str(root)))
             summary = await FolderSource.from_settings(folder, sink, store, store.rename_items, settings).index_once()
         finally:
@@ -140,31 +172,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = make_settings(data, root, args)
     embedder = Embedder.from_settings(settings)
     embedder.load()
+    torch_embedder = embedder
+    if (embedder.runtime, embedder.precision) != ("torch", "fp32") and args.device == "cpu":
+        torch_embedder = Embedder.from_settings(settings.model_copy(update={"runtime": "torch", "precision": "fp32"}))
+        torch_embedder.load()
 
     sample = paths[: args.batch_size]
     tensors = [embedder.preprocess(decode_image(p.read_bytes(), max_pixels=settings.max_pixels)) for p in sample]
     encode_only(embedder, tensors[:8], 8)  # warm up: the first calls allocate
+    encode_only(torch_embedder, tensors[:8], 8)
     runs = []
     for _ in range(args.rounds):
         shutil.rmtree(data, ignore_errors=True)
-        runs.append(asyncio.run(clipdex_index(embedder, settings, root, tensors, paths[-args.seed_images :])))
+        seed_paths = paths[-args.seed_images :]
+        runs.append(asyncio.run(clipdex_index(embedder, settings, root, tensors, seed_paths, torch_embedder)))
     full = [row for r in runs for row in r["batches"] if row["records"] == args.batch_size]
     rows = full or [row for r in runs for row in r["batches"]]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "device": str(embedder.device),
-        "model": f"{args.model} (random weights), {embedder.dtype}",
+        "model": f"{args.model} (random weights), {embedder.runtime} {embedder.precision}",
         "images": f"{len(paths)} JPEGs {args.width}x{args.height}",
         "batch_size": args.batch_size,
         "clipdex_index_img_s": round(max(r["img_s"] for r in runs), 2),
         "encode_only_img_s": round(statistics.median(r["encode_only"] for r in rows), 2),
+        "torch_fp32_encode_only_img_s": round(statistics.median(r["torch_encode_only"] for r in rows), 2),
         "seed_loop_img_s": round(statistics.median(r["seed_loop"] for r in rows), 2),
+        "ratio_to_torch_encode_only": round(
+            statistics.median(r["clipdex_index"] / r["torch_encode_only"] for r in rows), 2
+        ),
         "ratio_to_encode_only": round(statistics.median(r["clipdex_index"] / r["encode_only"] for r in rows), 3),
         "ratio_to_seed_loop": round(statistics.median(r["clipdex_index"] / r["seed_loop"] for r in rows), 2),
         "batches": [{k: round(v, 2) for k, v in row.items()} for row in rows],
         "load_average": os.getloadavg()[0],
     }
     embedder.close()
+    torch_embedder.close()
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -175,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="24 images, the tiny test model: a smoke run")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--runtime", default="torch", choices=["auto", "torch", "onnx"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"])
+    parser.add_argument("--cache-dir", default=None, help="CLIPDEX_MODEL_CACHE_DIR (ONNX exports)")
     parser.add_argument("--images", type=int, default=192, help="a multiple of the batch size")
     parser.add_argument("--seed-images", type=int, default=8, help="images in each one-at-a-time measurement")
     parser.add_argument("--batch-size", type=int, default=64)

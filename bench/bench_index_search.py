@@ -2,7 +2,7 @@
 
 N synthetic 512-d unit vectors (bench/vectors.py: faiss's SyntheticDataset, normalised, by default; or
 --dataset clip-like, a clustered Gaussian mixture on the sphere; never uniform noise) are written to a
-real SQLite store and compacted into a main index of each kind with `shared.index.compact`; a
+real SQLite store and compacted into a main index of each kind with `indexer.compaction.compact`; a
 `LiveIndex` loads it from disk as a query process would, and answers one query at a time. Recall@10 is
 measured against exact search (faiss IndexFlatIP, all threads) over the same vectors; queries come from
 the same distribution but are not in the base.

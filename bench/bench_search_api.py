@@ -106,8 +106,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SERVER_PIDS: dict[str, int] = {}  # url -> pid of each running server, for memory figures
+
+
 @contextmanager
-def server(data_dir: Path, port: int, log: Path) -> Iterator[str]:
+def server(data_dir: Path, port: int, log: Path, **settings: str) -> Iterator[str]:
+    """A `clipdex serve` process on ViT-B-32 (random weights); `settings` are extra CLIPDEX_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")}
     env.update(
         CLIPDEX_DATA_DIR=str(data_dir),
@@ -118,6 +122,7 @@ def server(data_dir: Path, port: int, log: Path) -> Iterator[str]:
         HF_HUB_OFFLINE="1",
     )
     # `python -m clipdex`: the code on PYTHONPATH, whichever clipdex the environment's script was installed from
+    env.update(settings)
     command = [sys.executable, "-m", "clipdex", "serve", "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
@@ -135,6 +140,7 @@ def server(data_dir: Path, port: int, log: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise SystemExit("clipdex serve did not start")
             time.sleep(0.2)
+        SERVER_PIDS[url] = proc.pid
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -1,17 +1,32 @@
 """The CLIP embedder: any open_clip model, images and texts in, L2-normalised float32 vectors out.
 
+    open_clip factory ─▶ torch model (CPU, fp32) ─▶ weights checksum (the identity)
+        runtime torch: the model itself, on CUDA (fp16 by default) or the CPU
+        runtime onnx:  onnx_export.exported_towers (cached) ─▶ onnx_towers.OnnxTowers; the torch copy is freed
+
 Loading goes through open_clip's own factory, so a hub tag (what users get by default: ViT-B-32
 laion2b_s34b_b79k), a local checkpoint, or a config registered from CLIPDEX_MODEL_CONFIGS all work the same.
 The model loads lazily on first use and is released with `close()`.
 
-Text encoding trims the padding after the end-of-text token before the transformer: with CLIP's causal
-mask no position attends to a later one, so the pooled end-of-text feature is identical and the
-transformer runs on ~8 tokens instead of 77.
+Both runtimes run the same tower modules (shared/towers.py). Text encoding trims the padding after the
+end-of-text token before the transformer: with CLIP's causal mask no position attends to a later one, so
+the pooled end-of-text feature is identical and the transformer runs on ~8 tokens instead of 77.
+
+Identity: the runtime and the precision are not part of a model's identity. fp32 on ONNX Runtime is torch's
+fp32 to within 1e-6; fp16 (CUDA) and int8 (ONNX Runtime, dynamic quantisation of the linear layers) are
+approximations of the same space (cosine >= 0.99 per vector), whose vectors mix in one store and whose
+queries search a store written at another precision with the same retrieval quality (tests/integration/
+test_onnx_shapes.py measures it on the shapes model). So a store built on a GPU in fp16 is searched by a
+CPU server in int8, and switching CLIPDEX_RUNTIME or CLIPDEX_PRECISION never needs a re-index.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
+import importlib.util
 import logging
 import threading
 from collections import OrderedDict
@@ -26,7 +41,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from shared.config import Settings
-from shared.errors import CheckpointNotFound, ModelDownloadError, UnknownModelError
+from shared.errors import CheckpointNotFound, ConfigError, ModelDownloadError, ModelExportError, UnknownModelError
+from shared.onnx_export import Tower
+from shared.towers import ImageTower, TextTower, Trim
 from shared.types import Embedding, ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -41,9 +58,10 @@ class ModelSpec:
     pretrained: str | None  # None: random weights
     configs_dir: Path | None
     device: str  # auto | cpu | cuda
-    precision: str  # auto | fp32 | fp16 | bf16
+    precision: str  # auto | fp32 | fp16 | bf16 | int8
     cache_dir: Path | None = None
     query_cache_size: int = 1024
+    runtime: str = "auto"  # auto | torch | onnx
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
@@ -55,13 +73,24 @@ class ModelSpec:
             precision=settings.precision,
             cache_dir=settings.model_cache_dir,
             query_cache_size=settings.query_cache_size,
+            runtime=settings.runtime,
         )
+
+    @property
+    def export_dir(self) -> Path:
+        """Where ONNX exports are cached: beside the downloaded weights when CLIPDEX_MODEL_CACHE_DIR is set."""
+        root = self.cache_dir if self.cache_dir is not None else Path.home() / ".cache" / "clipdex"
+        return root.expanduser() / "onnx"
 
 
 @dataclass(frozen=True)
 class TextEmbedding:
     vector: Embedding  # [dim]
     truncated: bool  # the text was longer than the model's context and was cut
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -73,13 +102,40 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+def resolve_runtime(requested: str, device: torch.device) -> str:
+    """`auto`: ONNX Runtime on the CPU when it is installed, torch on CUDA."""
+    if requested == "onnx":
+        if device.type != "cpu":
+            raise ConfigError("CLIPDEX_RUNTIME=onnx runs on the CPU: set CLIPDEX_DEVICE=cpu (or auto)")
+        if not onnxruntime_installed():
+            raise ConfigError("CLIPDEX_RUNTIME=onnx needs the onnxruntime package (pip install onnxruntime)")
+        return "onnx"
+    if requested == "torch":
+        return "torch"
+    return "onnx" if device.type == "cpu" and onnxruntime_installed() else "torch"
+
+
+def resolve_precision(precision: str, device: torch.device, runtime: str) -> str:
+    """The precision that runs: fp32 | fp16 | bf16 | int8."""
+    if runtime == "onnx":
+        if precision in ("fp16", "bf16"):
+            logger.warning("ONNX Runtime on the CPU runs fp32 or int8, not %s; using fp32", precision)
+            return "fp32"
+        return "int8" if precision == "int8" else "fp32"
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "int8":
+        if device.type == "cpu":
+            raise ConfigError("CLIPDEX_PRECISION=int8 runs on ONNX Runtime: set CLIPDEX_RUNTIME=onnx (or auto)")
+        logger.warning("int8 is a CPU precision (ONNX Runtime); using fp16 on CUDA")
+        return "fp16"
     if device.type == "cpu" and precision == "fp16":
         logger.warning("fp16 is slow or unsupported on the CPU; using fp32")
-        return torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        return "fp32"
+    return precision
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 def register_model_configs(configs_dir: Path | None) -> None:
@@ -103,19 +159,27 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 
 class Embedder:
-    """Thread-safe after `load()`; encoding runs under torch.inference_mode."""
+    """Thread-safe after `load()`; torch encoding runs under torch.inference_mode."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._lock = threading.Lock()
-        self._model: Any = None
+        self._model: Any = None  # the torch model (runtime torch only)
+        self._onnx: Any = None  # OnnxTowers (runtime onnx only)
+        self._image: ImageTower | None = None
+        self._text: TextTower | None = None
+        self._trim: Trim | None = None
+        self._image_size: tuple[int, int] = (0, 0)
         self._preprocess: Callable[[Image.Image], torch.Tensor] | None = None
         self._tokenizer: Any = None
         self._identity: ModelIdentity | None = None
         self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.device = resolve_device(spec.device)
-        self.dtype = resolve_dtype(spec.precision, self.device)
+        device = torch.device("cpu") if spec.runtime == "onnx" and spec.device == "auto" else None
+        self.device = device or resolve_device(spec.device)
+        self.runtime = resolve_runtime(spec.runtime, self.device)
+        self.precision = resolve_precision(spec.precision, self.device, self.runtime)
+        self.dtype = _TORCH_DTYPES[self.precision]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
@@ -123,9 +187,13 @@ class Embedder:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None or self._onnx is not None
+
     def load(self) -> None:
         with self._lock:
-            if self._model is None:
+            if not self.loaded:
                 self._load()
 
     def _load(self) -> None:
@@ -141,6 +209,34 @@ class Embedder:
             )
         pretrained = self._check_pretrained(spec)
         logger.info("loading CLIP model %s (%s) on %s", spec.name, pretrained or "random weights", self.device)
+        model, preprocess = self._create_model(pretrained)
+        checksum = weights_checksum(model)
+        dim = int(model.text_projection.shape[-1]) if _has_text_projection(model) else _probe_dim(model)
+        size = model.visual.image_size
+        self._image_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self._preprocess = preprocess
+        self._tokenizer = open_clip.get_tokenizer(spec.name)
+        self._trim = TextTower(model).trim
+        if self.runtime == "onnx":
+            paths = self._export(model, checksum)
+            if paths is not None:
+                del model  # before the sessions load: the peak holds one copy of the weights, not two
+                _release_memory()
+                # rare: ONNX Runtime cannot load the export, and auto falls back to a fresh torch model
+                model = None if self._open_sessions(paths) else self._create_model(pretrained)[0]
+        if self.runtime == "torch":
+            model = model.to(self.device, self.dtype)
+            self._image, self._text, self._model = ImageTower(model), TextTower(model), model
+        self._identity = ModelIdentity(spec.name, pretrained or "none", dim, checksum)
+        logger.info(
+            "model ready: dim=%d checksum=%s runtime=%s precision=%s", dim, checksum[:12], self.runtime, self.precision
+        )
+
+    def _create_model(self, pretrained: str | None) -> tuple[Any, Callable[[Image.Image], torch.Tensor]]:
+        """open_clip's model (CPU, fp32, eval mode) and its evaluation transform."""
+        import open_clip
+
+        spec = self.spec
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_RANDOM_SEED)
@@ -157,15 +253,38 @@ class Embedder:
                     "Offline? Download the checkpoint once and set CLIPDEX_PRETRAINED to its path."
                 ) from exc
             raise
-        model.eval()
-        checksum = weights_checksum(model)
-        model = model.to(self.device, self.dtype)
-        dim = int(model.text_projection.shape[-1]) if _has_text_projection(model) else _probe_dim(model)
-        self._model = model
-        self._preprocess = preprocess
-        self._tokenizer = open_clip.get_tokenizer(spec.name)
-        self._identity = ModelIdentity(spec.name, pretrained or "none", dim, checksum)
-        logger.info("model ready: dim=%d checksum=%s dtype=%s", dim, checksum[:12], self.dtype)
+        return model.eval(), preprocess
+
+    def _export(self, model: Any, checksum: str) -> dict[Tower, Path] | None:
+        """The ONNX files (cached, or exported now); None when `auto` falls back to torch."""
+        from shared.onnx_export import ExportKey, exported_towers
+
+        key = ExportKey(self.spec.name, checksum, "int8" if self.precision == "int8" else "fp32")
+        try:
+            return exported_towers(model, key, self.spec.export_dir)
+        except OSError as exc:
+            self._fall_back(ModelExportError(f"cannot write the ONNX export to {self.spec.export_dir}: {exc}"))
+        except ModelExportError as exc:
+            self._fall_back(exc)
+        return None
+
+    def _open_sessions(self, paths: dict[Tower, Path]) -> bool:
+        from shared.onnx_towers import OnnxTowers
+
+        try:
+            self._onnx = OnnxTowers(paths)
+        except ModelExportError as exc:
+            self._fall_back(exc)
+            return False
+        return True
+
+    def _fall_back(self, exc: ModelExportError) -> None:
+        """CLIPDEX_RUNTIME=onnx: raise. auto: say why, and run on torch."""
+        if self.spec.runtime == "onnx":
+            raise exc
+        logger.warning("%s; CLIPDEX_RUNTIME=auto falls back to torch", exc)
+        self.runtime, self.precision = "torch", resolve_precision(self.spec.precision, self.device, "torch")
+        self.dtype = _TORCH_DTYPES[self.precision]
 
     @staticmethod
     def _check_pretrained(spec: ModelSpec) -> str | None:
@@ -193,15 +312,17 @@ class Embedder:
 
     def close(self) -> None:
         with self._lock:
-            self._model = None
+            self._model = self._onnx = self._image = self._text = None
             self._cache.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     @property
     def model(self) -> Any:
+        """The torch model (runtime torch only: with ONNX Runtime the torch copy is freed after the export)."""
+        self.load()
         if self._model is None:
-            self.load()
+            raise RuntimeError(f"{self.spec.name} runs on ONNX Runtime: there is no torch model to return")
         return self._model
 
     @property
@@ -212,8 +333,8 @@ class Embedder:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.model.visual.image_size
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.load()
+        return self._image_size
 
     @property
     def context_length(self) -> int:
@@ -233,10 +354,13 @@ class Embedder:
         batch = images if isinstance(images, torch.Tensor) else torch.stack([self.preprocess(i) for i in images])
         if batch.shape[0] == 0:
             return np.zeros((0, self.identity.dim), np.float32)
+        self.load()
+        if self._onnx is not None:
+            return _normalised_np(self._onnx.encode_images(batch.numpy()))
+        assert self._image is not None
         with torch.inference_mode():
             pixels = batch.to(self.device, self.dtype, non_blocking=True)
-            features = self.model.encode_image(pixels)
-            return _normalised(features)
+            return _normalised(self._image(pixels))
 
     # -- texts -----------------------------------------------------------------------------------------
 
@@ -259,9 +383,11 @@ class Embedder:
         self.load()
         tokens = self._tokenizer(list(texts))
         truncated = [self._is_truncated(t) for t in texts]
-        with torch.inference_mode():
-            features = self.encode_tokens(tokens.to(self.device), trim=True)
-            vectors = _normalised(features)
+        if self._onnx is not None:
+            vectors = _normalised_np(self._encode_tokens_onnx(tokens, trim=True))
+        else:
+            with torch.inference_mode():
+                vectors = _normalised(self.encode_tokens(tokens, trim=True))
         return [TextEmbedding(v, t) for v, t in zip(vectors, truncated, strict=True)]
 
     def _is_truncated(self, text: str) -> bool:
@@ -271,63 +397,39 @@ class Embedder:
         return len(encode(text)) + 2 > self.context_length  # + start and end tokens
 
     def encode_tokens(self, tokens: torch.Tensor, *, trim: bool) -> torch.Tensor:
-        """Text features (not normalised) of a token batch; `trim=False` is open_clip's own encode_text."""
-        model = self.model
-        tower = _causal_text_tower(model)
-        if not trim or tower is None:
-            return model.encode_text(tokens)  # type: ignore[no-any-return]
-        pool_type, eos_id = tower.pool_type, tower.eos_id
-        ends = (
-            tokens.argmax(dim=-1)
-            if pool_type == "argmax"
-            else torch.eq(tokens, eos_id or 0).to(torch.int32).argmax(dim=-1)
-        )
-        length = int(ends.max().item()) + 1
-        tokens = tokens[:, :length]
-        cast = tower.module.transformer.get_cast_dtype()
-        x = tower.module.token_embedding(tokens).to(cast)
-        x = x + tower.module.positional_embedding[:length].to(cast)
-        x = tower.module.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-        x = tower.module.ln_final(x)
-        from open_clip.transformer import text_global_pool
+        """Text features (not normalised) of a token batch; `trim=False` runs every padded position."""
+        self.load()
+        if self._onnx is not None:
+            return torch.from_numpy(self._encode_tokens_onnx(tokens, trim=trim))
+        assert self._text is not None
+        if not trim:
+            return self.model.encode_text(tokens.to(self.device))  # type: ignore[no-any-return]
+        length = self._trim.length(tokens) if self._trim is not None else tokens.shape[-1]
+        return self._text(tokens[:, :length].to(self.device))  # type: ignore[no-any-return]
 
-        pooled = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
-        projection = tower.module.text_projection
-        if projection is None:
-            return pooled  # type: ignore[no-any-return]
-        if isinstance(projection, torch.nn.Linear):
-            return projection(pooled)  # type: ignore[no-any-return]
-        return pooled @ projection  # type: ignore[no-any-return]
+    def _encode_tokens_onnx(self, tokens: torch.Tensor, *, trim: bool) -> np.ndarray[Any, np.dtype[np.float32]]:
+        data = tokens.cpu().numpy().astype(np.int64, copy=False)
+        if trim and self._trim is not None:
+            data = data[:, : self._trim.length(data)]
+        return self._onnx.encode_tokens(data)  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class _TextTower:
-    module: Any  # the CLIP model itself, or its TextTransformer
-    attn_mask: torch.Tensor
-    pool_type: str
-    eos_id: int | None
-
-
-def _causal_text_tower(model: Any) -> _TextTower | None:
-    """The text tower if padding can be trimmed exactly: a causal mask, pooled at the end-of-text token."""
-    if hasattr(model, "token_embedding"):  # open_clip.CLIP keeps the tower's parts on the model
-        module, pool_type, eos_id = model, model.text_pool_type, getattr(model, "text_eos_id", None)
-    else:
-        module = getattr(model, "text", None)
-        if module is None or not hasattr(module, "token_embedding"):
-            return None  # e.g. a Hugging Face text tower
-        if getattr(module, "cls_emb", None) is not None or getattr(module, "use_pad_mask", False):
-            return None
-        pool_type, eos_id = module.pool_type, getattr(module, "eos_id", None)
-    mask = getattr(module, "attn_mask", None)
-    if mask is None or pool_type not in ("argmax", "eos") or (pool_type == "eos" and eos_id is None):
-        return None
-    return _TextTower(module, mask, pool_type, eos_id)
+def _release_memory() -> None:
+    """Give freed model memory back to the OS: glibc keeps freed small blocks in its arenas otherwise
+    (measured: the server kept ~400 MB of a freed ViT-B-32 without this)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _normalised(features: torch.Tensor) -> Embedding:
     out = F.normalize(features.float(), dim=-1).cpu().numpy()
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _normalised_np(features: np.ndarray[Any, np.dtype[np.float32]]) -> Embedding:
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return np.ascontiguousarray(features / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def _is_local(pretrained: str) -> bool:

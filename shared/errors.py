@@ -5,7 +5,8 @@
     ├── ModelError               the CLIP model cannot be loaded
     │   ├── UnknownModelError    no such open_clip architecture
     │   ├── CheckpointNotFound   CLIPDEX_PRETRAINED names a file that does not exist
-    │   └── ModelDownloadError   a hub download failed (offline?)
+    │   ├── ModelDownloadError   a hub download failed (offline?)
+    │   └── ModelExportError     a tower cannot be exported to ONNX (CLIPDEX_RUNTIME=onnx)
     ├── StoreError               the SQLite store itself failed (disk full, locked): stop, do not commit
     │   └── ModelMismatchError   the store was built with another model
     ├── WriterBusy               another process writes to this data directory (names it): retriable
@@ -50,6 +51,10 @@ class CheckpointNotFound(ModelError):
 
 
 class ModelDownloadError(ModelError):
+    pass
+
+
+class ModelExportError(ModelError):
     pass
 
 

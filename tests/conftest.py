@@ -6,8 +6,11 @@ every test."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,27 @@ SHAPES_MODELS = demo.MODEL_DIR  # the demo's model, trained on coloured shapes: 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails fast instead of hanging
 
 
+@functools.cache
+def model_cache() -> Path:
+    """CLIPDEX_MODEL_CACHE_DIR of every test: the test models' ONNX exports are built once per test session
+    (about 10 s each) and reused by every embedder and clipdex process of the session."""
+    return Path(tempfile.mkdtemp(prefix="clipdex-test-models-"))
+
+
+@functools.cache
+def exported(name: str = TINY_MODEL, pretrained: str | None = None, configs: Path = TINY_CONFIGS) -> None:
+    """Build a test model's ONNX export in this process before a clipdex subprocess needs it: no subprocess
+    spends its start (and its test's timeout) exporting, and parallel subprocesses never wait on the lock."""
+    embedder = Embedder(ModelSpec(name, pretrained, configs, "cpu", "fp32", model_cache(), runtime="onnx"))
+    embedder.load()
+    embedder.close()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if model_cache.cache_info().currsize:
+        shutil.rmtree(model_cache(), ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _scrub_clipdex_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
@@ -40,6 +64,7 @@ def tiny_settings_for(data_dir: Path, **overrides: object) -> Settings:
         "pretrained": "none",
         "model_configs": TINY_CONFIGS,
         "device": "cpu",
+        "model_cache_dir": model_cache(),
     }
     values.update(overrides)
     return load_settings(**values)
@@ -52,7 +77,17 @@ def tiny_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_embedder() -> Iterator[Embedder]:
-    embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32"))
+    """The tiny model on torch: open_clip's own code path, the reference the ONNX runtime is held to."""
+    embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32", runtime="torch"))
+    embedder.load()
+    yield embedder
+    embedder.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_embedder() -> Iterator[Embedder]:
+    """The tiny model on ONNX Runtime, fp32 (what `CLIPDEX_RUNTIME=auto` runs on a CPU)."""
+    embedder = Embedder(ModelSpec(TINY_MODEL, None, TINY_CONFIGS, "cpu", "fp32", model_cache(), runtime="onnx"))
     embedder.load()
     yield embedder
     embedder.close()
@@ -65,6 +100,7 @@ def clipdex_command() -> list[str]:
 
 def tiny_env(data_dir: Path) -> dict[str, str]:
     """Environment for a clipdex subprocess that uses the tiny model."""
+    exported()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")}
     env.update(
         CLIPDEX_DATA_DIR=str(data_dir),
@@ -72,6 +108,7 @@ def tiny_env(data_dir: Path) -> dict[str, str]:
         CLIPDEX_PRETRAINED="none",
         CLIPDEX_MODEL_CONFIGS=str(TINY_CONFIGS),
         CLIPDEX_DEVICE="cpu",
+        CLIPDEX_MODEL_CACHE_DIR=str(model_cache()),
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )

@@ -1,4 +1,5 @@
-"""The read side's composition root: one Starlette app serving the HTTP API and MCP (/mcp) on one port.
+"""The read side's composition root: one Starlette app serving the HTTP API, the web UI (/) and MCP (/mcp) on
+one port.
 
     build_app(core, settings) -> Starlette        the app, for uvicorn or an ASGI test client
     serve_http(core, settings, stop, ...)          run it with uvicorn until `stop` is set
@@ -27,7 +28,8 @@ from shared.config import Settings
 from shared.core import Core
 from shared.errors import ConfigError
 from shared.fetch import FetchPolicy
-from tools.auth import Gate, HostPolicy, check_bind, is_loopback
+from tools import ui
+from tools.auth import OPEN_PATHS, Gate, HostPolicy, check_bind, is_loopback
 from tools.http_api import HttpApi, http_error
 from tools.mcp_server import build_mcp_server, package_version
 from tools.metrics import Metrics
@@ -46,7 +48,7 @@ def build_app(
     extra_roots: Sequence[Path] = (),
     metrics: Metrics | None = None,
 ) -> Starlette:
-    """The HTTP API and the MCP streamable-HTTP endpoint (/mcp) over `core`, behind the Gate (Host and
+    """The HTTP API, the web UI (/) and the MCP streamable-HTTP endpoint (/mcp) over `core`, behind the Gate (Host and
     Origin checks, bearer token, body limit). `extra_roots` are directories that item paths, thumbnails
     and find_similar(path=...) may read besides CLIPDEX_ALLOWED_ROOTS (e.g. the watched folder)."""
     metrics = metrics or Metrics()
@@ -66,6 +68,7 @@ def build_app(
         *HttpApi(queries, metrics).routes(),
         Route("/openapi.json", docs.openapi, methods=["GET"]),
         Route("/docs", docs.page, methods=["GET"]),
+        *ui.WebUi(token_required=token is not None).routes(),
         *mcp_app.routes,
     ]
 
@@ -76,7 +79,16 @@ def build_app(
 
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Gate, policy=hosts, token=token, max_body=settings.max_upload_bytes)],
+        middleware=[
+            Middleware(
+                Gate,
+                policy=hosts,
+                token=token,
+                max_body=settings.max_upload_bytes,
+                open_paths=OPEN_PATHS | ui.PATHS,
+                pages={"/"},
+            )
+        ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
@@ -121,7 +133,9 @@ async def serve_http(
     try:
         await first_of(task, server.listening.wait(), stop.wait())
         if server.listening.is_set():
-            logger.info("serving HTTP on http://%s:%d (MCP at /mcp, API docs at /docs)", _show(settings.host), port)
+            logger.info(
+                "serving HTTP on http://%s:%d (web UI at /, MCP at /mcp, API docs at /docs)", _show(settings.host), port
+            )
             if ready is not None:
                 ready.set()
             await first_of(task, stop.wait())

@@ -2,16 +2,17 @@
 
 - The server binds 127.0.0.1 by default. Binding any other address needs CLIPDEX_API_TOKEN, or an explicit
   `--insecure`; otherwise it refuses to start and says so (`check_bind`).
-- With a token set, every path but the open ones (`/health`, `/openapi.json`, `/docs`) needs
-  `Authorization: Bearer <token>`: /mcp and the HTTP API alike. `/health` stays open for load balancers
-  and probes; it tells no more than the index size.
+- With a token set, every path but the open ones (`/health`, `/openapi.json`, `/docs`, and the web UI's
+  static files, which hold no data) needs `Authorization: Bearer <token>`: /mcp and the HTTP API alike.
+  `/health` stays open for load balancers and probes; it tells no more than the index size.
 - DNS-rebinding protection: the Host header must name the bound address, localhost, or one of
   CLIPDEX_ALLOWED_HOSTS (421 otherwise), and an Origin header, when a browser sends one, must match too
   (403 otherwise).
 - Cross-site requests: a browser marks a request that a page of another site makes (an <img>, a form, a
-  fetch) `Sec-Fetch-Site: cross-site`, Origin or not; they get 403, but for `/health`. Without it, any web
-  page could load a loopback server's thumbnails as images and learn from what loads which files are
-  indexed.
+  fetch) `Sec-Fetch-Site: cross-site`, Origin or not; they get 403, but for `/health` and for following a
+  link to the web UI's page (a top-level GET navigation, which the other site cannot read back: a shared
+  search link opened from a chat or a mail). Without it, any web page could load a loopback server's
+  thumbnails as images and learn from what loads which files are indexed.
 - Request bodies over CLIPDEX_MAX_UPLOAD_BYTES get 413, from the Content-Length header before anything is
   read, or as soon as a streamed body passes the limit.
 """
@@ -22,7 +23,7 @@ import hmac
 import ipaddress
 import json
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from mcp.server.transport_security import TransportSecuritySettings
@@ -119,11 +120,22 @@ class BodyTooLarge(Exception):
 class Gate:
     """ASGI middleware in front of everything: Host/Origin checks, the bearer token, the body limit."""
 
-    def __init__(self, app: ASGIApp, *, policy: HostPolicy, token: str | None, max_body: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policy: HostPolicy,
+        token: str | None,
+        max_body: int,
+        open_paths: Collection[str] = OPEN_PATHS,
+        pages: Collection[str] = (),
+    ) -> None:
         self.app = app
         self.policy = policy
         self.token = token.encode() if token else None
         self.max_body = max_body
+        self.open_paths = open_paths
+        self.pages = pages  # what a link from another site may open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,7 +160,7 @@ class Gate:
                     "(DNS-rebinding protection); add its host to CLIPDEX_ALLOWED_HOSTS if it is yours",
                 )
                 return
-            if headers.get("sec-fetch-site", "").lower() == "cross-site":
+            if headers.get("sec-fetch-site", "").lower() == "cross-site" and not self._followed_link(scope, headers):
                 await _error(
                     send,
                     403,
@@ -156,7 +168,7 @@ class Gate:
                     "site may not use this server; open the page from the server's own address instead",
                 )
                 return
-        if self.token is not None and path not in OPEN_PATHS and not self._authorized(headers):
+        if self.token is not None and path not in self.open_paths and not self._authorized(headers):
             await _error(
                 send,
                 401,
@@ -169,6 +181,15 @@ class Gate:
             await _error(send, 413, self._too_large(int(declared)))
             return
         await self._limited(scope, receive, send)
+
+    def _followed_link(self, scope: Scope, headers: Headers) -> bool:
+        """A top-level navigation to a page: its response goes to a new document, never to the other site."""
+        return (
+            scope["method"] == "GET"
+            and scope["path"] in self.pages
+            and headers.get("sec-fetch-mode", "").lower() == "navigate"
+            and headers.get("sec-fetch-dest", "document").lower() == "document"
+        )
 
     def _authorized(self, headers: Headers) -> bool:
         assert self.token is not None

@@ -1,4 +1,5 @@
-"""The HTTP API for applications: search, similar, items, thumbnails, health and metrics.
+"""The HTTP API for applications: search, similar, items, thumbnails, index status, dead letters, health and
+metrics.
 
 Bad input gets a 4xx with `{"error": "..."}` saying what to change; the server keeps serving. The routes
 and their parameters are described in `tools.openapi` (served at /openapi.json and /docs).
@@ -35,12 +36,13 @@ from shared.types import Filters, MetaValue
 from tools.auth import BodyTooLarge
 from tools.metrics import CONTENT_TYPE, Metrics
 from tools.queries import Queries, SearchArgs
-from tools.schemas import ItemOut, SearchOutput
+from tools.schemas import DeadLetterOut, DeadLettersOut, ItemOut, SearchOutput
 
 logger = logging.getLogger(__name__)
 
 SEARCH_PARAMS = frozenset({"top_k", "min_score", "source"})
 FILTER_PREFIX = "filter."
+DEAD_LETTERS_LIMIT = 50
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -87,6 +89,8 @@ class HttpApi:
             Route("/similar", self._wrap("/similar", self.similar_by_upload), methods=["POST"]),
             Route("/items/{item_id:path}/thumbnail", self._wrap("/items/thumbnail", self.thumbnail), methods=["GET"]),
             Route("/items/{item_id:path}", self._wrap("/items", self.item), methods=["GET"]),
+            Route("/status", self._wrap("/status", self.status), methods=["GET"]),
+            Route("/dead-letters", self._wrap("/dead-letters", self.dead_letters), methods=["GET"]),
             Route("/health", self._wrap("/health", self.health), methods=["GET"]),
             Route("/metrics", self._wrap("/metrics", self.prometheus), methods=["GET"]),
         ]
@@ -154,6 +158,21 @@ class HttpApi:
 
     # -- operations -------------------------------------------------------------------------------------
 
+    async def status(self, request: Request) -> Response:
+        _only(request.query_params, set(), filters=False)
+        return _json(await self.queries.status("http"))
+
+    async def dead_letters(self, request: Request) -> Response:
+        params = request.query_params
+        _only(params, {"limit"}, filters=False)
+        try:
+            limit = int(params.get("limit", DEAD_LETTERS_LIMIT))
+        except ValueError:
+            raise InvalidRequest(f"limit must be a whole number (got {params['limit']!r})") from None
+        return _json(
+            DeadLettersOut(dead_letters=[DeadLetterOut.of(d) for d in await self.queries.dead_letters(limit, "http")])
+        )
+
     async def health(self, request: Request) -> Response:
         info = self.queries.core.vectors.info()
         return JSONResponse(
@@ -204,10 +223,12 @@ def filter_value(raw: str) -> MetaValue:
     return raw
 
 
-def _only(params: QueryParams, allowed: set[str] | frozenset[str]) -> None:
-    unknown = sorted(k for k in params if k not in allowed and not k.startswith(FILTER_PREFIX))
+def _only(params: QueryParams, allowed: set[str] | frozenset[str], *, filters: bool = True) -> None:
+    unknown = sorted(k for k in params if k not in allowed and not (filters and k.startswith(FILTER_PREFIX)))
     if unknown:
-        accepted = ", ".join(sorted(allowed)) + f", {FILTER_PREFIX}<key>"
+        if not allowed:
+            raise InvalidRequest(f"unknown query parameter(s) {', '.join(unknown)}; this endpoint takes none")
+        accepted = ", ".join(sorted(allowed)) + (f", {FILTER_PREFIX}<key>" if filters else "")
         raise InvalidRequest(f"unknown query parameter(s) {', '.join(unknown)}; this endpoint takes {accepted}")
 
 

@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from shared.search import MAX_TOP_K
-from tools.schemas import ErrorOut, IndexStatusOut, ItemOut, SearchOutput
+from tools.queries import MAX_DEAD_LETTERS
+from tools.schemas import DeadLettersOut, ErrorOut, IndexStatusOut, ItemOut, SearchOutput
 
 _REF = "#/components/schemas/{model}"
 
@@ -70,7 +71,7 @@ def _ok(model: type[BaseModel], description: str) -> dict[str, Any]:
 
 def openapi_spec(version: str, *, token: bool) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (SearchOutput, ItemOut, IndexStatusOut, ErrorOut):
+    for model in (SearchOutput, ItemOut, IndexStatusOut, DeadLettersOut, ErrorOut):
         schema = model.model_json_schema(ref_template=_REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -131,6 +132,28 @@ def openapi_spec(version: str, *, token: bool) -> dict[str, Any]:
                 },
             }
         },
+        "/status": {
+            "get": {
+                "summary": "Index status: counts, model, delta, freshness and lag, latest dead letters (as MCP "
+                "index_status)",
+                "responses": {**_ok(IndexStatusOut, "The status."), **_errors(400, 401)},
+            }
+        },
+        "/dead-letters": {
+            "get": {
+                "summary": "What could not be indexed, newest first, with reasons (read-only; paths shortened, URL "
+                "query strings left out)",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DEAD_LETTERS, "default": 50},
+                        "description": "How many.",
+                    }
+                ],
+                "responses": {**_ok(DeadLettersOut, "Newest first."), **_errors(400, 401)},
+            }
+        },
         "/health": {
             "get": {
                 "summary": "Liveness and index size (no token needed)",
@@ -141,6 +164,13 @@ def openapi_spec(version: str, *, token: bool) -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics: search counters and latency histograms, store counts",
                 "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The web UI: search, browse, find similar, index health (no token needed to load it; "
+                "it asks for one)",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
             }
         },
         "/mcp": {

@@ -26,6 +26,7 @@ from shared.core import Core
 from shared.errors import ClipdexError, ImageRejected, InvalidRequest, NotFound
 from shared.fetch import FetchPolicy, fetch_bytes, fetch_url, read_path
 from shared.images import decode_budget, decode_image, thumbnail_jpeg
+from shared.roles import DeadLetter
 from shared.search import MAX_TOP_K
 from shared.status import Status, read_status
 from shared.types import Filters, Item, SearchResult
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 THUMBNAIL_SIDE = 256
+MAX_DEAD_LETTERS = 500
 
 
 @dataclass(frozen=True)
@@ -226,8 +228,21 @@ class Queries:
         """The store, the indexers' lag (`shared.status`), and this server's own index."""
         core = self.core
         status = read_status(core.settings.data_dir, core.catalog, searcher=core.vectors.state(), recent_dead_letters=5)
-        letters = [replace(d, reason=self.redactor.reason(d.reason)) for d in status.recent_dead_letters]
-        return replace(status, recent_dead_letters=letters)
+        return replace(status, recent_dead_letters=[self._public(d) for d in status.recent_dead_letters])
+
+    def _public(self, letter: DeadLetter) -> DeadLetter:
+        """The dead letter with its reason as any caller may read it (tools.redaction)."""
+        return replace(letter, reason=self.redactor.reason(letter.reason))
+
+    async def dead_letters(self, limit: int, transport: str) -> list[DeadLetter]:
+        """The newest dead letters, newest first, with reasons fit to show to any caller."""
+
+        def run() -> list[DeadLetter]:
+            if isinstance(limit, bool) or not 1 <= limit <= MAX_DEAD_LETTERS:
+                raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_DEAD_LETTERS} (got {limit})")
+            return [self._public(d) for d in self.core.catalog.dead_letters(limit=limit)]
+
+        return await self._call(transport, "dead_letters", run)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 

@@ -135,9 +135,10 @@ class ModelOut(BaseModel):
 
 
 class DeadLetterOut(BaseModel):
+    id: int = Field(description="The dead letter's number, for `clipdex dlq retry ID`.")
     item_id: str | None
     source: str
-    reason: str
+    reason: str = Field(description="Why it could not be indexed (paths shortened, URL query strings left out).")
     tries: int = Field(description="Fetches in its last delivery (transient failures are retried at once first).")
     at: datetime
     retriable: bool = Field(description="The failure was transient (a timeout, HTTP 5xx...): trying again may work.")
@@ -147,6 +148,7 @@ class DeadLetterOut(BaseModel):
     @classmethod
     def of(cls, d: DeadLetter) -> DeadLetterOut:
         return cls(
+            id=d.id,
             item_id=d.item_id,
             source=d.source,
             reason=d.reason,
@@ -164,6 +166,10 @@ class IndexerOut(BaseModel):
     lag_s: float | None = Field(description="Event to durable, as its last batch measured it.")
     pending: int = Field(description="Events it has seen and not yet written.")
     seconds_since_update: float = Field(description="How long ago it last reported.")
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut] = Field(description="Newest first.")
 
 
 class IndexStatusOut(BaseModel):

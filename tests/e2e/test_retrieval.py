@@ -27,7 +27,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from clipdex import synthetic
 from tests.brokers import free_port, publish, stop_process
-from tests.conftest import SHAPES_MODELS, clipdex_command
+from tests.conftest import SHAPES_MODELS, clipdex_command, exported, model_cache
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +84,7 @@ def _start(name: str, args: list[str], env: dict[str, str], logs: Path, stack: E
 
 @pytest.fixture
 def deployment(tmp_path: Path, kafka_bootstrap: str, kafka_topic: str) -> Iterator[Deployment]:
+    exported("clipdex-shapes", str(MODELS / "clipdex-shapes.safetensors"), MODELS)  # once, before 3 processes
     watched, catalog_dir, logs = tmp_path / "watched", tmp_path / "catalog", tmp_path / "logs"
     logs.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPDEX_")} | {
@@ -92,6 +93,7 @@ def deployment(tmp_path: Path, kafka_bootstrap: str, kafka_topic: str) -> Iterat
         "CLIPDEX_PRETRAINED": str(MODELS / "clipdex-shapes.safetensors"),
         "CLIPDEX_MODEL_CONFIGS": str(MODELS),
         "CLIPDEX_DEVICE": "cpu",
+        "CLIPDEX_MODEL_CACHE_DIR": str(model_cache()),
         "CLIPDEX_ALLOWED_ROOTS": str(catalog_dir),
         "CLIPDEX_REFRESH_INTERVAL_MS": "100",
         "CLIPDEX_WATCH_SETTLE_MS": "200",

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.brokers import free_port
-from tests.conftest import clipdex_command, tiny_env
+from tests.conftest import SHAPES_MODELS, clipdex_command, exported, tiny_env
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +46,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("where", ["clone", "wheel"])
 def test_demo_serves_real_results_offline(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    exported("clipdex-shapes", str(SHAPES_MODELS / "clipdex-shapes.safetensors"), SHAPES_MODELS)  # built once
     port = free_port()
     log = tmp_path / "demo.log"
     # tiny_env only for a clean environment: the demo picks its own model and data dir

@@ -256,6 +256,14 @@ async def test_cross_site_browser_requests_are_refused_except_health(
     for site in ("same-origin", "same-site", "none"):
         ok = await client.get(thumbnail, headers={"sec-fetch-site": site})
         assert ok.status_code == 200 and ok.headers["content-type"] == "image/jpeg", site
+    # Following a shared link to the web UI's page from another site is a top-level navigation, which the
+    # other site cannot read back: it opens. A navigation anywhere else, or a non-GET, does not.
+    link = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+    page = await client.get("/", params={"query": "red"}, headers=link)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert_error(await client.get(thumbnail, headers=link), 403, "cross-site")
+    assert_error(await client.get("/", headers={**link, "sec-fetch-dest": "iframe"}), 403, "cross-site")
+    assert_error(await client.post("/", headers=link), 403, "cross-site")
 
 
 async def test_the_token_is_checked_before_the_body_limit(world: tuple[Core, Sample]) -> None:

@@ -307,7 +307,7 @@ def test_a_missing_or_corrupt_main_is_rebuilt_from_the_store_with_a_warning(
     else:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     index = LiveIndex(store, DIM, p, tmp_path / "index")
-    with caplog.at_level(logging.WARNING, logger="shared.index"):
+    with caplog.at_level(logging.WARNING, logger="shared.sqlite.index"):
         index.refresh()
     assert any("rebuilding it from the store" in r.getMessage() for r in caplog.records)
     assert_exact(index, oracle, queries, 10)
