@@ -243,10 +243,10 @@ async def retry(settings: Settings, letters: Sequence[DeadLetter]) -> BatchRepor
     transaction as the outcome (indexed, or a new dead letter)."""
     records = [retry_record(d) for d in letters]
     roots = sorted({root for r in records if (root := folder.root_of(r)) is not None})
-    with ExitStack() as locks:  # the writer lock of every source these letters belong to
+    with ExitStack() as locks:  # the writer lock of every source whose items these letters write
         for root in roots:
             locks.enter_context(folder_lock(settings, root))
-        if any(r.source == kafka.SOURCE for r in records):
+        if any(r.source == kafka.SOURCE and r.event is not None for r in records):  # not an invalid event's
             locks.enter_context(kafka_lock(settings))
         async with open_indexer(settings, roots=roots, compaction=False) as indexer:
             return await indexer.pipeline.write(records)

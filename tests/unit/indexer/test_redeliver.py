@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -14,14 +18,18 @@ from typing import Any
 
 import pytest
 
+from indexer import service
 from indexer.pipeline import Pipeline
 from indexer.records import Redelivery
 from indexer.redeliver import MAX_DELAY_S, Redeliverer, RetryPolicy, retry_record
 from shared.embedder import Embedder
-from shared.errors import FetchFailed, SourceNotFound
-from shared.roles import DeadLetter, Upsert
+from shared.errors import FetchFailed, SourceNotFound, WriterBusy
+from shared.roles import DeadLetter, Failure, Upsert
 from shared.sqlite.store import SqliteStore
+from tests.conftest import tiny_settings_for
 from tests.unit.indexer.test_pipeline import jpeg, make_pipeline, record
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_waits_double_up_to_a_cap_and_end_after_the_allowed_retries() -> None:
@@ -239,3 +247,50 @@ async def until(check: Callable[[], object], within_s: float = 20) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+KAFKA_HOLDER = """
+    import sys, time
+    from shared import lockfile
+    from pathlib import Path
+    with lockfile.hold(Path(sys.argv[1]), what="Kafka events", command="clipdex consume"):
+        print("holding", flush=True)
+        time.sleep(120)
+"""
+
+
+@pytest.fixture
+def kafka_holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the store's Kafka writer lock, as a running `clipdex consume` does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(KAFKA_HOLDER), str(tmp_path / "data" / "writer-kafka.lock")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    yield holder
+    holder.kill()
+    holder.wait(timeout=10)
+    holder.stdout.close()
+
+
+async def test_dlq_retry_beside_a_running_consumer_retries_invalid_events_but_not_its_items(
+    tmp_path: Path, tiny_embedder: Embedder, kafka_holder: subprocess.Popen[str]
+) -> None:
+    """An invalid event's letter writes no item, so it needs no lock; a Kafka item's letter belongs to the
+    running consumer (which `clipdex dlq retry` hands it to) and is refused here."""
+    settings = tiny_settings_for(tmp_path / "data", fetch_retries=0)
+    with SqliteStore(settings.db_path) as s:
+        s.bind_model(tiny_embedder.identity)
+        s.apply(
+            failures=[
+                Failure("kafka", "{not json", "InvalidEvent: not JSON"),
+                Failure("kafka", json.dumps({"op": "delete", "id": "x"}), "FetchFailed", id="kafka:x", retriable=True),
+            ]
+        )
+        junk, item = sorted(s.dead_letters(), key=lambda d: d.item_id is not None)
+    with pytest.raises(WriterBusy, match=f"already indexing Kafka events .*pid {kafka_holder.pid}"):
+        await service.retry(settings, [item])
+    report = await service.retry(settings, [junk])
+    assert report.failed == 1  # still not JSON: a new letter replaces the old one
