@@ -275,11 +275,25 @@ def kafka_holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     holder.stdout.close()
 
 
+class Borrowed:
+    """The session's model, lent to code that closes what it loads."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self._embedder = embedder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._embedder, name)
+
+    def close(self) -> None:
+        pass
+
+
 async def test_dlq_retry_beside_a_running_consumer_retries_invalid_events_but_not_its_items(
-    tmp_path: Path, tiny_embedder: Embedder, kafka_holder: subprocess.Popen[str]
+    tmp_path: Path, tiny_embedder: Embedder, kafka_holder: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An invalid event's letter writes no item, so it needs no lock; a Kafka item's letter belongs to the
     running consumer (which `clipdex dlq retry` hands it to) and is refused here."""
+    monkeypatch.setattr(Embedder, "from_settings", classmethod(lambda cls, settings: Borrowed(tiny_embedder)))
     settings = tiny_settings_for(tmp_path / "data", fetch_retries=0)
     with SqliteStore(settings.db_path) as s:
         s.bind_model(tiny_embedder.identity)
