@@ -186,7 +186,7 @@ class Pipeline:
 
         changed = set(result.conflicts)
         report.conflicted = [w.record for w in batch.upserts if w.item_id in changed]
-        report.indexed = result.indexed - len(sorted_.reused)
+        report.indexed = max(0, result.indexed - len(sorted_.reused))
         report.unchanged = len(sorted_.unchanged) - len(changed)
         report.reused = len(sorted_.reused)
         report.deleted = result.deleted

@@ -3,11 +3,12 @@
     indexer: pipeline ─────────▶ Writer            one micro-batch in one transaction; the resolver's lookups
     status, items, dead letters ▶ Catalog           items, dead letters, counts
     search: SearchService ─────▶ VectorSearch      the best live items for a vector, and how fresh they are
+    clipdex migrate ───────────▶ Portable          items, vectors and dead letters, out of one backend, into another
     ── the SQLite backend's own seams ──
     FAISS LiveIndex ───────────▶ ChangeFeed        vectors added and deleted since a change counter
     indexer: compaction ───────▶ CompactionLedger  the main index's generations, on top of the feed
 
-A backend implements the first three; `shared.stores` opens the one the settings choose. The SQLite
+A backend implements the first four; `shared.stores` opens the one the settings choose. The SQLite
 backend (`shared.sqlite`: the store is the truth, FAISS files are derived) also implements the last two,
 because its search processes keep their own FAISS index current and its indexer compacts it. A backend
 that searches and compacts by itself (a vector database) needs neither.
@@ -18,6 +19,7 @@ below are what the roles take and return.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -81,7 +83,7 @@ class ApplyResult:
     deleted: int = 0
     failed: int = 0
     skipped: int = 0  # older than the version stored when the write happened (another writer got there first)
-    vector_ids: list[int] = field(default_factory=list)
+    vector_ids: list[int] = field(default_factory=list)  # the new vectors' ids, where the backend numbers them
     # Metadata-only upserts of items whose content changed since the resolver read them: not written;
     # the caller embeds them and writes again.
     conflicts: list[str] = field(default_factory=list)
@@ -120,8 +122,10 @@ class Writer(Protocol):
         failures: Sequence[Failure] = (),
         retried: Sequence[int] = (),
     ) -> ApplyResult:
-        """Write one micro-batch atomically: all of it is durable when this returns, or none of it
-        (StoreError). Replacing an item's vector and deleting an item take the old vector out of search.
+        """Write one micro-batch: all of it is durable when this returns. On a StoreError, nothing that a
+        replay of the same batch does not make whole was written (SQLite: nothing at all; a backend
+        without transactions may have written part of it, which the replay writes again, idempotently).
+        Replacing an item's vector and deleting an item take the old vector out of search.
 
         Versions are checked in the write itself, not only by the resolver's earlier read, so two writers
         racing on one item cannot regress it: an upsert or delete whose version is below the stored one
@@ -144,6 +148,13 @@ class Writer(Protocol):
         index to reload) and moving their dead letters along; an old id whose new id is already taken is
         deleted instead. Returns how many were renamed. (Folder ids from before the folder namespace.)"""
         ...
+
+
+def folder_name(path: str) -> str:
+    """A folder's own name as a part of its item ids (`Writer.register_folder` adds -2... when it is
+    taken): letters, digits, `.`, `_` and `-` only."""
+    name = re.sub(r"[^\w.-]+", "_", path.rstrip("/").rsplit("/", 1)[-1], flags=re.ASCII).strip("._")
+    return name[:64] or "folder"
 
 
 # -- the catalog: items, dead letters, counts -----------------------------------------------------------
@@ -224,6 +235,35 @@ class Catalog(Protocol):
         ...
 
 
+# -- moving a store to another backend ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An item as stored, with its vector (None: a failed item without one): what a migration copies."""
+
+    item: Item
+    embedding: Embedding | None
+
+
+class Portable(Protocol):
+    """What `clipdex migrate` reads from one backend and writes to another, vectors included (no model
+    call). Imports keep ids, versions, statuses and times, and are idempotent: a migration that stopped
+    starts again and skips what the target already holds."""
+
+    def export_items(self, chunk: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every item, failed ones too, in chunks."""
+        ...
+
+    def import_items(self, items: Sequence[StoredItem]) -> None: ...
+
+    def export_dead_letters(self) -> list[DeadLetter]: ...
+
+    def import_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Add the letters the store does not hold yet (same source, item, payload, reason and time)."""
+        ...
+
+
 # -- the read side: searching vectors -------------------------------------------------------------------
 
 
@@ -238,9 +278,25 @@ class SearcherState:
     refreshed_at: float  # time.time() of the last refresh; 0.0: never
 
 
+@dataclass(frozen=True)
+class Found:
+    """What `VectorSearch.search` returns: the hits, best first, and how sure the backend is of them."""
+
+    hits: list[Hit]
+    # True when the backend stopped looking before it was sure it had the top_k best matches (a filter that
+    # passes few of the nearest vectors, checked on a bounded number of them): better matches may exist.
+    partial: bool = False
+    # The hits' vectors, row by row, when asked for (`with_vectors`): near-duplicate collapsing compares them.
+    vectors: Embedding | None = None
+
+
 class VectorSearch(Protocol):
     """The read side's door to the vectors. A backend that filters inside its own search (a vector
-    database) pushes `filters` and `exclude` down; results must be the same either way."""
+    database) pushes `filters` and `exclude` down; results must be the same either way.
+
+    `SearchService` asks for up to `MAX_CANDIDATES` (4,000) hits at once and does the rest itself (the
+    relative cutoff, collapsing copies, sorting by a metadata field, pages): a backend ranks, filters and
+    returns hits with their content hash, nothing more."""
 
     def search(
         self,
@@ -249,9 +305,13 @@ class VectorSearch(Protocol):
         filters: Filters | None = None,
         min_score: float | None = None,
         exclude: Set[str] = frozenset(),
-    ) -> list[Hit]:
-        """The top_k live items by cosine similarity to `query` that pass `filters`, best first; none
-        scoring below `min_score`, none whose id is in `exclude`."""
+        *,
+        with_vectors: bool = False,
+    ) -> Found:
+        """The top_k live items by cosine similarity to `query` that pass `filters`, best first (ties in
+        any order); none scoring below `min_score`, none whose id is in `exclude`; each hit with its
+        `sha256`. Bounded work whatever the filter: where the backend cannot be sure it found the best
+        matches within its bound, it returns what it has with `partial=True`."""
         ...
 
     def item_vector(self, item_id: str) -> Embedding | None:
@@ -312,11 +372,21 @@ class ChangeFeed(Protocol):
         """Reads inside the block see one consistent state of the store."""
         ...
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        """Live items by their current vector id; a tombstoned vector has none."""
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
+        """Live items by their current vector id; a tombstoned vector has none. With `filters`, may leave
+        out items that do not pass them (never one that does)."""
         ...
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None: ...
+
+    def matching_vectors(self, filters: Filters, limit: int) -> VectorIds | None:
+        """The vectors of the live items that may pass `filters` (a superset), from an index, when at most
+        `limit` match; None when more do, or when the filter has no condition the index holds."""
+        ...
+
+    def embeddings(self, vector_ids: Sequence[int]) -> dict[int, Embedding]:
+        """Stored vectors by id."""
+        ...
 
     def newest_indexed_at(self) -> datetime | None:
         """When the newest vector was written; cheap at any size."""

@@ -49,19 +49,34 @@ class Item:
 
 @dataclass(frozen=True)
 class Filters:
-    """Equality on metadata keys, and optionally the item's source."""
+    """Equality on metadata keys, and optionally the item's source. `None` matches an absent key too."""
 
     metadata: dict[str, MetaValue] = field(default_factory=dict)
     source: str | None = None
 
     def matches(self, item: Item) -> bool:
-        if self.source is not None and item.source != self.source:
+        return self.matches_values(item.source, item.metadata)
+
+    def matches_values(self, source: str, metadata: Metadata) -> bool:
+        if self.source is not None and source != self.source:
             return False
-        return all(item.metadata.get(k) == v for k, v in self.metadata.items())
+        return all(same_value(metadata.get(k), v) for k, v in self.metadata.items())
 
     @property
     def empty(self) -> bool:
         return not self.metadata and self.source is None
+
+
+def same_value(stored: Any, wanted: MetaValue) -> bool:
+    """Equality as JSON means it, the same in every backend: `true` is not `1`, `2021` is `2021.0`, a
+    string never equals a number, and a list or an object equals no filter value."""
+    if wanted is None or stored is None:
+        return stored is wanted
+    if isinstance(stored, bool) or isinstance(wanted, bool):
+        return isinstance(stored, bool) and isinstance(wanted, bool) and stored == wanted
+    if isinstance(stored, int | float) and isinstance(wanted, int | float):
+        return stored == wanted  # Python compares an int and a float exactly
+    return isinstance(stored, str) and isinstance(wanted, str) and stored == wanted
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,8 @@ class Hit:
     uri: str
     score: float
     metadata: Metadata
+    sha256: str | None = None  # the content hash: copies of one image share it (collapse=hash)
+    duplicates: tuple[str, ...] = ()  # ids of the copies folded into this hit (collapse)
 
 
 @dataclass(frozen=True)
@@ -86,3 +103,5 @@ class SearchResult:
     hits: list[Hit]
     index: IndexInfo
     query_truncated: bool = False
+    next_cursor: str | None = None  # pass it back for the next page; None: no more results
+    partial: bool = False  # the search stopped looking before it was sure: matches further down may be missing

@@ -13,15 +13,15 @@ transaction with `apply()`. Any number of readers, in this or other processes, f
 delta index current (WAL mode lets them read while the writer writes). Every SQLite failure, on a read as
 on a write, is a StoreError (a server answers 503).
 
-Schema versions: 1 (the first), 2 (dead letters: retriable, attempts, retry_at; items: retriable; the
-folders table). A store of an older version is migrated when it is opened, in one transaction.
+Schema versions: 1 (the first), 2 (item_tags, the filter tags), 3 (dead letters: retriable, attempts,
+retry_at; items: retriable; the folders table). A store of an older version is migrated when it is
+opened, version by version in one transaction (`_MIGRATIONS`); a newer one is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sqlite3
 import threading
 import time
@@ -41,16 +41,19 @@ from shared.roles import (
     Delete,
     Failure,
     IndexMeta,
+    StoredItem,
     StoredState,
     StoreStats,
     Upsert,
     VectorIds,
+    folder_name,
 )
-from shared.types import Embedding, Item, ModelIdentity
+from shared.sqlite import tags
+from shared.types import Embedding, Filters, Item, Metadata, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # the versions and what each added: _MIGRATIONS
 _BUSY_TIMEOUT_MS = 10_000
 _PAGE_SIZE = 16_384
 
@@ -83,6 +86,12 @@ CREATE TABLE IF NOT EXISTS vectors (
 CREATE INDEX IF NOT EXISTS vectors_seq ON vectors(seq);
 CREATE INDEX IF NOT EXISTS vectors_sha256 ON vectors(sha256);
 CREATE INDEX IF NOT EXISTS vectors_tombstoned ON vectors(tombstoned);
+CREATE TABLE IF NOT EXISTS item_tags (
+    tag INTEGER NOT NULL,
+    vector_id INTEGER NOT NULL,
+    PRIMARY KEY (tag, vector_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
@@ -97,19 +106,33 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 """
 
-# Tables and indexes that version 2 added: created by a new store and by the migration from version 1.
-_SCHEMA_2 = """
+_SCHEMA_3 = """
 CREATE TABLE IF NOT EXISTS folders (name TEXT PRIMARY KEY, path TEXT NOT NULL UNIQUE, created_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS dead_letters_due ON dead_letters(retry_at) WHERE retry_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS dead_letters_retrying ON dead_letters(item_id) WHERE retry_at IS NOT NULL;
 """
+_SCHEMA += _SCHEMA_3  # a new store is created at the current version
 
-_MIGRATE_1_TO_2 = """
+# Migrations, one per schema version (to version N from N-1), run in order inside the opening transaction.
+# 2: item_tags, the filter tags (then filled from the stored items: `_fill_item_tags`).
+# 3: dead letters that are retried by themselves (retriable, attempts, retry_at), items.retriable, folders.
+_MIGRATIONS: dict[int, str] = {
+    2: """
+CREATE TABLE IF NOT EXISTS item_tags (
+    tag INTEGER NOT NULL,
+    vector_id INTEGER NOT NULL,
+    PRIMARY KEY (tag, vector_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id);
+""",
+    3: """
 ALTER TABLE items ADD COLUMN retriable INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE dead_letters ADD COLUMN retriable INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE dead_letters ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE dead_letters ADD COLUMN retry_at REAL;
 """
+    + _SCHEMA_3,
+}
 
 
 # -- the store ----------------------------------------------------------------------------------------------
@@ -145,25 +168,33 @@ class SqliteStore:
             raise StoreError(f"cannot open the store at {path}: {exc}") from exc
 
     def _create_schema(self) -> None:
-        """A new store at the current version, or an older one migrated (inside the caller's transaction,
-        so two processes opening one old store migrate it once)."""
+        """A new store at the current version, or an older one migrated version by version (inside the
+        caller's transaction, so two processes opening one old store migrate it once)."""
         fresh = (
             self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None
         )
         if fresh:
             _run_script(self._db, _SCHEMA)
             self._set_meta("schema_version", str(SCHEMA_VERSION))
+            return
         version = int(self._meta("schema_version"))
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: schema version {version}, newer than this clipdex knows ({SCHEMA_VERSION}): "
                 "a newer clipdex wrote this store; upgrade this one"
             )
-        if version == 1:
-            _run_script(self._db, _MIGRATE_1_TO_2)
-            logger.info("migrated the store at %s from schema version 1 to 2", self.path)
-        _run_script(self._db, _SCHEMA_2)
-        self._set_meta("schema_version", str(SCHEMA_VERSION))
+        for to in range(version + 1, SCHEMA_VERSION + 1):
+            _run_script(self._db, _MIGRATIONS[to])
+            if to == 2:
+                self._fill_item_tags()
+            self._set_meta("schema_version", str(to))
+            logger.info("migrated the store at %s from schema version %d to %d", self.path, to - 1, to)
+
+    def _fill_item_tags(self) -> None:
+        """The filter tags of the items stored before version 2 had them."""
+        rows = self._db.execute("SELECT vector_id, source, metadata FROM items WHERE vector_id IS NOT NULL")
+        for vector_id, source, metadata in rows.fetchall():
+            self._tag(vector_id, source, json.loads(metadata) if metadata else {})
 
     def close(self) -> None:
         with self._lock:
@@ -284,10 +315,12 @@ class SqliteStore:
                     continue
                 version = up.version if up.version is not None else (row[2] if row else None)
                 old_vector = row[0] if row else None
+                if up.embedding is None and (old_vector is None or row[1] != up.sha256):
+                    result.conflicts.append(up.id)  # its content changed since the resolver read it
+                    continue
+                if old_vector is not None:
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (old_vector,))
                 if up.embedding is None:
-                    if old_vector is None or row[1] != up.sha256:
-                        result.conflicts.append(up.id)  # its content changed since the resolver read it
-                        continue
                     vector_id = old_vector
                     result.updated += 1
                 else:
@@ -305,6 +338,7 @@ class SqliteStore:
                     vector_id = cur.lastrowid
                     result.indexed += 1
                     result.vector_ids.append(int(vector_id or 0))
+                self._tag(vector_id, up.source, up.metadata)
                 db.execute(
                     """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, vector_id,
                                          created_at, updated_at, retriable)
@@ -337,6 +371,7 @@ class SqliteStore:
                 if row[0] is not None:
                     seq += 1
                     db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
                 db.execute("DELETE FROM items WHERE id = ?", (de.id,))
                 result.deleted += 1
                 touched.append(de.id)
@@ -381,6 +416,13 @@ class SqliteStore:
             (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now, int(fail.retriable)),
         )
 
+    def _tag(self, vector_id: int | None, source: str, metadata: Metadata) -> None:
+        """Index the facts a filter can ask about (shared.sqlite.tags) under the item's current vector."""
+        self._db.executemany(
+            "INSERT OR IGNORE INTO item_tags(tag, vector_id) VALUES (?, ?)",
+            [(t, vector_id) for t in tags.item_tags(source, metadata)],
+        )
+
     # -- folders ------------------------------------------------------------------------------------------
 
     def register_folder(self, path: str) -> str:
@@ -389,7 +431,7 @@ class SqliteStore:
             row = db.execute("SELECT name FROM folders WHERE path = ?", (path,)).fetchone()
             if row is not None:
                 return str(row[0])
-            base = _folder_name(path)
+            base = folder_name(path)
             taken = {
                 r[0] for r in db.execute("SELECT name FROM folders WHERE name = ? OR name LIKE ?", (base, base + "-%"))
             }
@@ -418,6 +460,7 @@ class SqliteStore:
                     if row[0] is not None:  # the new id is already indexed: the old one goes
                         seq += 1
                         db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                        db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
                     db.execute("DELETE FROM items WHERE id = ?", (old,))
                     continue
                 db.execute("UPDATE items SET id = ? WHERE id = ?", (new, old))
@@ -551,15 +594,63 @@ class SqliteStore:
             row = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else _item(row)
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        """Live items by their current vector. A tombstoned vector has no item, so never shows up."""
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
+        """Live items by their current vector. A tombstoned vector has no item, so never shows up. With
+        `filters`, only the items that may pass them (a superset, checked in SQL from the filter tags and,
+        for `null`, the metadata JSON): the others are never parsed."""
+        where, params = _filter_sql(filters) if filters is not None else ("", [])
         out: dict[int, Item] = {}
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            with self._reading() as db:
+                rows = db.execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({_marks(chunk)}){where}", [*chunk, *params]
+                ).fetchall()
+            for row in rows:  # parsed outside the lock
+                item = _item(row)
+                assert item.vector_id is not None
+                out[item.vector_id] = item
+        return out
+
+    def matching_vectors(self, filters: Filters, limit: int) -> VectorIds | None:
+        """The vectors of the live items that may pass `filters` (a superset: the caller checks each item),
+        looked up in the filter tags, when at most `limit` match; None when more do, or when no condition
+        of the filter is indexed (only `null` values). Reads O(min(matches, limit)) index rows."""
+        wanted = sorted(set(tags.filter_tags(filters)))
+        if not wanted:
+            return None
         with self._reading() as db:
-            for chunk in _chunks([int(v) for v in vector_ids], 500):
-                for row in db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({_marks(chunk)})", chunk):
-                    item = _item(row)
-                    assert item.vector_id is not None
-                    out[item.vector_id] = item
+            # Start from the rarest condition: each count stops at limit + 1 rows of the primary key.
+            counts = []
+            for t in wanted:
+                (n,) = db.execute(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM item_tags WHERE tag = ? LIMIT ?)", (t, limit + 1)
+                ).fetchone()
+                if n == 0:
+                    return np.zeros(0, np.int64)
+                counts.append((n, t))
+            counts.sort()
+            if counts[0][0] > limit:
+                return None
+            rarest, *others = (t for _, t in counts)
+            rows = db.execute(
+                "SELECT vector_id FROM item_tags WHERE tag = ?"
+                + " INTERSECT SELECT vector_id FROM item_tags WHERE tag = ?" * len(others),
+                (rarest, *others),
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def embeddings(self, vector_ids: Sequence[int]) -> dict[int, Embedding]:
+        """Stored vectors by id (tombstoned ones too, until a compaction purges them)."""
+        out: dict[int, Embedding] = {}
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            with self._reading() as db:
+                rows = db.execute(
+                    f"SELECT vector_id, embedding FROM vectors WHERE vector_id IN ({_marks(chunk)})", chunk
+                )
+                found = rows.fetchall()
+            if found:
+                vecs = self._decode([r[1] for r in found])
+                out.update((int(r[0]), vecs[i]) for i, r in enumerate(found))
         return out
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
@@ -588,6 +679,91 @@ class SqliteStore:
                 (source, source, prefix, prefix + "\U0010ffff"),
             ).fetchall()
         return [_item(r) for r in rows]
+
+    # -- migration --------------------------------------------------------------------------------------
+
+    def export_items(self, chunk: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every item with its live vector (failed ones without), by id, in chunks."""
+        last = ""
+        while True:
+            with self._lock:
+                columns = ", ".join(f"i.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
+                rows = self._db.execute(
+                    f"SELECT {columns}, v.embedding FROM items i LEFT JOIN vectors v ON v.vector_id = i.vector_id "
+                    "WHERE i.id > ? ORDER BY i.id LIMIT ?",
+                    (last, chunk),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [StoredItem(_item(r), None if r[-1] is None else self._decode([r[-1]])[0]) for r in rows]
+
+    def import_items(self, items: Sequence[StoredItem]) -> None:
+        """Write items as another store held them (ids, versions, statuses and times kept), in one
+        transaction; an item already here is replaced, its old vector tombstoned."""
+        with self._write() as db:
+            seq = int(self._meta("seq"))
+            for stored in items:
+                it = stored.item
+                row = db.execute("SELECT vector_id FROM items WHERE id = ?", (it.id,)).fetchone()
+                if row is not None and row[0] is not None:
+                    seq += 1
+                    db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
+                vector_id = None
+                if stored.embedding is not None:
+                    seq += 1
+                    vector_id = db.execute(
+                        "INSERT INTO vectors(item_id, sha256, embedding, seq, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (it.id, it.sha256, self._blob(stored.embedding), seq, it.updated_at.timestamp()),
+                    ).lastrowid
+                    self._tag(vector_id, it.source, it.metadata)  # filtered searches find it by these
+                db.execute(
+                    f"INSERT OR REPLACE INTO items({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        it.id,
+                        it.source,
+                        it.uri,
+                        it.sha256,
+                        json.dumps(it.metadata),
+                        it.status,
+                        it.reason,
+                        it.version,
+                        vector_id,
+                        it.created_at.timestamp(),
+                        it.updated_at.timestamp(),
+                        int(it.retriable),
+                    ),
+                )
+            self._set_meta("seq", str(seq))
+
+    def export_dead_letters(self) -> list[DeadLetter]:
+        return self.dead_letters(limit=2**62)
+
+    def import_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Add the letters not held yet (the same source, item, payload, reason and time)."""
+        have = {_letter_identity(d) for d in self.export_dead_letters()}
+        new = [d for d in letters if _letter_identity(d) not in have]
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at, retriable, attempts, "
+                "retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        d.source,
+                        d.item_id,
+                        d.payload,
+                        d.reason,
+                        d.tries,
+                        d.created_at.timestamp(),
+                        int(d.retriable),
+                        d.attempts,
+                        None if d.retry_at is None else d.retry_at.timestamp(),
+                    )
+                    for d in new
+                ],
+            )
+        return len(new)
 
     # -- dead letters and stats -------------------------------------------------------------------------
 
@@ -688,6 +864,20 @@ class SqliteStore:
         return None if row[0] is None else max(0.0, time.time() - float(row[0]))
 
 
+def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
+    """SQL conditions on `items` that every item passing `filters` meets (values and keys are parameters)."""
+    where = ""
+    params: list[Any] = []
+    for t in tags.filter_tags(filters):
+        where += " AND EXISTS (SELECT 1 FROM item_tags t WHERE t.tag = ? AND t.vector_id = items.vector_id)"
+        params.append(t)
+    for key, value in filters.metadata.items():
+        if value is None:  # null or absent
+            where += " AND NOT EXISTS (SELECT 1 FROM json_each(items.metadata) j WHERE j.key = ? AND j.type != 'null')"
+            params.append(key)
+    return where, params
+
+
 _ITEM_COLUMNS = (
     "id, source, uri, sha256, metadata, status, reason, version, vector_id, created_at, updated_at, retriable"
 )
@@ -726,15 +916,14 @@ def _letter(row: Sequence[Any]) -> DeadLetter:
     )
 
 
+def _letter_identity(d: DeadLetter) -> tuple[str, str | None, str, str, float]:
+    """What makes two dead letters the same one, whichever store kept it."""
+    return (d.source, d.item_id, d.payload, d.reason, round(d.created_at.timestamp(), 3))
+
+
 def _older(version: int | None, stored: int | None) -> bool:
     """The rule of `indexer.resolve`, checked again inside the transaction: only two versions compare."""
     return version is not None and stored is not None and version < stored
-
-
-def _folder_name(path: str) -> str:
-    """A folder's own name, as a part of an item id: letters, digits, `.`, `_` and `-` only."""
-    name = re.sub(r"[^\w.-]+", "_", path.rstrip("/").rsplit("/", 1)[-1], flags=re.ASCII).strip("._")
-    return name[:64] or "folder"
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:

@@ -1,9 +1,11 @@
-"""SearchService on a real store and index with the tiny model: filters, min_score, top_k, find-similar."""
+"""SearchService on a real store with the tiny model, on each backend (`store_settings`: SQLite with its
+FAISS index, then Milvus): filters, min_score, top_k, find-similar, deletes and replacements; weighted
+terms, pages, copies collapsed and sorting, checked against brute force."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,15 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import shared.milvus.search as milvus_search
+import shared.sqlite.search as search_module
 from indexer.compaction import compact
+from shared import ranking
+from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import InvalidRequest, NotFound
+from shared.query import MAX_DEPTH, Collapse, ItemTerm, SearchOptions, Term, TextTerm, combine
 from shared.roles import Delete, Failure, Upsert
 from shared.search import MAX_QUERY_CHARS, SearchService, cap_query
-from shared.sqlite.index import IndexParams, LiveIndex
-from shared.sqlite.search import IndexSearch
-from shared.sqlite.store import SqliteStore
-from shared.types import Filters
+from shared.sqlite.index import IndexParams
+from shared.stores import open_reader, open_writer
+from shared.types import Filters, Hit
 
 DIM = 32
 PARAMS = IndexParams("flat", 200_000, None, None, 16, 64, 10**6, 1e9)
@@ -40,24 +46,32 @@ def towards(target: np.ndarray, cos: float, seed: int) -> np.ndarray:
 
 
 class World:
-    def __init__(self, tmp_path: Path, embedder: Embedder) -> None:
-        self.store = SqliteStore(tmp_path / "db.sqlite3")
-        self.index = LiveIndex(self.store, DIM, PARAMS, tmp_path / "index")
-        self.search = SearchService(IndexSearch(self.store, self.index), self.store, embedder)
-        self.tmp_path = tmp_path
+    """A store opened as an indexer and as a search process would open it."""
+
+    def __init__(self, settings: Settings, embedder: Embedder) -> None:
+        self.settings = settings
+        self.writer_side = open_writer(settings, embedder.identity)
+        self.reader = open_reader(settings, embedder.identity)
+        self.store = self.writer_side.writer
+        self.vectors = self.reader.vectors
+        self.search = SearchService(self.vectors, self.reader.catalog, embedder)
 
     def add(self, item_id: str, vector: np.ndarray, source: str = "kafka", **metadata: Any) -> None:
         self.store.apply(upserts=[Upsert(item_id, source, f"https://x/{item_id}", f"sha-{item_id}", metadata, vector)])
 
     def refresh(self) -> None:
-        self.index.refresh()
+        self.vectors.refresh()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer_side.close()
 
 
 @pytest.fixture
-def world(tmp_path: Path, tiny_embedder: Embedder) -> Iterator[World]:
-    w = World(tmp_path, tiny_embedder)
+def world(store_settings: Settings, tiny_embedder: Embedder) -> Iterator[World]:
+    w = World(store_settings, tiny_embedder)
     yield w
-    w.store.close()
+    w.close()
 
 
 QUERY = unit(1000)
@@ -125,7 +139,7 @@ def test_min_score_cuts_the_list(ranked: World) -> None:
 
 @pytest.mark.parametrize("top_k", [0, -1, 101, 10_000])
 def test_top_k_out_of_range_is_an_invalid_request(ranked: World, top_k: int) -> None:
-    with pytest.raises(InvalidRequest, match="between 1 and 100"):
+    with pytest.raises(InvalidRequest, match="from 1 to 100"):
         ranked.search.search_text("a cat", top_k=top_k)
     with pytest.raises(InvalidRequest):
         ranked.search.similar_to_item("item-0", top_k=top_k)
@@ -176,7 +190,7 @@ def test_a_huge_query_is_cut_before_tokenising_flagged_and_cached_cut(world: Wor
     world.add("bike", tiny_embedder.encode_texts(["a red bicycle"])[0].vector)
     world.refresh()
     model = RecordingEmbedder(tiny_embedder)
-    search = SearchService(IndexSearch(world.store, world.index), world.store, model, max_query_chars=MAX_QUERY_CHARS)  # type: ignore[arg-type]
+    search = SearchService(world.vectors, world.reader.catalog, model, max_query_chars=MAX_QUERY_CHARS)  # type: ignore[arg-type]
     huge = "a red bicycle " * 75_000  # 1 MB
     result = search.search_text(huge, top_k=1)
     assert result.query_truncated is True and ids(result.hits) == ["bike"]
@@ -187,7 +201,7 @@ def test_a_huge_query_is_cut_before_tokenising_flagged_and_cached_cut(world: Wor
 
 def test_runs_of_whitespace_count_once_against_the_cap(world: World, tiny_embedder: Embedder) -> None:
     model = RecordingEmbedder(tiny_embedder)
-    search = SearchService(IndexSearch(world.store, world.index), world.store, model, max_query_chars=20)  # type: ignore[arg-type]
+    search = SearchService(world.vectors, world.reader.catalog, model, max_query_chars=20)  # type: ignore[arg-type]
     result = search.search_text("  a red\n\n" + " " * 5000 + "\tbicycle  ")
     assert result.query_truncated is False and model.texts == ["a red bicycle"]  # what the tokenizer sees anyway
     assert search.search_text("x" * 20).query_truncated is False
@@ -226,14 +240,14 @@ class NoModel:
 
 
 def test_similar_to_item_excludes_itself_and_makes_no_model_call(ranked: World) -> None:
-    service = SearchService(IndexSearch(ranked.store, ranked.index), ranked.store, NoModel())  # type: ignore[arg-type]
+    service = SearchService(ranked.vectors, ranked.reader.catalog, NoModel())  # type: ignore[arg-type]
     hits = service.similar_to_item("item-0", top_k=3).hits
     assert "item-0" not in ids(hits) and len(hits) == 3
-    stored = ranked.store.item_vector("item-0")
+    stored = ranked.vectors.item_vector("item-0")
     assert stored is not None
     want = sorted(
         (f"item-{i}" for i in range(1, 20)),
-        key=lambda item: -float(ranked.store.item_vector(item)[1] @ stored[1]),  # type: ignore[index]
+        key=lambda item: -float(ranked.vectors.item_vector(item) @ stored),  # type: ignore[operator]
     )
     assert ids(hits) == want[:3]
 
@@ -269,18 +283,156 @@ def test_a_deleted_item_is_never_returned_even_before_the_index_refreshes(ranked
 def test_a_replaced_item_appears_once_with_its_new_vector(ranked: World) -> None:
     ranked.add("item-19", towards(QUERY, 0.99, seed=99), colour="gold")  # was the worst match, now the best
     before = ranked.search.search_vector(QUERY, 20)
-    assert "item-19" not in ids(before)  # the old vector is dead, the new one not yet in the index
+    # never the old vector: SQLite has dropped it and not yet loaded the new one; Milvus has the new one
+    assert all(h.metadata == {"colour": "gold"} for h in before if h.id == "item-19")
     ranked.refresh()
     hits = ranked.search.search_vector(QUERY, 20)
     assert ids(hits)[0] == "item-19" and ids(hits).count("item-19") == 1 and hits[0].metadata == {"colour": "gold"}
 
 
 def test_results_are_the_same_after_compaction(ranked: World) -> None:
+    if ranked.writer_side.compaction is None:
+        pytest.skip("Milvus compacts its segments by itself")
     before = ranked.search.search_vector(QUERY, 10)
-    compact(ranked.store, PARAMS, DIM, ranked.tmp_path / "index")
+    compact(ranked.writer_side.compaction, PARAMS, DIM, ranked.settings.index_dir)
     ranked.refresh()
     after = ranked.search.search_vector(QUERY, 10)
     assert ids(after) == ids(before)
     info = ranked.search.info()
     assert (info.generation, info.delta_size, info.vectors, info.items) == (1, 0, 20, 20)
     assert info.newest_indexed_at is not None
+
+
+# -- weighted terms, pages, copies, order ----------------------------------------------------------------------
+
+
+def all_pages(service: SearchService, terms: list[Term], options: SearchOptions, sizes: list[int]) -> list[Hit]:
+    """Every page, following next_cursor, with page sizes taken in turn from `sizes`."""
+    shown: list[Hit] = []
+    cursor = None
+    for n in range(2000):
+        result = service.search(terms, replace(options, top_k=sizes[n % len(sizes)], cursor=cursor))
+        shown += result.hits
+        cursor = result.next_cursor
+        if cursor is None:
+            return shown
+    raise AssertionError("pages never ended")
+
+
+def oracle(world: World, query: np.ndarray, options: SearchOptions) -> list[Hit]:
+    """The whole ordered result, from every stored item, by brute force."""
+    hits = []
+    for item in world.reader.catalog.items():
+        stored = world.vectors.item_vector(item.id)
+        assert stored is not None
+        if options.filters is None or options.filters.matches(item):
+            hits.append(Hit(item.id, item.uri, float(stored @ query), item.metadata, sha256=item.sha256))
+    ordered = ranking.order(hits, None, True)
+    if options.min_score is not None:
+        ordered = [h for h in ordered if h.score >= options.min_score]
+    ordered, _ = ranking.drop_tail(ordered, options.max_drop)
+    grouped = ranking.collapse(ordered, options.collapse)
+    return ranking.order(grouped, options.sort_key, options.order == "desc")[:MAX_DEPTH]
+
+
+@pytest.fixture
+def crowded(world: World) -> World:
+    """240 items: every fifth a copy (same content, same vector) of the one before; a year and a colour each."""
+    rng = np.random.default_rng(11)
+    ups: list[Upsert] = []
+    for i in range(240):
+        copy = i % 5 == 4
+        sha = f"sha-{i - 1}" if copy else f"sha-{i}"
+        vec = ups[-1].embedding if copy else towards(QUERY, float(rng.uniform(-0.2, 0.95)), seed=i)
+        meta = {"year": 2000 + int(rng.integers(0, 12)), "colour": ["red", "blue", "green"][i % 3]}
+        if i % 17 == 0:
+            meta.pop("year")
+        ups.append(Upsert(f"item-{i:03d}", "kafka", f"https://x/{i}", sha, meta, vec))
+    world.store.apply(upserts=ups)
+    world.refresh()
+    return world
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SearchOptions(),
+        SearchOptions(collapse=Collapse.NONE),
+        SearchOptions(max_drop=0.4),
+        SearchOptions(min_score=0.0, filters=Filters({"colour": "red"})),
+        SearchOptions(sort_by="metadata.year", order="desc"),
+        SearchOptions(sort_by="metadata.year", order="asc", max_drop=0.6, collapse=Collapse.NONE),
+    ],
+)
+def test_pages_never_overlap_and_concatenate_to_one_deep_search(crowded: World, options: SearchOptions) -> None:
+    terms: list[Term] = [TextTerm("anything")]
+    want = oracle(crowded, combine([1.0], [crowded.search.embedder.encode_text("anything").vector]), options)
+    got = all_pages(crowded.search, terms, options, [7, 1, 13, 100])
+    assert [h.id for h in got] == [h.id for h in want] and len(want) > 15
+    assert [h.duplicates for h in got] == [h.duplicates for h in want]
+
+
+def test_copies_show_once_listing_the_others_by_default(crowded: World) -> None:
+    result = crowded.search.search([ItemTerm("item-003")], SearchOptions(top_k=100))
+    by_id = {h.id: h for h in result.hits}
+    assert "item-003" not in by_id and "item-004" in by_id  # the item itself is left out, its copy is not
+    shown = {i for h in result.hits for i in (h.id, *h.duplicates)}
+    assert len(shown) == len(result.hits) + sum(len(h.duplicates) for h in result.hits)
+    assert any(h.duplicates for h in result.hits)
+    for h in result.hits:
+        for dup in h.duplicates:
+            assert crowded.reader.catalog.get_item(dup).sha256 == h.sha256  # type: ignore[union-attr]
+
+
+def test_a_page_after_new_items_arrived_above_it_repeats_nothing(crowded: World) -> None:
+    terms: list[Term] = [TextTerm("anything")]
+    vector = crowded.search.embedder.encode_text("anything").vector
+    first = crowded.search.search(terms, SearchOptions(top_k=10))
+    crowded.add("newcomer", vector, colour="red")  # the best match of all, after page one was shown
+    crowded.store.apply(deletes=[Delete(first.hits[3].id)])
+    crowded.refresh()
+    second = crowded.search.search(terms, SearchOptions(top_k=10, cursor=first.next_cursor))
+    assert not {h.id for h in second.hits} & ({h.id for h in first.hits} | {"newcomer"})
+    assert len(second.hits) == 10
+
+
+def test_pages_reach_a_thousand_results_deep(world: World) -> None:
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((1100, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    world.store.apply(upserts=[Upsert(f"i{n}", "kafka", "u", f"s{n}", {}, v) for n, v in enumerate(vecs)])
+    world.refresh()
+    got = all_pages(world.search, [TextTerm("x")], SearchOptions(), [100])
+    assert len(got) == MAX_DEPTH == len({h.id for h in got})
+    scores = [round(h.score, 6) for h in got]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_cursor_from_another_search_is_refused(crowded: World) -> None:
+    first = crowded.search.search([TextTerm("anything")], SearchOptions(top_k=5))
+    with pytest.raises(InvalidRequest, match="another search"):
+        crowded.search.search([TextTerm("something else")], SearchOptions(top_k=5, cursor=first.next_cursor))
+
+
+def test_liked_and_unliked_items_move_the_ranking_and_are_left_out(ranked: World) -> None:
+    """item-19 is the worst match for QUERY; liking it with weight 3 makes items near it rank first."""
+    like = ranked.search.search([ItemTerm("item-0"), ItemTerm("item-19", 3.0)], SearchOptions(top_k=19))
+    assert {"item-0", "item-19"}.isdisjoint(h.id for h in like.hits) and len(like.hits) == 18
+    vectors = {h.id: ranked.vectors.item_vector(h.id) for h in like.hits}
+    q = combine([1.0, 3.0], [ranked.vectors.item_vector("item-0"), ranked.vectors.item_vector("item-19")])  # type: ignore[list-item]
+    assert [h.id for h in like.hits] == sorted(vectors, key=lambda i: (-round(float(vectors[i] @ q), 6), i))
+    with pytest.raises(NotFound, match="no item with id 'nope'"):
+        ranked.search.search([TextTerm("x"), ItemTerm("nope", -1)])
+
+
+def test_the_backends_partial_flag_reaches_the_result(ranked: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each backend stops at a bound and says so. SQLite: a `null` filter checked item by item on at most
+    MAX_SCAN candidates. Milvus filters inside its search, so its bound (its largest search) is reached
+    only when the exact check drops the rows Milvus let through: here every row (as if every tag collided)."""
+    if ranked.settings.store == "milvus":
+        monkeypatch.setattr(milvus_search, "_MAX_FETCH", 4)
+        monkeypatch.setattr(milvus_search.ex, "search_expr", lambda *args: 'status == "indexed"')
+    else:
+        monkeypatch.setattr(search_module, "MAX_SCAN", 4)
+    result = ranked.search.search([TextTerm("x")], SearchOptions(top_k=1, filters=Filters({"colour": None})))
+    assert result.hits == [] and result.partial and result.next_cursor is None
