@@ -19,8 +19,9 @@ Writers of different sources may share a store: their items never share an id (`
 `folder:<name>/...`), each write is one transaction, versions are checked inside it, and each retries
 only its own dead letters. The locks are files in the local data directory: on Milvus they keep one
 writer per source per data directory (the consumers of one group, each with its own data directory and
-writer counters, write side by side, as the Milvus store expects). `clipdex compact` holds no writer lock: its only store write, a new index
-generation, is serialised with the indexers' own compactions by the compaction lock.
+writer counters, write side by side, as the Milvus store expects). `clipdex compact` holds no writer
+lock: its only store write, a new index generation, is serialised with the indexers' own compactions by
+the compaction lock.
 """
 
 from __future__ import annotations
