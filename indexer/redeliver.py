@@ -28,7 +28,7 @@ from typing import Protocol
 from indexer.events import parse_event
 from indexer.records import BatchReport, Record, Redelivery
 from shared.config import Settings
-from shared.errors import ClipdexError, InvalidEvent
+from shared.errors import ClipdexError, InvalidEvent, StoreUnavailable
 from shared.roles import Catalog, DeadLetter
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ class Redeliverer:
                 for _ in range(100):  # a backlog goes through at the pipeline's pace, a few thousand a check
                     if await self.redeliver_due() is None or stop.is_set():
                         break
+            except StoreUnavailable as exc:  # the source's own writes wait it out and say so
+                logger.warning("retrying dead letters: %s; trying again in %.0f s", exc, self.check_s)
             except ClipdexError:
                 logger.exception("retrying dead letters failed; trying again in %.0f s", self.check_s)
             with suppress(TimeoutError):
