@@ -176,7 +176,7 @@ class Reembedder:
     ) -> None:
         read = await asyncio.gather(*(self._read(item, fetch_pool) for item in batch))
         failures = [
-            SpaceFailure(item, f"{type(out).__name__}: {out}", tries)
+            SpaceFailure(item, f"{type(out).__name__}: {out}", tries, retriable=out.retriable)
             for item, out, tries in read
             if isinstance(out, ItemError)
         ]
@@ -201,7 +201,7 @@ class Reembedder:
             vector: Embedding | None = known.get(sha, done.vectors.get(sha))
             if vector is None:
                 error = done.failures[sha]
-                failures.append(SpaceFailure(item, f"{type(error).__name__}: {error}"))
+                failures.append(SpaceFailure(item, f"{type(error).__name__}: {error}", retriable=error.retriable))
             else:
                 vectors.append(SpaceVector(item, sha, vector))
         written = await asyncio.to_thread(self.spaces.add_vectors, self.space.id, vectors, failures)

@@ -12,13 +12,15 @@
     │   ├── ModelMismatchError   the store was built with another model
     │   ├── ModelSwitched        the store switched to another model (clipdex reembed) under this writer
     │   └── SpaceGone            an embedding space was dropped (a re-embed aborted, an old space removed)
+    ├── WriterBusy               another process writes to this data directory (names it): retriable
     ├── ItemError                one item cannot be indexed or used; the others go on
     │   ├── InvalidEvent         a catalog event that does not match the schema
     │   ├── ImageRejected        not an image, corrupt, truncated, too many bytes or pixels
     │   ├── PathNotAllowed       a path outside the allowed roots (traversal, symlink escape)
     │   ├── HostNotAllowed       a URL whose host is not allowlisted
     │   ├── SourceNotFound       the file or URL does not exist
-    │   └── FetchFailed          a transient fetch failure (timeout, HTTP 5xx): retriable
+    │   ├── FetchFailed          a transient fetch failure (timeout, HTTP 5xx): retriable
+    │   └── EmbedFailed          the model failed on one image (a flaky device?): retriable
     ├── NotFound                 an unknown item id
     └── InvalidRequest           a search argument out of range or missing
 
@@ -89,6 +91,13 @@ class SpaceGone(StoreError):
     pass
 
 
+class WriterBusy(ClipdexError):
+    """Another process holds the data directory's writer lock. The message names it (pid, command, since
+    when); trying again after it stops succeeds."""
+
+    retriable = True
+
+
 class ItemError(ClipdexError):
     """One item cannot be processed. It is dead-lettered; the rest of its batch goes on."""
 
@@ -114,6 +123,13 @@ class SourceNotFound(ItemError):
 
 
 class FetchFailed(ItemError):
+    retriable = True
+
+
+class EmbedFailed(ItemError):
+    """The model failed on this one image, alone: perhaps the image, perhaps a device that is out of
+    memory or lost. Retried a bounded number of times (a dead letter's automatic retries)."""
+
     retriable = True
 
 

@@ -48,7 +48,7 @@ class SpaceFeed:
         # one statement, one snapshot: never one generation's number with another's mark
         with self.store.locked() as db:
             row = db.execute(
-                "SELECT s.generation, s.high_water, s.main_seq, m.value FROM meta m "
+                "SELECT s.generation, s.high_water, s.main_seq, m.value, s.main_sha256 FROM meta m "
                 "LEFT JOIN spaces s ON s.id = ? WHERE m.key = 'seq'",
                 (self.space,),
             ).fetchone()
@@ -58,7 +58,7 @@ class SpaceFeed:
             if self.space == 0:  # no space yet: nothing was written
                 return IndexMeta(0, 0, 0, int(row[3]))
             raise SpaceGone(f"embedding space {self.space} no longer exists (dropped after a re-embed)")
-        return IndexMeta(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+        return IndexMeta(int(row[0]), int(row[1]), int(row[2]), int(row[3]), checksum=row[4] or None)
 
     def changes_since(self, seq: int) -> Changes:
         """Vectors of this space added and tombstoned after `seq`, read in one snapshot."""
@@ -180,13 +180,16 @@ class SpaceFeed:
             seq = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]
         return int(max_id), int(seq)
 
-    def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
-        """Point readers at a new main index; purge the tombstones it no longer contains."""
+    def record_generation(
+        self, generation: int, high_water: int, main_seq: int, kind: str, checksum: str | None = None
+    ) -> int:
+        """Point readers at a new main index of this space (its file's sha256: `checksum`); purge the
+        tombstones it no longer contains."""
         with self.store.write() as db:
             updated = db.execute(
-                "UPDATE spaces SET generation = ?, high_water = ?, main_seq = ?, main_kind = ?, "
+                "UPDATE spaces SET generation = ?, high_water = ?, main_seq = ?, main_kind = ?, main_sha256 = ?, "
                 "last_compaction_at = ? WHERE id = ?",
-                (generation, high_water, main_seq, kind, datetime.now(tz=UTC).timestamp(), self.space),
+                (generation, high_water, main_seq, kind, checksum, datetime.now(tz=UTC).timestamp(), self.space),
             ).rowcount
             if not updated:
                 raise SpaceGone(f"embedding space {self.space} no longer exists (dropped after a re-embed)")

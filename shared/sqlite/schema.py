@@ -10,12 +10,15 @@
     item_tags         (tag, vector_id): the facts a filter can ask about (`shared.sqlite.tags`), per live
                       vector, so of every space the item has a vector in
     reembed_failures  items a shadow space could not get (their source is gone): the re-embed's dead letters
-    dead_letters      what could not be indexed, with the raw event or path and the reason
+    dead_letters      what could not be indexed, with the raw event or path, the reason, and when it is
+                      retried by itself, if ever (`retry_at`)
+    folders           the short name of each watched folder, which namespaces its item ids
 
-Versions, each reached from the one before by its own step, all in the opening transaction:
+Versions, each reached from the one before by its own step (`MIGRATIONS`), all in the opening transaction:
     1  one model per store: the main index's state in `meta`, the item's vector in `items.vector_id`
     2  `add_item_tags`: the filter tags (issue 14)
-    3  `add_spaces`: embedding spaces (issue 15): one active space holding every vector
+    3  `add_retries_and_folders`: dead letters retried by themselves, items.retriable, folders (issue 9)
+    4  `add_spaces`: embedding spaces (issue 15): one active space holding every vector
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import json
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.sqlite.tags import item_tags
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,6 +49,7 @@ CREATE TABLE IF NOT EXISTS spaces (
     high_water INTEGER NOT NULL DEFAULT 0,
     main_seq INTEGER NOT NULL DEFAULT 0,
     main_kind TEXT,
+    main_sha256 TEXT,
     last_compaction_at REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS spaces_one_active ON spaces(state) WHERE state = 'active';
@@ -59,7 +64,8 @@ CREATE TABLE IF NOT EXISTS items (
     reason TEXT,
     version INTEGER,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    retriable INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS vectors (
     vector_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -81,6 +87,7 @@ CREATE TABLE IF NOT EXISTS reembed_failures (
     item_id TEXT NOT NULL,
     reason TEXT NOT NULL,
     created_at REAL NOT NULL,
+    retriable INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (space, item_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -90,8 +97,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload TEXT NOT NULL,
     reason TEXT NOT NULL,
     tries INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    retriable INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    retry_at REAL
 );
+CREATE TABLE IF NOT EXISTS folders (name TEXT PRIMARY KEY, path TEXT NOT NULL UNIQUE, created_at REAL NOT NULL);
 """
 
 # Every vector query names its space. Index entries end with the rowid (vector_id), so `vectors_space`
@@ -102,9 +113,11 @@ CREATE INDEX IF NOT EXISTS vectors_space_seq ON vectors(space, seq);
 CREATE INDEX IF NOT EXISTS vectors_sha256 ON vectors(sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS vectors_live ON vectors(item_id, space) WHERE tombstoned = 0;
 CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id);
+CREATE INDEX IF NOT EXISTS dead_letters_due ON dead_letters(retry_at) WHERE retry_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dead_letters_retrying ON dead_letters(item_id) WHERE retry_at IS NOT NULL;
 """
 
-_SPACE_KEYS = ("model", "generation", "high_water", "main_seq", "main_kind", "last_compaction_at")
+_SPACE_KEYS = ("model", "generation", "high_water", "main_seq", "main_kind", "main_sha256", "last_compaction_at")
 
 
 def execute_script(db: sqlite3.Connection, script: str) -> None:
@@ -129,22 +142,17 @@ def create(db: sqlite3.Connection) -> None:
 
 
 def migrate(db: sqlite3.Connection, version: int, now: float, path: Path) -> bool:
-    """Bring a store of an older `version` to SCHEMA_VERSION, step by step, in the caller's transaction.
-    True when the FAISS files must move to the first space's folder (`move_index_files`, after commit)."""
-    moved = False
-    if version == 1:
-        add_item_tags(db)
-        version = 2
-    if version == 2:
-        add_spaces(db, now)
-        moved = True
-        version = 3
-    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
-    logger.info("store %s: migrated to schema version %d", path, version)
-    return moved
+    """Bring a store of an older `version` to SCHEMA_VERSION, one `MIGRATIONS` step per version, in the
+    caller's transaction (two processes opening one old store migrate it once). True when the FAISS files
+    must move to the first space's folder (`move_index_files`, after commit)."""
+    for to in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[to](db, now)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(to),))
+        logger.info("store %s: migrated from schema version %d to %d", path, to - 1, to)
+    return version < 4
 
 
-def add_item_tags(db: sqlite3.Connection) -> None:
+def add_item_tags(db: sqlite3.Connection, now: float) -> None:
     """1 → 2: the filter tags of every item's vector (schema 1 points items at their vector)."""
     db.execute(
         "CREATE TABLE IF NOT EXISTS item_tags (tag INTEGER NOT NULL, vector_id INTEGER NOT NULL, "
@@ -159,8 +167,25 @@ def add_item_tags(db: sqlite3.Connection) -> None:
         )
 
 
+def add_retries_and_folders(db: sqlite3.Connection, now: float) -> None:
+    """2 → 3: dead letters that are retried by themselves (`retriable`, `attempts`, `retry_at`), whether an
+    item's last failure was transient (`items.retriable`), and the `folders` table."""
+    execute_script(
+        db,
+        """
+ALTER TABLE items ADD COLUMN retriable INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN retriable INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE dead_letters ADD COLUMN retry_at REAL;
+CREATE TABLE IF NOT EXISTS folders (name TEXT PRIMARY KEY, path TEXT NOT NULL UNIQUE, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS dead_letters_due ON dead_letters(retry_at) WHERE retry_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dead_letters_retrying ON dead_letters(item_id) WHERE retry_at IS NOT NULL;
+""",
+    )
+
+
 def add_spaces(db: sqlite3.Connection, now: float) -> None:
-    """2 → 3: one active space (id 1) holding every vector, the main index's state moved from `meta` to it,
+    """3 → 4: one active space (id 1) holding every vector, the main index's state moved from `meta` to it,
     and `items.vector_id` dropped (an item's vector is found per space).
 
     Live vectors that no item points to (none should exist) are tombstoned, so that "one live vector per
@@ -172,8 +197,8 @@ def add_spaces(db: sqlite3.Connection, now: float) -> None:
     if "model" in meta or has_vectors:
         db.execute(
             """INSERT INTO spaces(id, model, state, created_at, switched_at, generation, high_water, main_seq,
-                                  main_kind, last_compaction_at)
-               VALUES (1, ?, 'active', ?, ?, ?, ?, ?, ?, ?)""",
+                                  main_kind, main_sha256, last_compaction_at)
+               VALUES (1, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 meta.get("model"),
                 now,
@@ -182,6 +207,7 @@ def add_spaces(db: sqlite3.Connection, now: float) -> None:
                 int(meta.get("high_water", 0)),
                 int(meta.get("main_seq", 0)),
                 meta.get("main_kind"),
+                meta.get("main_sha256") or None,  # the main file's checksum (version 3 kept it in meta)
                 float(meta["last_compaction_at"]) if "last_compaction_at" in meta else None,
             ),
         )
@@ -204,6 +230,14 @@ def add_spaces(db: sqlite3.Connection, now: float) -> None:
     if "model" in meta:
         name = json.loads(meta["model"]).get("name")
         logger.info("embedding spaces: model %s is the store's active space", name)
+
+
+# One step per schema version: MIGRATIONS[n] takes a store of version n - 1 to version n.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {
+    2: add_item_tags,
+    3: add_retries_and_folders,
+    4: add_spaces,
+}
 
 
 def move_index_files(index_dir: Path, space_dir: Path) -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence, Set
 
 from shared.errors import SpaceGone, StoreError
-from shared.roles import CompactionLedger, Pending, Space, SpaceFailure, SpaceState, SpaceVector
+from shared.roles import CompactionLedger, Failure, Pending, Space, SpaceFailure, SpaceState, SpaceVector
 from shared.sqlite.store import SqliteStore, tag
 from shared.types import Embedding, ModelIdentity
 
@@ -110,12 +110,22 @@ class SqliteSpaces:
                 if not _unchanged(db, fail.item, active, space):
                     continue
                 db.execute(
-                    "INSERT OR REPLACE INTO reembed_failures(space, item_id, reason, created_at) VALUES (?, ?, ?, ?)",
-                    (space, fail.item.id, fail.reason, now),
+                    "INSERT OR REPLACE INTO reembed_failures(space, item_id, reason, created_at, retriable) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (space, fail.item.id, fail.reason, now, int(fail.retriable)),
                 )
-                reason = f"re-embedding with {model.name if model else '?'}: {fail.reason}"
-                payload = _event(fail.item)
-                self.store.add_dead_letter(db, fail.item.source, fail.item.id, payload, reason, fail.tries, now)
+                # Not retried by itself (retry_at None): an indexer's retry would embed it with the model
+                # it runs, the active space's; `clipdex dlq retry` after the switch embeds it with the new one.
+                letter = Failure(
+                    fail.item.source,
+                    _event(fail.item),
+                    f"re-embedding with {model.name if model else '?'}: {fail.reason}",
+                    id=fail.item.id,
+                    uri=fail.item.uri,
+                    tries=fail.tries,
+                    retriable=fail.retriable,
+                )
+                self.store.add_dead_letter(db, letter, now)
             self.store.set_seq(seq)
         return written
 
@@ -136,7 +146,9 @@ class SqliteSpaces:
             db.execute(
                 """UPDATE items SET status = 'failed', updated_at = :now,
                        reason = (SELECT 're-embedding failed: ' || f.reason FROM reembed_failures f
-                                 WHERE f.space = :space AND f.item_id = items.id)
+                                 WHERE f.space = :space AND f.item_id = items.id),
+                       retriable = (SELECT f.retriable FROM reembed_failures f
+                                    WHERE f.space = :space AND f.item_id = items.id)
                    WHERE id IN (SELECT item_id FROM reembed_failures WHERE space = :space)""",
                 {"now": now, "space": space},
             )

@@ -8,9 +8,11 @@ A store is bound to a model (`bind_model`): its writes go to that model's space,
 one, and its reads (the item's vector, status counts) are of that space. An unbound store (tests,
 maintenance commands) reads and writes the active space.
 
-One writer (the indexer) applies each micro-batch in ONE transaction with `apply()`. Any number of
-readers, in this or other processes, follow the change counter `seq` to keep their delta index current
-(WAL mode lets them read while the writer writes).
+One writer per source of items (`shared.lockfile` keeps it to one process; a re-embed is not one) applies
+each micro-batch in ONE transaction with `apply()`. Any number of readers, in this or other processes,
+follow the change counter `seq` to keep their delta index current (WAL mode lets them read while the
+writer writes). Every SQLite failure, on a read as on a write, is a StoreError (a server answers 503).
+Folders (`register_folder`) have a short name each, which namespaces their item ids.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +45,7 @@ from shared.roles import (
     StoreStats,
     Upsert,
     VectorIds,
+    folder_name,
 )
 from shared.sqlite import schema, tags
 from shared.sqlite.feed import SpaceFeed
@@ -88,7 +91,10 @@ class SqliteStore:
                 elif version < SCHEMA_VERSION:
                     migrated = schema.migrate(db, version, time.time(), self.path)
                 elif version != SCHEMA_VERSION:
-                    raise StoreError(f"{path}: schema version {version}, expected {SCHEMA_VERSION} (a newer clipdex?)")
+                    raise StoreError(
+                        f"{path}: schema version {version}, newer than this clipdex knows ({SCHEMA_VERSION}): "
+                        "a newer clipdex wrote this store; upgrade this one"
+                    )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from exc
         if migrated:
@@ -279,6 +285,7 @@ class SqliteStore:
         upserts: Sequence[Upsert] = (),
         deletes: Sequence[Delete] = (),
         failures: Sequence[Failure] = (),
+        retried: Sequence[int] = (),
     ) -> ApplyResult:
         """Write one micro-batch in one transaction: all of it is durable, or none of it."""
         result = ApplyResult()
@@ -286,6 +293,9 @@ class SqliteStore:
         with self.write() as db:
             space = self._space_for_writing(db)
             seq = int(self._meta("seq"))
+            touched: list[str] = []  # items this batch wrote: their older dead letters are not retried
+            for chunk in _chunks([int(i) for i in retried], 500):
+                db.execute(f"DELETE FROM dead_letters WHERE id IN ({_marks(chunk)})", chunk)
             for up in upserts:
                 row = db.execute("SELECT sha256, version FROM items WHERE id = ?", (up.id,)).fetchone()
                 if row is not None and _older(up.version, row[1]):
@@ -293,13 +303,14 @@ class SqliteStore:
                     continue
                 version = up.version if up.version is not None else (row[1] if row else None)
                 live = _live_vectors(db, up.id)
+                if up.embedding is None and (space not in live.values() or row is None or row[0] != up.sha256):
+                    result.conflicts.append(up.id)  # its content changed since the resolver read it
+                    continue
                 for vector_id in live:  # its filter tags are written again below, for the vectors it keeps
                     untag(db, vector_id)
                 # Whatever the source says about an item ends a failed re-embed of it: it is tried again.
                 db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (up.id,))
                 if up.embedding is None:
-                    if space not in live.values() or row is None or row[0] != up.sha256:
-                        raise StoreError(f"metadata-only update of {up.id!r}, which has no vector for that hash")
                     result.updated += 1
                 else:
                     # New content: its vectors go in every space; a shadow space gets it from the re-embed.
@@ -319,16 +330,19 @@ class SqliteStore:
                     tag(db, vector_id, up.source, up.metadata)
                 db.execute(
                     """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, created_at,
-                                         updated_at)
-                       VALUES (?, ?, ?, ?, ?, 'indexed', NULL, ?, ?, ?)
+                                         updated_at, retriable)
+                       VALUES (?, ?, ?, ?, ?, 'indexed', NULL, ?, ?, ?, 0)
                        ON CONFLICT(id) DO UPDATE SET source = excluded.source, uri = excluded.uri,
                            sha256 = excluded.sha256, metadata = excluded.metadata, status = 'indexed',
-                           reason = NULL, version = excluded.version, updated_at = excluded.updated_at""",
+                           reason = NULL, version = excluded.version, updated_at = excluded.updated_at,
+                           retriable = 0""",
                     (up.id, up.source, up.uri, up.sha256, json.dumps(up.metadata), version, now, now),
                 )
+                touched.append(up.id)
             for de in deletes:
                 row = db.execute("SELECT version FROM items WHERE id = ?", (de.id,)).fetchone()
                 if row is None:
+                    touched.append(de.id)
                     continue
                 if _older(de.version, row[0]):
                     result.skipped += 1
@@ -340,6 +354,14 @@ class SqliteStore:
                 db.execute("DELETE FROM items WHERE id = ?", (de.id,))
                 db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (de.id,))
                 result.deleted += 1
+                touched.append(de.id)
+            touched += [f.id for f in failures if f.id is not None]
+            for chunk in _chunks(touched, 500):
+                db.execute(
+                    "UPDATE dead_letters SET retry_at = NULL "
+                    f"WHERE retry_at IS NOT NULL AND item_id IN ({_marks(chunk)})",
+                    chunk,
+                )
             for fail in failures:
                 self._record_failure(db, fail, now, space)
                 result.failed += 1
@@ -347,28 +369,89 @@ class SqliteStore:
         return result
 
     def _record_failure(self, db: sqlite3.Connection, fail: Failure, now: float, space: int) -> None:
-        self.add_dead_letter(db, fail.source, fail.id, fail.payload, fail.reason, fail.tries, now)
+        self.add_dead_letter(db, fail, now)
         if fail.id is None:
             return
         # A failed update keeps the item's older good vector live: nothing that was searchable is lost.
         db.execute(
-            """INSERT INTO items(id, source, uri, status, reason, created_at, updated_at)
-               VALUES (?, ?, ?, 'failed', ?, ?, ?)
+            """INSERT INTO items(id, source, uri, status, reason, created_at, updated_at, retriable)
+               VALUES (?, ?, ?, 'failed', ?, ?, ?, ?)
                ON CONFLICT(id) DO UPDATE SET reason = excluded.reason, updated_at = excluded.updated_at,
+                   retriable = excluded.retriable,
                    status = CASE WHEN EXISTS (SELECT 1 FROM vectors v WHERE v.item_id = items.id
                                               AND v.space = ? AND v.tombstoned = 0)
                                  THEN items.status ELSE 'failed' END""",
-            (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now, space),
+            (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now, int(fail.retriable), space),
         )
 
     @staticmethod
-    def add_dead_letter(
-        db: sqlite3.Connection, source: str, item_id: str | None, payload: str, reason: str, tries: int, now: float
-    ) -> None:
+    def add_dead_letter(db: sqlite3.Connection, fail: Failure, now: float) -> None:
+        """A dead letter, with when it is retried by itself (if ever)."""
         db.execute(
-            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (source, item_id, payload, reason, tries, now),
+            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at, retriable, attempts, "
+            "retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                fail.source,
+                fail.id,
+                fail.payload,
+                fail.reason,
+                fail.tries,
+                now,
+                int(fail.retriable),
+                fail.attempts,
+                None if fail.retry_at is None else fail.retry_at.timestamp(),
+            ),
         )
+
+    # -- folders ------------------------------------------------------------------------------------------
+
+    def register_folder(self, path: str) -> str:
+        """The short name of the folder at `path` (absolute), registered on first use."""
+        with self.write() as db:
+            row = db.execute("SELECT name FROM folders WHERE path = ?", (path,)).fetchone()
+            if row is not None:
+                return str(row[0])
+            base = folder_name(path)
+            taken = {
+                r[0] for r in db.execute("SELECT name FROM folders WHERE name = ? OR name LIKE ?", (base, base + "-%"))
+            }
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+            db.execute("INSERT INTO folders(name, path, created_at) VALUES (?, ?, ?)", (name, path, time.time()))
+            logger.info("folder %s is %r in this store (its item ids are folder:%s/...)", path, name, name)
+            return name
+
+    def folders(self) -> dict[str, str]:
+        """name -> absolute path of every registered folder."""
+        with self.locked() as db:
+            return {str(r[0]): str(r[1]) for r in db.execute("SELECT name, path FROM folders ORDER BY name")}
+
+    def rename_items(self, renames: Mapping[str, str]) -> int:
+        """Give items new ids in place: their vectors in every space (and so their filter tags), their
+        dead letters and failed re-embeds follow; nothing for a search index to reload."""
+        renamed = 0
+        with self.write() as db:
+            seq = int(self._meta("seq"))
+            for old, new in renames.items():
+                if old == new or db.execute("SELECT 1 FROM items WHERE id = ?", (old,)).fetchone() is None:
+                    continue
+                if db.execute("SELECT 1 FROM items WHERE id = ?", (new,)).fetchone() is not None:
+                    for vector_id in _live_vectors(db, old):  # the new id is already there: the old one goes
+                        seq += 1
+                        db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, vector_id))
+                        untag(db, vector_id)
+                    db.execute("DELETE FROM items WHERE id = ?", (old,))
+                    db.execute("DELETE FROM reembed_failures WHERE item_id = ?", (old,))
+                    continue
+                db.execute("UPDATE items SET id = ? WHERE id = ?", (new, old))
+                db.execute("UPDATE vectors SET item_id = ? WHERE item_id = ?", (new, old))
+                db.execute("UPDATE reembed_failures SET item_id = ? WHERE item_id = ?", (new, old))
+                db.execute("UPDATE dead_letters SET item_id = ? WHERE item_id = ?", (new, old))
+                renamed += 1
+            self._set_meta("seq", str(seq))
+        return renamed
 
     # -- what the resolver asks --------------------------------------------------------------------------
 
@@ -427,8 +510,10 @@ class SqliteStore:
     def snapshot_for_compaction(self) -> tuple[int, int]:
         return self.feed().snapshot_for_compaction()
 
-    def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
-        return self.feed().record_generation(generation, high_water, main_seq, kind)
+    def record_generation(
+        self, generation: int, high_water: int, main_seq: int, kind: str, checksum: str | None = None
+    ) -> int:
+        return self.feed().record_generation(generation, high_water, main_seq, kind, checksum)
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
         return self.feed().item_vector(item_id)
@@ -588,7 +673,7 @@ class SqliteStore:
                     tag(db, int(cur.lastrowid or 0), it.source, it.metadata)  # filtered searches find it by these
                 db.execute(
                     "INSERT OR REPLACE INTO items(id, source, uri, sha256, metadata, status, reason, version, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_at, updated_at, retriable) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         it.id,
                         it.source,
@@ -600,6 +685,7 @@ class SqliteStore:
                         it.version,
                         it.created_at.timestamp(),
                         it.updated_at.timestamp(),
+                        int(it.retriable),
                     ),
                 )
             self._set_meta("seq", str(seq))
@@ -613,9 +699,22 @@ class SqliteStore:
         new = [d for d in letters if _letter_identity(d) not in have]
         with self.write() as db:
             db.executemany(
-                "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(d.source, d.item_id, d.payload, d.reason, d.tries, d.created_at.timestamp()) for d in new],
+                "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at, retriable, attempts, "
+                "retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        d.source,
+                        d.item_id,
+                        d.payload,
+                        d.reason,
+                        d.tries,
+                        d.created_at.timestamp(),
+                        int(d.retriable),
+                        d.attempts,
+                        None if d.retry_at is None else d.retry_at.timestamp(),
+                    )
+                    for d in new
+                ],
             )
         return len(new)
 
@@ -624,18 +723,33 @@ class SqliteStore:
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         with self.locked() as db:
             rows = db.execute(
-                "SELECT id, source, item_id, payload, reason, tries, created_at FROM dead_letters "
-                "ORDER BY id DESC LIMIT ?",
-                (limit,),
+                f"SELECT {_LETTER_COLUMNS} FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], _dt(r[6])) for r in rows]
+        return [_letter(r) for r in rows]
+
+    def due_dead_letters(self, prefix: str, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        with self.locked() as db:
+            rows = db.execute(
+                f"SELECT {_LETTER_COLUMNS} FROM dead_letters WHERE retry_at IS NOT NULL AND retry_at <= ? "
+                "AND item_id >= ? AND item_id < ? ORDER BY retry_at, id LIMIT ?",
+                (now.timestamp(), prefix, prefix + "\U0010ffff", limit),
+            ).fetchall()
+        return [_letter(r) for r in rows]
+
+    def schedule_dead_letters(self, ids: Sequence[int], at: datetime) -> int:
+        with self.write() as db:
+            total = 0
+            for chunk in _chunks([int(i) for i in ids], 500):
+                total += db.execute(
+                    f"UPDATE dead_letters SET retry_at = ? WHERE id IN ({_marks(chunk)})", [at.timestamp(), *chunk]
+                ).rowcount
+            return total
 
     def delete_dead_letters(self, ids: Sequence[int]) -> int:
         with self.write() as db:
             total = 0
             for chunk in _chunks([int(i) for i in ids], 500):
-                marks = ",".join("?" * len(chunk))
-                total += db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", chunk).rowcount
+                total += db.execute(f"DELETE FROM dead_letters WHERE id IN ({_marks(chunk)})", chunk).rowcount
             return total
 
     def stats(self) -> StoreStats:
@@ -648,6 +762,7 @@ class SqliteStore:
             tombs = db.execute("SELECT COUNT(*) FROM vectors WHERE space = ? AND tombstoned = 1", (space,)).fetchone()
             failed = db.execute("SELECT COUNT(*) FROM items WHERE status = 'failed'").fetchone()[0]
             dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            retrying = db.execute("SELECT COUNT(*) FROM dead_letters WHERE retry_at IS NOT NULL").fetchone()[0]
             compacted = db.execute("SELECT last_compaction_at FROM spaces WHERE id = ?", (space,)).fetchone()
             newest = feed.newest_indexed_at()
             meta = feed.index_meta()
@@ -666,6 +781,7 @@ class SqliteStore:
             delta_size=delta,
             delta_age_s=delta_age,
             changes=meta.seq,
+            retrying=int(retrying),
         )
 
     def coverage(self, space: int) -> Coverage:
@@ -716,12 +832,13 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
 
 ITEM_COLUMNS = (
     "i.id, i.source, i.uri, i.sha256, i.metadata, i.status, i.reason, i.version, v.vector_id, "
-    "i.created_at, i.updated_at"
+    "i.created_at, i.updated_at, i.retriable"
 )
 _ITEMS_IN_SPACE = (
     f"SELECT {ITEM_COLUMNS} FROM items i LEFT JOIN vectors v ON v.item_id = i.id AND v.space = ? AND v.tombstoned = 0"
 )
 _SPACE_COLUMNS = "id, model, model_configs, state, created_at, switched_at"
+_LETTER_COLUMNS = "id, source, item_id, payload, reason, tries, created_at, retriable, attempts, retry_at"
 
 
 def item_of(row: Sequence[Any]) -> Item:
@@ -737,6 +854,22 @@ def item_of(row: Sequence[Any]) -> Item:
         vector_id=row[8],
         created_at=_dt(row[9]),
         updated_at=_dt(row[10]),
+        retriable=bool(row[11]),
+    )
+
+
+def _letter(row: Sequence[Any]) -> DeadLetter:
+    return DeadLetter(
+        id=row[0],
+        source=row[1],
+        item_id=row[2],
+        payload=row[3],
+        reason=row[4],
+        tries=row[5],
+        created_at=_dt(row[6]),
+        retriable=bool(row[7]),
+        attempts=int(row[8]),
+        retry_at=None if row[9] is None else _dt(row[9]),
     )
 
 
@@ -767,6 +900,10 @@ def _letter_identity(d: DeadLetter) -> tuple[str, str | None, str, str, float]:
 def _older(version: int | None, stored: int | None) -> bool:
     """The rule of `indexer.resolve`, checked again inside the transaction: only two versions compare."""
     return version is not None and stored is not None and version < stored
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
 
 
 def _dt(ts: float) -> datetime:

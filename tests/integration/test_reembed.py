@@ -45,7 +45,7 @@ pytestmark = pytest.mark.integration
 
 N = 24
 QUERY = "a red square"
-SIMILAR_TO = "folder:img-01.png"  # never changed
+SIMILAR_TO = "folder:images/img-01.png"  # never changed
 
 
 def png(i: int) -> bytes:
@@ -238,7 +238,7 @@ def run_the_model_change(
         store.bind_model(tiny16_embedder.identity)
         assert store.stats().items == len(list(root.iterdir())) == N + 3 - 2 + 1
         for path in root.iterdir():
-            stored = store.item_vector(f"folder:{path.name}")
+            stored = store.item_vector(f"folder:images/{path.name}")
             assert stored is not None, path.name
             np.testing.assert_allclose(stored[1], embed(tiny16_embedder, path), atol=1e-4)
 
@@ -252,9 +252,11 @@ def check_answers(answers: list[tuple[str, int, dict[str, Any]]], root: Path, ol
     assert set(names[:switched_at]) == {"clipdex-tiny"} and set(names[switched_at:]) == {TINY16_MODEL}
     assert switched_at > 10 and len(names) - switched_at > 2  # queries on both sides of the switch
     models = {"clipdex-tiny": old, TINY16_MODEL: new}
-    unchanged = {f"folder:img-{i:02d}.png" for i in range(20) if i != 2}  # same file all along
+    unchanged = {f"folder:images/img-{i:02d}.png" for i in range(20) if i != 2}  # same file all along
     vectors = {
-        (name, item): embed(m, root / item.removeprefix("folder:")) for name, m in models.items() for item in unchanged
+        (name, item): embed(m, root / item.removeprefix("folder:images/"))
+        for name, m in models.items()
+        for item in unchanged
     }
     checked = 0
     for kind, _, body in answers:
@@ -290,7 +292,7 @@ def folder_matches_store(root: Path, data: Path) -> bool:
     with store_of(data) as store:
         stored = store.item_ids(source="folder")
         live = store.stats().items
-    files = {f"folder:{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()}
+    files = {f"folder:images/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()}
     return stored == files and live == len(files)
 
 
@@ -334,8 +336,8 @@ def test_after_a_switch_to_the_shapes_model_a_red_circle_finds_red_circles(tmp_p
         assert report is not None and report.switched and report.embedded == 24
         assert core.follow_switch()
         hits = core.search.search_text("a red circle", 5).hits
-        assert len(hits) == 5 and all(h.id.startswith("folder:red-circle-") for h in hits), hits
+        assert len(hits) == 5 and all(h.id.startswith("folder:images/red-circle-") for h in hits), hits
         hits = core.search.search_text("a blue square", 5).hits
-        assert len(hits) == 5 and all(h.id.startswith("folder:blue-square-") for h in hits), hits
+        assert len(hits) == 5 and all(h.id.startswith("folder:images/blue-square-") for h in hits), hits
     finally:
         core.close()

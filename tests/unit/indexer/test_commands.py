@@ -70,15 +70,15 @@ def test_index_status_dlq_and_searches_on_milvus(run: Run, tmp_path: Path) -> No
     code, out = run("search", "a photo", "--json", "--top-k", "10")
     hits = json.loads(out)
     assert {h["id"] for h in hits} == {
-        "folder:renamed.jpg",
-        *(f"folder:{p.name}" for p in root.glob("*.jpg") if p.name not in ("broken.jpg", "renamed.jpg")),
+        "folder:photos/renamed.jpg",
+        *(f"folder:photos/{p.name}" for p in root.glob("*.jpg") if p.name not in ("broken.jpg", "renamed.jpg")),
     }
-    code, out = run("similar", "--id", "folder:renamed.jpg", "--json")
-    assert "folder:renamed.jpg" not in {h["id"] for h in json.loads(out)} and len(json.loads(out)) == 2
+    code, out = run("similar", "--id", "folder:photos/renamed.jpg", "--json")
+    assert "folder:photos/renamed.jpg" not in {h["id"] for h in json.loads(out)} and len(json.loads(out)) == 2
 
     code, out = run("dlq", "list", "--json")
     (letter,) = json.loads(out)
-    assert letter["item_id"] == "folder:broken.jpg"
+    assert letter["item_id"] == "folder:photos/broken.jpg"
     pixels = io.BytesIO()
     Image.new("RGB", (40, 30), (0, 90, 200)).save(pixels, format="JPEG")
     (root / "broken.jpg").write_bytes(pixels.getvalue())  # the user fixes the file

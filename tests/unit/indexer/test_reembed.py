@@ -15,11 +15,11 @@ from PIL import Image
 
 from clipdex import cli
 from clipdex.cli import build_parser
-from indexer.commands import retry_record
 from indexer.decode import sha256_of
 from indexer.events import Event
 from indexer.progress import ProgressBar, format_eta
 from indexer.records import Record
+from indexer.redeliver import retry_record
 from indexer.reembed import Progress, Reembedder, ReembedReport, Throttle, reembed_lock
 from indexer.service import index_folder, open_indexer
 from shared.cliargs import setting_overrides
@@ -97,11 +97,11 @@ def test_every_item_gets_the_new_models_vector_then_the_store_switches(
         assert [s.state for s in store.catalog.spaces()] == ["retired", "active"]
     with open_writer(settings, tiny16_embedder.identity) as store:  # a writer of the new model: its space
         for i in range(N):
-            stored = store.catalog.get_item(f"folder:img-{i:02d}.png")
+            stored = store.catalog.get_item(f"folder:images/img-{i:02d}.png")
             assert stored is not None and stored.vector_id is not None
         feed = store.compaction.ledgers()[0] if store.compaction else None
         assert feed is not None
-        vector = feed.item_vector("folder:img-03.png")
+        vector = feed.item_vector("folder:images/img-03.png")
         assert vector is not None and vector[1].shape == (16,)
         np.testing.assert_allclose(vector[1], embedded(tiny16_embedder, root / "img-03.png"), atol=1e-5)
     # progress: the store's counts as they grow, this run's rate, and an ETA that reaches 0
@@ -166,13 +166,13 @@ def test_items_written_by_the_old_model_meanwhile_are_right_after_the_switch(
         assert writes_done and report.switched and report.failed == 0
     with open_writer(settings, tiny16_embedder.identity) as store:
         items = {i.id for i in store.catalog.items()}
-        expected = {f"folder:{p.name}" for p in root.iterdir()}
-        assert items == expected and "folder:new.png" in items and "folder:img-00.png" not in items
+        expected = {f"folder:images/{p.name}" for p in root.iterdir()}
+        assert items == expected and "folder:images/new.png" in items and "folder:images/img-00.png" not in items
         assert store.catalog.stats().items == len(expected)  # each with a vector in the new space
         feed = store.compaction.ledgers()[0] if store.compaction else None
         assert feed is not None
         for name in ("new.png", "img-05.png"):
-            vector = feed.item_vector(f"folder:{name}")
+            vector = feed.item_vector(f"folder:images/{name}")
             assert vector is not None
             np.testing.assert_allclose(vector[1], embedded(tiny16_embedder, root / name), atol=1e-5)
 
@@ -180,12 +180,17 @@ def test_items_written_by_the_old_model_meanwhile_are_right_after_the_switch(
 def folder_upsert(root: Path, name: str, embedder: Embedder) -> Upsert:
     path = root / name
     return Upsert(
-        f"folder:{name}", "folder", str(path), sha256_of(path.read_bytes()), {"path": name}, embedded(embedder, path)
+        f"folder:images/{name}",
+        "folder",
+        str(path),
+        sha256_of(path.read_bytes()),
+        {"path": name},
+        embedded(embedder, path),
     )
 
 
 def _delete(name: str) -> Delete:
-    return Delete(f"folder:{name}")
+    return Delete(f"folder:images/{name}")
 
 
 def test_a_source_gone_is_a_dead_letter_a_failed_item_after_the_switch_and_retriable(
@@ -198,9 +203,9 @@ def test_a_source_gone_is_a_dead_letter_a_failed_item_after_the_switch_and_retri
         assert report.switched and report.failed == 1 and report.coverage is not None
         assert report.coverage.failed == 1
         [letter] = store.catalog.dead_letters()
-        assert letter.item_id == "folder:img-07.png" and "re-embedding with clipdex-tiny-16" in letter.reason
+        assert letter.item_id == "folder:images/img-07.png" and "re-embedding with clipdex-tiny-16" in letter.reason
         assert "SourceNotFound" in letter.reason
-        item = store.catalog.get_item("folder:img-07.png")
+        item = store.catalog.get_item("folder:images/img-07.png")
         assert item is not None and item.status == "failed" and item.vector_id is None
         record = retry_record(letter)  # `clipdex dlq retry` sends it through the pipeline again
         assert record.event is not None and record.event.uri == str(root / "img-07.png")

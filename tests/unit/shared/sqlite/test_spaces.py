@@ -1,11 +1,12 @@
 """Embedding spaces in the SQLite store: a shadow space filled beside the active one, writers keeping both
-right, the switch in one transaction, abort and drop, and the migration of a schema-1 store."""
+right, the switch in one transaction, abort and drop, and the migration of a store of schema 1, 2 or 3."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from shared.sqlite import tags
 from shared.sqlite.spaces import SqliteSpaces
 from shared.sqlite.store import SqliteStore
 from shared.types import Filters, ModelIdentity
+from tests.unit.shared.sqlite import old_schemas
 
 OLD = ModelIdentity("old-model", "none", 8, "0123456789abcdef")
 NEW = ModelIdentity("new-model", "none", 4, "fedcba9876543210")  # another dimension
@@ -199,6 +201,77 @@ def test_a_dead_letter_of_a_failed_item_keeps_its_vector_in_the_bound_space(stor
     assert item is not None and item.status == "indexed" and item.vector_id is not None
 
 
+def test_each_space_records_the_checksum_of_its_own_main_file(store: SqliteStore) -> None:
+    shadow = SqliteSpaces(store).create_shadow(NEW, None)
+    store.feed(shadow.id).record_generation(1, 0, 0, "flat", "cd" * 32)
+    assert store.index_meta().checksum is None  # the active space's main: not written yet
+    store.record_generation(2, 0, 0, "flat", "ab" * 32)
+    assert (store.index_meta().checksum, store.feed(shadow.id).index_meta().checksum) == ("ab" * 32, "cd" * 32)
+    assert store.index_dir != store.feed(shadow.id).index_dir
+
+
+def test_retries_versions_and_conflicts_of_a_writer_keep_both_spaces_right(store: SqliteStore) -> None:
+    """Issue 9's writes (retried dead letters, versions checked in the write, conflicts) with a shadow space."""
+    spaces = SqliteSpaces(store)
+    shadow = spaces.create_shadow(NEW, None)
+    fill(spaces, shadow.id, spaces.pending(shadow.id))
+    shadow_feed = store.feed(shadow.id)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    store.apply(failures=[Failure("kafka", "{}", "FetchFailed: 503", id="kafka:0", retriable=True, retry_at=later)])
+    [letter] = store.dead_letters()
+    result = store.apply([up("kafka:0", "sha-0-new", seed=3)], retried=[letter.id])  # the retry succeeds
+    assert result.indexed == 1 and store.dead_letters() == []
+    assert shadow_feed.item_vector("kafka:0") is None  # new content: pending for the shadow space again
+    assert [p.id for p in spaces.pending(shadow.id)] == ["kafka:0"]
+    older = store.apply([up("kafka:1", "sha-1-old", seed=0)], deletes=[Delete("kafka:2", version=1)])
+    assert older.skipped == 2  # versions 1 and 2 are stored: neither space loses its vector
+    assert shadow_feed.item_vector("kafka:1") is not None and shadow_feed.item_vector("kafka:2") is not None
+    changed = store.apply([up("kafka:3", "sha-3-other", dim=None, seed=3)])  # metadata-only of other content
+    assert changed.conflicts == ["kafka:3"] and shadow_feed.item_vector("kafka:3") is not None
+
+
+def test_a_re_embed_dead_letter_says_transient_or_permanent_and_is_never_retried_by_itself(
+    store: SqliteStore,
+) -> None:
+    spaces = SqliteSpaces(store)
+    shadow = spaces.create_shadow(NEW, None)
+    slow, gone, *_ = spaces.pending(shadow.id)
+    spaces.add_vectors(
+        shadow.id,
+        [],
+        [SpaceFailure(slow, "FetchFailed: HTTP 503", tries=3, retriable=True), SpaceFailure(gone, "SourceNotFound")],
+    )
+    letters = {d.item_id: d for d in store.dead_letters()}
+    assert (letters["kafka:0"].retriable, letters["kafka:0"].attempts, letters["kafka:0"].retry_at) == (True, 1, None)
+    assert (letters["kafka:1"].retriable, letters["kafka:1"].retry_at) == (False, None)
+    assert store.due_dead_letters("kafka:", datetime.now(UTC) + timedelta(days=365)) == []
+    fill(spaces, shadow.id, spaces.pending(shadow.id))
+    assert spaces.switch(shadow.id)
+    failed = store.get_item("kafka:0")  # failed in the new space: a folder's next start tries it again
+    assert failed is not None and failed.status == "failed" and failed.retriable
+    assert not store.get_item("kafka:1").retriable  # type: ignore[union-attr]
+
+
+def test_renamed_items_keep_their_vectors_and_tags_in_every_space(store: SqliteStore) -> None:
+    spaces = SqliteSpaces(store)
+    shadow = spaces.create_shadow(NEW, None)
+    *done, gone = spaces.pending(shadow.id)
+    fill(spaces, shadow.id, done)
+    spaces.add_vectors(shadow.id, [], [SpaceFailure(gone, "SourceNotFound")])
+    active = store.view_space()
+    before = {s: store.feed(s).item_vector("kafka:0") for s in (active, shadow.id)}
+    seq = store.index_meta().seq
+    assert store.rename_items({"kafka:0": "kafka:r/0", "kafka:4": "kafka:r/4", "kafka:1": "kafka:2"}) == 2
+    for space, (vector_id, _) in before.items():  # type: ignore[misc]
+        assert store.feed(space).item_vector("kafka:r/0")[0] == vector_id  # type: ignore[index]
+        assert tagged(store, space, n=0) == {"kafka:r/0"}
+    assert store.changes_since(seq).added_ids.size == 0  # nothing for a search index to load
+    assert store.coverage(shadow.id).failed == 1 and spaces.pending(shadow.id) == []  # its failure followed
+    assert [d.item_id for d in store.dead_letters()] == ["kafka:r/4"]
+    assert store.get_item("kafka:1") is None  # its new id was taken: it goes, from both spaces
+    assert tagged(store, active, n=1) == tagged(store, shadow.id, n=1) == set()
+
+
 def tagged(store: SqliteStore, space: int, **wanted: object) -> set[str]:
     """The items whose vector in `space` the filter tags list for `wanted`."""
     vids = store.matching_vectors(Filters(dict(wanted)), 100, space)
@@ -234,32 +307,18 @@ def test_filter_tags_are_per_space_follow_every_write_and_go_with_a_dropped_spac
         assert db.execute("SELECT COUNT(DISTINCT vector_id) FROM item_tags").fetchone()[0] == live == 5
 
 
-# -- schema 1 ------------------------------------------------------------------------------------------------
-
-SCHEMA_1 = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE items (id TEXT PRIMARY KEY, source TEXT NOT NULL, uri TEXT NOT NULL, sha256 TEXT,
-    metadata TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL CHECK (status IN ('indexed', 'failed')),
-    reason TEXT, version INTEGER, vector_id INTEGER, created_at REAL NOT NULL, updated_at REAL NOT NULL);
-CREATE INDEX items_vector_id ON items(vector_id);
-CREATE TABLE vectors (vector_id INTEGER PRIMARY KEY AUTOINCREMENT, item_id TEXT NOT NULL, sha256 TEXT,
-    embedding BLOB NOT NULL, tombstoned INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL, created_at REAL NOT NULL);
-CREATE INDEX vectors_seq ON vectors(seq);
-CREATE INDEX vectors_sha256 ON vectors(sha256);
-CREATE INDEX vectors_tombstoned ON vectors(tombstoned);
-CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, item_id TEXT,
-    payload TEXT NOT NULL, reason TEXT NOT NULL, tries INTEGER NOT NULL DEFAULT 1, created_at REAL NOT NULL);
-"""
+# -- older schemas --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_store_migrates_step_by_step_to_one_active_space_with_its_filter_tags(
     tmp_path: Path, version: int
 ) -> None:
-    """Version 1 (one model), 2 (+ the filter tags of issue 14) → 3 (embedding spaces), in one transaction."""
+    """Version 1 (one model), 2 (+ the filter tags of issue 14), 3 (+ retried dead letters and folders of
+    issue 9) → 4 (embedding spaces), in one transaction."""
     path = tmp_path / "clipdex.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript(SCHEMA_1)
+    db.executescript(old_schemas.SCHEMA_1 if version == 1 else old_schemas.SCHEMA_2)
     meta = {"schema_version": str(version), "vector_dtype": "float32", "seq": "4", "generation": "3", "high_water": "2",
             "main_seq": "2", "main_kind": "flat", "model": json.dumps(OLD.__dict__)}  # fmt: skip
     db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
@@ -274,15 +333,17 @@ def test_an_older_store_migrates_step_by_step_to_one_active_space_with_its_filte
             "INSERT INTO items VALUES (?, 'kafka', 'u', ?, ?, 'indexed', NULL, NULL, ?, 1.0, 1.0)",
             (item, f"sha-{vid}", json.dumps({"colour": colour}), vid),
         )
-    if version == 2:  # what issue 14's store wrote: the tags of the items' vectors
-        db.execute(
-            "CREATE TABLE item_tags (tag INTEGER NOT NULL, vector_id INTEGER NOT NULL, "
-            "PRIMARY KEY (tag, vector_id)) WITHOUT ROWID"
-        )
-        for vid, colour in ((1, "red"), (4, "blue")):
+        if version >= 2:  # what issue 14's store wrote: the tags of the items' vectors
             db.executemany(
                 "INSERT INTO item_tags VALUES (?, ?)", [(t, vid) for t in tags.item_tags("kafka", {"colour": colour})]
             )
+    if version >= 3:  # issue 9's: a transient failure retried later, a folder, the main file's checksum
+        db.executescript(old_schemas.UPGRADE_3 + old_schemas.ROWS_3)
+        db.execute(
+            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at, retriable, attempts, "
+            "retry_at) VALUES ('kafka', 'kafka:a', '{}', 'FetchFailed: HTTP 503', 3, 1.0, 1, 2, 5.0)"
+        )
+        db.execute("UPDATE items SET retriable = 1 WHERE id = 'kafka:a'")
     db.commit()
     db.close()
     (tmp_path / "index").mkdir()
@@ -300,8 +361,16 @@ def test_an_older_store_migrates_step_by_step_to_one_active_space_with_its_filte
         assert store.matching_vectors(Filters({"colour": "red"}), 100).tolist() == [1]  # type: ignore[union-attr]
         assert store.matching_vectors(Filters({"colour": "blue"}), 100).tolist() == [4]  # type: ignore[union-attr]
         assert store.matching_vectors(Filters({"colour": "green"}), 100).tolist() == []  # type: ignore[union-attr]
+        assert meta_now.checksum == (old_schemas.MAIN_SHA256 if version == 3 else None)  # the space's now
+        if version == 3:
+            assert store.folders() == {"r": "/r"}
+            [letter] = store.dead_letters()
+            assert (letter.item_id, letter.retriable, letter.attempts) == ("kafka:a", True, 2)
+            assert letter.retry_at is not None and letter.retry_at.timestamp() == 5.0
+            assert store.get_item("kafka:a").retriable  # type: ignore[union-attr]
         with store.locked() as conn:
-            assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+            assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"
+            assert conn.execute("SELECT 1 FROM meta WHERE key = 'main_sha256'").fetchone() is None
         store.bind_model(OLD)
         store.apply([Upsert("kafka:c", "kafka", "u", "sha-c", {}, vec(9, 8))])
     with SqliteStore(path) as reopened:  # opening again changes nothing

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from shared.roles import Delete, Failure, Upsert
 from shared.sqlite import tags
-from shared.sqlite.store import SqliteStore
+from shared.sqlite.store import SCHEMA_VERSION, SqliteStore
 from shared.types import Filters, Item
+from tests.unit.shared.sqlite.old_schemas import make_store
 
 DIM = 8
 
@@ -123,8 +124,15 @@ def test_tags_follow_updates_replacements_deletes_and_failures(store: SqliteStor
     db.close()
 
 
-# A version-1 store gains its tags when opened: tests/unit/shared/sqlite/test_spaces.py (the migration
-# from versions 1 and 2, step by step).
+def test_a_version_1_store_gains_its_tags_when_opened(tmp_path: Path) -> None:
+    blue = "INSERT INTO items VALUES ('c', 'kafka', 'u', 'sha-c', '{\"colour\": \"blue\"}', 'indexed', NULL, NULL, "
+    blue += "2, 1, 1);"
+    blue += "INSERT INTO vectors VALUES (2, 'c', 'sha-c', zeroblob(32), 0, 2, 1.0);"
+    path = make_store(tmp_path / "db.sqlite3", 1, blue)  # what version 1 wrote: no tags
+    with SqliteStore(path) as store:
+        assert matching_ids(store, Filters({"colour": "red"})) == {"folder:a.jpg"}
+        assert matching_ids(store, Filters({"colour": "blue"})) == {"c"}
+        assert store._meta("schema_version") == str(SCHEMA_VERSION)
 
 
 def test_a_newer_store_is_refused(tmp_path: Path) -> None:
