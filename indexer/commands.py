@@ -20,10 +20,12 @@ from typing import Any
 
 from indexer import service
 from indexer.compaction import Compactor
-from indexer.events import parse_event
+from indexer.formats import EventFormat, Incoming, format_from_settings
+from indexer.formats.clipdex import ClipdexFormat
 from indexer.progress import ProgressBar
 from indexer.records import Record
 from indexer.sources.folder import FolderSummary
+from indexer.sources.kafka import SOURCE as KAFKA_SOURCE
 from indexer.sources.kafka_client import require_kafka
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
@@ -64,7 +66,8 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     consume = sub.add_parser(
         "consume",
         help="index catalog change events from a Kafka topic (consumer group, at least once)",
-        description="Consume {op, id, uri, metadata, version} events from a Kafka topic and index them. "
+        description="Consume catalog events from a Kafka topic and index them: clipdex's own {op, id, uri, "
+        "metadata, version}, Debezium change events or CloudEvents (--format), with fields mapped by --map. "
         "Offsets are committed only after each micro-batch is durable in the store. SIGTERM or Ctrl-C "
         "finishes the batch in flight, commits it, and exits 0.",
     )
@@ -72,6 +75,8 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     add_setting_flag(consume, "--topic", "kafka_topic")
     add_setting_flag(consume, "--group", "kafka_group")
     add_setting_flag(consume, "--dlq-topic", "kafka_dlq_topic")
+    add_setting_flag(consume, "--format", "event_format", choices=["clipdex", "debezium", "cloudevents"])
+    add_setting_flag(consume, "--map", "event_map")
     _batch_flags(consume)
     consume.set_defaults(func=_cmd_consume)
 
@@ -159,6 +164,7 @@ def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     require_kafka(settings)  # before anything loads
+    format_from_settings(settings)
     return asyncio.run(service.consume(settings))
 
 
@@ -289,20 +295,35 @@ def _cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters to retry")
         return 0
-    report = asyncio.run(service.retry(settings, letters, [retry_record(d) for d in letters]))
+    event_format = format_from_settings(settings)
+    records = [retry_record(d, event_format) for d in letters]
+    report = asyncio.run(service.retry(settings, letters, [r for r in records if r is not None]))
     done, failed = report.records - report.failed, report.failed
     print(f"retried {len(letters)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
     return 0
 
 
-def retry_record(letter: DeadLetter) -> Record:
-    """A dead letter as a record again, as its source first sent it."""
+def retry_record(letter: DeadLetter, event_format: EventFormat | None = None) -> Record | None:
+    """A dead letter as a record again, as its source first sent it: a Kafka message read by the
+    consumer's event format (CLIPDEX_EVENT_FORMAT), a folder's file as clipdex's own event. None: the
+    format skips it."""
     key = letter.item_id.removeprefix(f"{letter.source}:") if letter.item_id else None
+    reader = event_format if event_format is not None and letter.source == KAFKA_SOURCE else ClipdexFormat()
     try:
-        event = parse_event(letter.payload, key)
+        event = reader.parse(Incoming(letter.payload.encode("utf-8", "surrogatepass"), _key(key, reader)))
     except InvalidEvent as exc:
         return Record(letter.source, letter.payload, None, str(exc))
+    if event is None:
+        return None
     return Record(letter.source, letter.payload, event)
+
+
+def _key(item_id: str | None, reader: EventFormat) -> bytes | None:
+    """The message key a retried event is read with: the item id, for clipdex's own events (whose id may
+    be the key); a mapped format reads its ids from the event."""
+    if item_id is None or reader.mapping is not None:
+        return None
+    return item_id.encode("utf-8", "surrogatepass")
 
 
 __all__ = ["format_summary", "register", "retry_record", "status_of"]

@@ -43,6 +43,9 @@ MAX_URI_BYTES = 8192
 MAX_METADATA_BYTES = 64 * 1024  # as compact JSON in UTF-8
 MAX_METADATA_DEPTH = 16  # {"a": 1} is 1 level; {"a": {"b": [1]}} is 3
 MAX_EVENT_DEPTH = MAX_METADATA_DEPTH + 1  # the event object around the metadata
+# Debezium and CloudEvents wrap the row in an envelope (Debezium's `schema` describes nested structs), and
+# a mapped row's own JSON columns may hold metadata of 16 levels: room for both, still a bounded parse.
+MAX_ENVELOPE_DEPTH = 32
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 URI_SCHEMES = ("file", "http", "https")
 
@@ -109,6 +112,25 @@ def parse_event(value: bytes | str | None, key: bytes | str | None = None) -> Ev
 def _parse(value: bytes | str | None, key: bytes | str | None) -> Event:
     if value is None:
         raise InvalidEvent("empty message (a tombstone record?): send {'op': 'delete', 'id': ...} instead")
+    data = load_json(value)
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"an event is a JSON object, got {type(data).__name__}")
+    if "id" not in data and key is not None:
+        data["id"] = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    return validated(data)
+
+
+def validated(data: dict[str, Any]) -> Event:
+    """An event from parsed JSON, through the schema; InvalidEvent says what is wrong."""
+    try:
+        return Event.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEvent(f"invalid event: {_reasons(exc)}") from exc
+
+
+def load_json(value: bytes | str, max_depth: int = MAX_EVENT_DEPTH) -> Any:
+    """JSON text a stranger sent, parsed within every bound (size, UTF-8, nesting, 64-bit integers,
+    finite numbers); InvalidEvent otherwise. Each event format reads its messages through this."""
     size = len(value) if isinstance(value, bytes) else len(_utf8(value, "surrogatepass"))
     if size > MAX_EVENT_BYTES:
         raise InvalidEvent(f"the event is {size:,} bytes, over the limit of {MAX_EVENT_BYTES:,} bytes")
@@ -116,26 +138,15 @@ def _parse(value: bytes | str | None, key: bytes | str | None) -> Event:
         text = value.decode(json.detect_encoding(value)) if isinstance(value, bytes) else value
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"not JSON: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    depth = nesting_depth(text, MAX_EVENT_DEPTH)
-    if depth > MAX_EVENT_DEPTH:
-        raise InvalidEvent(
-            f"not a valid event: JSON nested deeper than {MAX_EVENT_DEPTH} levels (metadata may nest "
-            f"{MAX_METADATA_DEPTH})"
-        )
+    if nesting_depth(text, max_depth) > max_depth:
+        metadata = f" (metadata may nest {MAX_METADATA_DEPTH})" if max_depth == MAX_EVENT_DEPTH else ""
+        raise InvalidEvent(f"not a valid event: JSON nested deeper than {max_depth} levels{metadata}")
     try:
-        data = json.loads(text, parse_int=_int64, parse_float=_finite, parse_constant=_no_constant)
+        return json.loads(text, parse_int=_int64, parse_float=_finite, parse_constant=_no_constant)
     except InvalidEvent:
         raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidEvent(f"not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidEvent(f"an event is a JSON object, got {type(data).__name__}")
-    if "id" not in data and key is not None:
-        data["id"] = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-    try:
-        return Event.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidEvent(f"invalid event: {_reasons(exc)}") from exc
 
 
 def raw_text(value: bytes | None) -> str:

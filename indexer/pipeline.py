@@ -26,13 +26,13 @@ from pathlib import Path
 from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_and_hash
 from indexer.embed import decode_and_embed
 from indexer.records import BatchReport, FailedRecord, Record
-from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan
+from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan, product_prefixes
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.images import decode_budget
-from shared.roles import Upsert, Writer
+from shared.roles import StoredState, Upsert, Writer
 from shared.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Pipeline:
         report = BatchReport(records=len(records))
         if not records:
             return report
-        stored = await asyncio.to_thread(self.writer.states, pending_ids(records))
+        stored = await asyncio.to_thread(self._stored, records)
         batch = plan(records, stored)
         report.skipped, report.superseded = len(batch.skipped), batch.superseded
         failures = list(batch.invalid)
@@ -165,6 +165,14 @@ class Pipeline:
         return report
 
     # -- stages ---------------------------------------------------------------------------------------------
+
+    def _stored(self, records: Sequence[Record]) -> dict[str, StoredState]:
+        """What the store holds for the batch's ids, and for every stored image of its products."""
+        stored = self.writer.states(pending_ids(records))
+        prefixes = product_prefixes(records)
+        if prefixes:
+            stored.update(self.writer.states_under(prefixes))
+        return stored
 
     async def _fetch_one(self, work: Work) -> Fetched | FailedRecord:
         """Read and hash one image; a transient failure is retried with backoff, then dead-lettered."""
@@ -227,4 +235,4 @@ def _upsert(item: Fetched, vector: Embedding | None) -> Upsert:
 
 
 def _failure(work: Work, exc: ItemError, tries: int) -> FailedRecord:
-    return FailedRecord(work.record, f"{type(exc).__name__}: {exc}", work.item_id, tries)
+    return FailedRecord(work.record, f"{type(exc).__name__}: {exc}", work.item_id, tries, work.event.uri)

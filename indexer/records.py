@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from indexer.events import Event
+from indexer.products import Product
 from shared.roles import Failure
 
 
@@ -21,7 +22,7 @@ from shared.roles import Failure
 class Record:
     source: str  # "kafka" | "folder"
     raw: str  # the raw message or path, kept in the dead letter if this record fails
-    event: Event | None  # None when the message could not be parsed
+    event: Event | Product | None  # None when the message could not be parsed; a Product: one item per image
     error: str | None = None  # why it could not be parsed
     position: object = None  # the source's own position (a Kafka (partition, offset), a file mtime, ...)
 
@@ -34,6 +35,7 @@ class FailedRecord:
     reason: str
     item_id: str | None = None  # None when the record is not a valid event
     tries: int = 1
+    uri: str | None = None  # the image that failed, when there was one
 
     @property
     def name(self) -> str:
@@ -41,14 +43,12 @@ class FailedRecord:
         return self.item_id or self.record.raw
 
     def dead_letter(self) -> Failure:
-        event = self.record.event
-        uri = None if event is None or self.item_id is None else event.uri
         return Failure(
             source=self.record.source,
             payload=storable(self.record.raw),
             reason=storable(self.reason),
             id=self.item_id,
-            uri=None if uri is None else storable(uri),
+            uri=None if self.uri is None or self.item_id is None else storable(self.uri),
             tries=self.tries,
         )
 
@@ -78,6 +78,14 @@ class BatchReport:
     embed_ms: float = 0.0
     write_ms: float = 0.0
     total_ms: float = 0.0
+
+    def add(self, other: BatchReport) -> None:
+        """Count `other` (a later write of the same fetched batch) into this report."""
+        for name, value in vars(other).items():
+            if name == "failures":
+                self.failures += value
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
     def log_fields(self) -> str:
         """The counts and stage timings as key=value pairs, for the one log line of each batch."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.compaction import Compactor
+from indexer.formats import format_from_settings
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Record, Sink
 from indexer.sources import folder, kafka
@@ -158,6 +159,7 @@ OpenSink = Callable[[Settings], AbstractAsyncContextManager[Sink]]  # the pipeli
 async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> int:
     """`clipdex consume`: the pipeline (store + model) and a consumer group member, until a signal."""
     servers, topic = require_kafka(settings)
+    event_format = format_from_settings(settings)
     stop = asyncio.Event()
     stop_on_signals(stop)  # from here on: a signal while the model loads is a clean exit too
     async with open_sink(settings) as sink:
@@ -171,7 +173,9 @@ async def consume(settings: Settings, open_sink: OpenSink = open_pipeline) -> in
             dead_letters=dead_letters,
             heartbeat=heartbeat,
             stop=stop,
-            describe=f"Kafka broker {servers} (topic {topic}, group {settings.kafka_group})",
+            describe=f"Kafka broker {servers} (topic {topic}, group {settings.kafka_group}, "
+            f"{event_format.name} events)",
+            event_format=event_format,
         )
         try:
             await source.run()

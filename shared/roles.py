@@ -96,6 +96,11 @@ class Writer(Protocol):
         """What is stored for these item ids (absent ids are not in the result)."""
         ...
 
+    def states_under(self, prefixes: Sequence[str]) -> dict[str, StoredState]:
+        """What is stored for every item whose id starts with one of `prefixes`: the images of a product
+        (`<product id>#<key>`), so an update that no longer names one can delete it."""
+        ...
+
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
         """Stored embeddings of these contents: a renamed or copied image needs no model call."""
         ...

@@ -155,7 +155,7 @@ def delete_record(rel: str, seen_at: float) -> Record:
 def root_of(record: Record) -> Path | None:
     """The watched folder a folder record came from: its uri minus its relative path."""
     event = record.event
-    if record.source != SOURCE or event is None or not event.uri:
+    if record.source != SOURCE or not isinstance(event, Event) or not event.uri:
         return None
     rel = event.metadata.get("path")
     if isinstance(rel, str) and event.uri.endswith("/" + rel):

@@ -332,6 +332,17 @@ class SqliteStore:
                     out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
         return out
 
+    def states_under(self, prefixes: Sequence[str]) -> dict[str, StoredState]:
+        out: dict[str, StoredState] = {}
+        with self.read() as db:
+            for prefix in prefixes:  # a range of the primary key: an index seek per prefix
+                for row in db.execute(
+                    "SELECT id, sha256, version, status, vector_id FROM items WHERE id >= ? AND id < ?",
+                    (prefix, prefix + "\U0010ffff"),
+                ):
+                    out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
+        return out
+
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
         """Stored embeddings of these contents (a renamed or copied file needs no model call)."""
         out: dict[str, Embedding] = {}
