@@ -106,6 +106,8 @@ def product(
         if item in images or item in refused:
             continue  # the same URL twice is one image
         try:
+            if not uri:
+                raise ValueError("empty")  # as the schema's min_length says for one event
             check_uri(uri)
         except ValueError as exc:
             refused[item] = RefusedImage(item, uri, f"invalid event: uri: {exc}")

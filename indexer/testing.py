@@ -148,7 +148,9 @@ class FakeSink:
                 report.failures.append(FailedRecord(r, r.error or "?"))
             elif r.event.id in self.fail_ids:
                 item_id = namespaced_id(r.source, r.event.id)
-                report.failures.append(FailedRecord(r, self.fail_ids[r.event.id], item_id, uri=getattr(r.event, "uri", None)))
+                report.failures.append(
+                    FailedRecord(r, self.fail_ids[r.event.id], item_id, uri=getattr(r.event, "uri", None))
+                )
             else:
                 report.indexed += 1
         report.failed = len(report.failures)

@@ -41,8 +41,13 @@ class DebeziumFormat(EventFormat):
                 f"not a Debezium change event: a JSON object with op, before and after, got {describe(change)}"
             )
         op = change.get("op")
+        if op is None and "after" not in change:
+            raise InvalidEvent(
+                "not a Debezium change event: no op (rows flattened by ExtractNewRecordState are read with "
+                "CLIPDEX_EVENT_FORMAT=clipdex and a map)"
+            )
         version = position(change)
-        if op in _UPSERTS:
+        if isinstance(op, str) and op in _UPSERTS:
             row = change.get("after")
             if not isinstance(row, dict):
                 raise InvalidEvent(f"a Debezium {_UPSERTS[op]} (op {op}) whose after is {describe(row)}, not a row")
@@ -51,11 +56,6 @@ class DebeziumFormat(EventFormat):
             return self._delete(change, message, version)
         if op == "t":
             raise InvalidEvent("a Debezium truncate (op t) is not applied: delete the products' rows, or their items")
-        if op is None and "after" not in change:
-            raise InvalidEvent(
-                "not a Debezium change event: no op (rows flattened by ExtractNewRecordState are read with "
-                "CLIPDEX_EVENT_FORMAT=clipdex and a map)"
-            )
         raise InvalidEvent(f"not a Debezium change event: op is {describe(op)}, not c, u, r or d")
 
     def _delete(self, change: dict[str, Any], message: Incoming, version: int | None) -> Parsed:

@@ -273,17 +273,18 @@ class EventMap:
                 return product("delete", item_id, version=version)
             return validated({"op": "delete", "id": item_id, "version": version})
         version = self._version(document, envelope, where, default_version)
+        if self.uris is None:
+            assert self.uri is not None, "a map has uri or uris (parse checks it)"
+            uri = self._string(self.uri, document, envelope, where)
+            metadata = self._metadata(document, envelope, where)
+            return validated({"op": "upsert", "id": item_id, "uri": uri, "metadata": metadata, "version": version})
+        uris = [] if self.uri is None else [self._string(self.uri, document, envelope, where, optional=True)]
+        for i, uri in enumerate(self.uris.read_list(document, envelope, where)):
+            if not isinstance(uri, str):
+                raise self.uris.mismatch(f"image {i} is {describe(uri)}, not a string")
+            uris.append(uri)
         metadata = self._metadata(document, envelope, where)
-        if self.uris is not None:
-            uris = [] if self.uri is None else [self._string(self.uri, document, envelope, where, optional=True)]
-            for i, uri in enumerate(self.uris.read_list(document, envelope, where)):
-                if not isinstance(uri, str):
-                    raise self.uris.mismatch(f"image {i} is {describe(uri)}, not a string")
-                uris.append(uri)
-            return product("upsert", item_id, [u for u in uris if u is not None], metadata, version)
-        assert self.uri is not None, "a map has uri or uris (parse checks it)"
-        uri = self._string(self.uri, document, envelope, where)
-        return validated({"op": "upsert", "id": item_id, "uri": uri, "metadata": metadata, "version": version})
+        return product("upsert", item_id, [u for u in uris if u is not None], metadata, version)
 
     def op_of(self, document: Any, where: str) -> Op:
         """The clipdex format's op: the mapped field's value, or upsert when the map has no "op"."""
