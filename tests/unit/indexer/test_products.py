@@ -43,7 +43,7 @@ def test_bad_products_are_refused_as_a_whole(args: tuple[str, list[str]], reason
 
 
 def test_metadata_is_bounded_once_for_all_images() -> None:
-    with pytest.raises(InvalidEvent, match="metadata: .*65,536 bytes"):
+    with pytest.raises(InvalidEvent, match=r"metadata: .*65,536 bytes"):
         product("upsert", "sku", ["a.jpg"], {"text": "x" * 70_000})
     with pytest.raises(InvalidEvent, match="version"):
         product("upsert", "sku", ["a.jpg"], {}, 2**63)

@@ -52,7 +52,9 @@ def test_the_event_time_is_the_version_when_the_map_says_so() -> None:
 def test_only_listed_types_upsert_when_the_map_lists_them() -> None:
     strict = event_format("cloudevents", json.dumps({**MAP, "upsert_types": ["com.shop.product.updated"]}))
     value, headers = cloudevent("com.shop.order.created", PRODUCT, event_id="e")
-    with pytest.raises(InvalidEvent, match='type "com.shop.order.created" is in neither upsert_types nor delete_types'):
+    with pytest.raises(
+        InvalidEvent, match=r'type "com.shop.order.created" is in neither upsert_types nor delete_types'
+    ):
         strict.parse(incoming(value, headers))
     value, headers = cloudevent("com.shop.product.updated", PRODUCT, event_id="e")
     assert strict.parse(incoming(value, headers)) == UPSERT

@@ -62,7 +62,7 @@ def test_an_invalid_map_is_refused_saying_what_is_wrong(mapping: object, problem
 
 
 def test_an_invalid_map_stops_the_start_naming_the_variable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="CLIPDEX_EVENT_MAP: .*not a JSON Pointer"):
+    with pytest.raises(ConfigError, match=r"CLIPDEX_EVENT_MAP: .*not a JSON Pointer"):
         event_format("clipdex", '{"id": "sku", "uri": "/u"}')
     with pytest.raises(ConfigError, match="CLIPDEX_EVENT_MAP: not valid JSON"):
         event_format("clipdex", '{"id": "/sku",')
