@@ -299,6 +299,17 @@ def test_consume_without_a_broker_or_a_topic_says_which_flag_to_pass(capsys: pyt
     assert "CLIPDEX_KAFKA_TOPIC" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("_keep_logging")
+def test_consume_with_a_wrong_or_missing_map_stops_at_start_naming_the_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broker = ["consume", "--bootstrap-servers", "127.0.0.1:9", "--topic", "t"]
+    assert main([*broker, "--format", "debezium"]) == 2
+    assert "CLIPDEX_EVENT_FORMAT=debezium needs CLIPDEX_EVENT_MAP" in capsys.readouterr().err
+    assert main([*broker, "--format", "cloudevents", "--map", '{"id": "sku", "uri": "/image"}']) == 2
+    assert "invalid CLIPDEX_EVENT_MAP: 'sku' is not a JSON Pointer" in capsys.readouterr().err
+
+
 async def test_clipdex_status_hears_from_the_consumer_through_its_heartbeat(tmp_path: Path) -> None:
     broker = MemoryBroker()
     for i in range(3):
