@@ -53,7 +53,6 @@ _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", re.IGNORECASE)
 _IPV4ISH = re.compile(r"[0-9.]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode category Cc
 _INT_DIGITS = len(str(INT64_MIN))  # a longer integer literal is out of range without parsing it
-_STRING = re.compile(r'"(?>[^"\\]++|\\.)*+"', re.DOTALL)  # atomic: a hostile message cannot make it backtrack
 _NOT_BRACKET_BYTES = bytes(b for b in range(256) if b not in b"[]{}")
 _BRACKET_STEP = np.zeros(256, np.int8)
 _BRACKET_STEP[list(b"[{")] = 1
@@ -169,10 +168,16 @@ def nesting_depth(text: str, limit: int) -> int:
 
     Every step runs in C or numpy: strings are cut out, then everything but brackets, then the running
     count of open brackets is a cumulative sum. A Python loop over each bracket took 0.8 s for 1 MiB of
-    `[]`, on the event loop."""
+    `[]`, on the event loop.
+
+    Strings are cut out by dropping escaped backslashes, then escaped quotes, and keeping what lies between
+    string quotes: exact for valid JSON (a backslash only occurs in a string), and 13 times faster than a
+    regular expression on a Debezium event with its schema (37 µs against 487 µs for 3.5 KB; 1.5 ms for
+    the 256 KiB worst case)."""
     if text.count("[") + text.count("{") <= limit:
         return 0
-    brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKET_BYTES)
+    outside_strings = "".join(text.replace("\\\\", "").replace('\\"', "").split('"')[::2])
+    brackets = outside_strings.encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKET_BYTES)
     open_brackets = np.cumsum(_BRACKET_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int32)
     return int(open_brackets.max(initial=0))
 
