@@ -46,7 +46,7 @@ FORMATS = ("clipdex", "debezium", "cloudevents-structured", "cloudevents-binary"
 Headers = list[tuple[str, bytes]]
 
 # The CLIPDEX_EVENT_FORMAT and CLIPDEX_EVENT_MAP that read each format.
-CLIPDEX_FORMAT = {"debezium": "debezium", "cloudevents-structured": "cloudevents", "cloudevents-binary": "cloudevents"}
+FORMAT_SETTING = {"debezium": "debezium", "cloudevents-structured": "cloudevents", "cloudevents-binary": "cloudevents"}
 PRODUCT_METADATA = {"title": "/title", "colour": "/colour", "shape": "/shape", "collection": "/collection"}
 MAPS: dict[str, dict[str, Any]] = {
     "debezium": {"id": "/sku", "uri": "/image_url", "metadata": PRODUCT_METADATA},
@@ -76,7 +76,7 @@ def consumer_settings(fmt: str) -> dict[str, str]:
     """The settings `clipdex consume` reads the format with."""
     if fmt not in MAPS:
         return {}
-    return {"CLIPDEX_EVENT_FORMAT": CLIPDEX_FORMAT.get(fmt, "clipdex"), "CLIPDEX_EVENT_MAP": json.dumps(MAPS[fmt])}
+    return {"CLIPDEX_EVENT_FORMAT": FORMAT_SETTING.get(fmt, "clipdex"), "CLIPDEX_EVENT_MAP": json.dumps(MAPS[fmt])}
 
 
 def build_events(images_dir: Path, count: int, seed: int = 7, fmt: str = "clipdex") -> list[ExampleEvent]:

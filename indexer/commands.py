@@ -296,26 +296,23 @@ def _cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
         print("no dead letters to retry")
         return 0
     event_format = format_from_settings(settings)
-    records = [retry_record(d, event_format) for d in letters]
-    report = asyncio.run(service.retry(settings, letters, [r for r in records if r is not None]))
+    records = [record for d in letters for record in retry_records(d, event_format)]
+    report = asyncio.run(service.retry(settings, letters, records))
     done, failed = report.records - report.failed, report.failed
     print(f"retried {len(letters)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
     return 0
 
 
-def retry_record(letter: DeadLetter, event_format: EventFormat | None = None) -> Record | None:
-    """A dead letter as a record again, as its source first sent it: a Kafka message read by the
-    consumer's event format (CLIPDEX_EVENT_FORMAT), a folder's file as clipdex's own event. None: the
-    format skips it."""
+def retry_records(letter: DeadLetter, event_format: EventFormat | None = None) -> list[Record]:
+    """A dead letter as records again, as its source first sent it: a Kafka message read by the
+    consumer's event format (CLIPDEX_EVENT_FORMAT), a folder's file as clipdex's own event."""
     key = letter.item_id.removeprefix(f"{letter.source}:") if letter.item_id else None
     reader = event_format if event_format is not None and letter.source == KAFKA_SOURCE else ClipdexFormat()
     try:
-        event = reader.parse(Incoming(letter.payload.encode("utf-8", "surrogatepass"), _key(key, reader)))
+        events = reader.parse(Incoming(letter.payload.encode("utf-8", "surrogatepass"), _key(key, reader)))
     except InvalidEvent as exc:
-        return Record(letter.source, letter.payload, None, str(exc))
-    if event is None:
-        return None
-    return Record(letter.source, letter.payload, event)
+        return [Record(letter.source, letter.payload, None, str(exc))]
+    return [Record(letter.source, letter.payload, event) for event in events]
 
 
 def _key(item_id: str | None, reader: EventFormat) -> bytes | None:
@@ -326,4 +323,4 @@ def _key(item_id: str | None, reader: EventFormat) -> bytes | None:
     return item_id.encode("utf-8", "surrogatepass")
 
 
-__all__ = ["format_summary", "register", "retry_record", "status_of"]
+__all__ = ["format_summary", "register", "retry_records", "status_of"]

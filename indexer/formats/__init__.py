@@ -1,9 +1,12 @@
 """Event formats: what a catalog publishes, read into clipdex's events (CLIPDEX_EVENT_FORMAT, CLIPDEX_EVENT_MAP).
 
-    Kafka message (value, key, headers) ─▶ EventFormat.parse ─▶ Event        one item
-                                                            ├▶ Product      one item per image (`uris` mapped)
-                                                            ├▶ None         nothing to do (Debezium's tombstone)
-                                                            └▶ InvalidEvent a dead letter with the reason
+    Kafka message (value, key, headers) ─▶ EventFormat.parse ─▶ (Event, ...)   one item each
+                                                            ├▶ (Product, ...) one item per image (`uris` mapped)
+                                                            ├▶ ()             nothing to do (Debezium's tombstone)
+                                                            └▶ InvalidEvent   a dead letter with the reason
+
+A message is usually one event; a Debezium update that changes the mapped id is two (the old id's
+delete, then the new id's upsert).
 
     clipdex      clipdex's own {op, id, uri, metadata, version}; with a map, any JSON object   (clipdex.py)
     debezium     Debezium change events, with or without the JSON converter's schema          (debezium.py)
@@ -33,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 FormatName = Literal["clipdex", "debezium", "cloudevents"]
 Headers = tuple[tuple[str, bytes | None], ...]
-Parsed = Event | Product | None
+Parsed = tuple[Event | Product, ...]
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class EventFormat(ABC):
         self.mapping = mapping
 
     def parse(self, message: Incoming) -> Parsed:
-        """The event a message carries; None for a message to skip. Raises InvalidEvent and nothing else."""
+        """The events a message carries, in order (none: a message to skip). Raises InvalidEvent and nothing
+        else."""
         try:
             return self.read(message)
         except InvalidEvent:

@@ -25,11 +25,11 @@ class ClipdexFormat(EventFormat):
 
     def read(self, message: Incoming) -> Parsed:
         if self.mapping is None:
-            return parse_event(message.value, message.key)
+            return (parse_event(message.value, message.key),)
         if message.value is None:
             raise InvalidEvent("empty message (a tombstone record?): a catalog event is a JSON object")
         document = load_json(message.value, MAX_ENVELOPE_DEPTH)
         if not isinstance(document, dict):
             raise InvalidEvent(f"an event is a JSON object, got {describe(document)}")
         op = self.mapping.op_of(document, _WHERE)
-        return self.mapping.event(op, document, document, _WHERE)
+        return (self.mapping.event(op, document, document, _WHERE),)

@@ -44,9 +44,9 @@ class CloudEventsFormat(EventFormat):
                 raise InvalidEvent(
                     f"the CloudEvent's data is {describe(data)}, not a clipdex event (or set CLIPDEX_EVENT_MAP)"
                 )
-            return validated(data)
+            return (validated(data),)
         op = self.mapping.op_of_type(attributes["type"])
-        return self.mapping.event(op, data, attributes, "data")
+        return (self.mapping.event(op, data, attributes, "data"),)
 
     def raw(self, message: Incoming) -> str:
         if not _is_binary(message.headers):

@@ -7,6 +7,10 @@ or the same wrapped as `{"schema": {...}, "payload": {...}}` (the JSON converter
 
 - `c` (insert), `u` (update) and `r` (a snapshot read) upsert the row in `after`; `d` deletes the row in
   `before` (its id; where `before` is null, from the message key, which holds the primary key).
+- An update whose `before` maps to another id (the map's id is a column that changed, a SKU renamed)
+  deletes the old id too. `before` holds the old row where the table logs it (PostgreSQL with REPLICA
+  IDENTITY FULL, MySQL); otherwise map the id to the primary key, which Debezium turns into a delete and
+  an insert when it changes.
 - The tombstone that follows a delete (a message with a null value, for log compaction) is skipped.
 - The version is the map's `version` when it has one, else the source position: `source.lsn`
   (PostgreSQL's log position), else `source.ts_ms`, else `ts_ms`, so a replay or a reordered event
@@ -18,9 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from indexer.events import MAX_ENVELOPE_DEPTH, load_json
+from indexer.events import MAX_ENVELOPE_DEPTH, Event, load_json
 from indexer.formats import EventFormat, Incoming, Parsed
 from indexer.formats.mapping import Mismatch, describe
+from indexer.products import Product
 from shared.errors import InvalidEvent
 
 _UPSERTS = {"c": "an insert", "u": "an update", "r": "a snapshot read"}
@@ -32,10 +37,10 @@ class DebeziumFormat(EventFormat):
     def read(self, message: Incoming) -> Parsed:
         assert self.mapping is not None, "the debezium format needs a map (event_format checks it)"
         if message.value is None:
-            return None  # the tombstone after a delete: Kafka's compaction marker, nothing to index
+            return ()  # the tombstone after a delete: Kafka's compaction marker, nothing to index
         change = _unwrap(load_json(message.value, MAX_ENVELOPE_DEPTH))
         if change is None:
-            return None  # a tombstone written by a converter as {"schema": ..., "payload": null}
+            return ()  # a tombstone written by a converter as {"schema": ..., "payload": null}
         if not isinstance(change, dict):
             raise InvalidEvent(
                 f"not a Debezium change event: a JSON object with op, before and after, got {describe(change)}"
@@ -51,14 +56,27 @@ class DebeziumFormat(EventFormat):
             row = change.get("after")
             if not isinstance(row, dict):
                 raise InvalidEvent(f"a Debezium {_UPSERTS[op]} (op {op}) whose after is {describe(row)}, not a row")
-            return self.mapping.event("upsert", row, change, "after", default_version=version)
+            upsert = self.mapping.event("upsert", row, change, "after", default_version=version)
+            return (*self._renamed(change, upsert.id, version), upsert)
         if op == "d":
-            return self._delete(change, message, version)
+            return (self._delete(change, message, version),)
         if op == "t":
             raise InvalidEvent("a Debezium truncate (op t) is not applied: delete the products' rows, or their items")
         raise InvalidEvent(f"not a Debezium change event: op is {describe(op)}, not c, u, r or d")
 
-    def _delete(self, change: dict[str, Any], message: Incoming, version: int | None) -> Parsed:
+    def _renamed(self, change: dict[str, Any], new_id: str, version: int | None) -> tuple[Event | Product, ...]:
+        """The delete of the id that `before` maps to, when it is not the id `after` maps to."""
+        assert self.mapping is not None
+        before = change.get("before")
+        if change.get("op") != "u" or not isinstance(before, dict):
+            return ()
+        try:
+            old = self.mapping.event("delete", before, change, "before", default_version=version)
+        except InvalidEvent:
+            return ()  # an old row without the id column (REPLICA IDENTITY DEFAULT logs the key only)
+        return (old,) if old.id != new_id else ()
+
+    def _delete(self, change: dict[str, Any], message: Incoming, version: int | None) -> Event | Product:
         assert self.mapping is not None
         row = change.get("before")
         if isinstance(row, dict):

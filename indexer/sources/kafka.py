@@ -167,23 +167,22 @@ class SourceStats:
 CLIPDEX_FORMAT = ClipdexFormat()
 
 
-def to_record(message: Message, event_format: EventFormat = CLIPDEX_FORMAT) -> Record | None:
-    """A message becomes a record; a message that is not a valid event becomes one with its reason; a
-    message the format skips (Debezium's tombstone after a delete) becomes none."""
+def to_record(message: Message, event_format: EventFormat = CLIPDEX_FORMAT) -> list[Record]:
+    """A message becomes a record per event it carries (usually one; none for a message the format
+    skips, such as Debezium's tombstone after a delete); a message that is not a valid event becomes one
+    record with its reason. Each has the message's position."""
     incoming = Incoming(message.value, message.key, message.headers)
     raw = event_format.raw(incoming)
     position = (message.partition, message.offset)
     try:
-        event = event_format.parse(incoming)
+        events = event_format.parse(incoming)
     except InvalidEvent as exc:
-        return Record(SOURCE, raw, None, str(exc), position)
-    if event is None:
-        return None
-    return Record(SOURCE, raw, event, None, position)
+        return [Record(SOURCE, raw, None, str(exc), position)]
+    return [Record(SOURCE, raw, event, None, position) for event in events]
 
 
 def to_records(messages: Sequence[Message], event_format: EventFormat = CLIPDEX_FORMAT) -> list[Record]:
-    return [r for m in messages if (r := to_record(m, event_format)) is not None]
+    return [record for m in messages for record in to_record(m, event_format)]
 
 
 def micro_batches(records: Sequence[Record], images: int) -> Iterator[list[Record]]:

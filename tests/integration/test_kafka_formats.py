@@ -141,6 +141,7 @@ async def test_debezium_products_snapshot_title_update_image_change_delete_and_t
         change("u", 1002, 220, before=rows[1002], after=new_image),  # a new image: a new vector
         change("d", 1003, 230, before=rows[1003]),
         (debezium_key(1003, schema=schema), None),  # its tombstone: skipped, not a dead letter
+        change("u", 1004, 235, before=rows[1004], after={**rows[1004], "sku": "A-1004-B"}),  # the SKU renamed
         *bad.values(),
     ]
     settings = settings_for(tmp_path, kafka_bootstrap, kafka_topic)
@@ -156,7 +157,7 @@ async def test_debezium_products_snapshot_title_update_image_change_delete_and_t
         settings, tiny_embedder, debezium_format(), kafka_bootstrap, kafka_topic, [snapshot, changes], after
     )
 
-    live = {"kafka:A-1001", "kafka:A-1002", "kafka:A-1004"}
+    live = {"kafka:A-1001", "kafka:A-1002", "kafka:A-1004-B"}  # the old SKU's item is gone
     assert searchable_ids(settings, tiny_embedder) == live and live_vectors(db) == dict.fromkeys(live, 1)
     assert vectors_ever(db, "kafka:A-1001") == first["kafka:A-1001"], "a title change made a new embedding"
     (old, new) = vectors_ever(db, "kafka:A-1002")

@@ -479,17 +479,17 @@ def test_example_events_of_every_format_parse_with_the_settings_the_producer_nam
     parsed = []
     for example in events:
         key, value = example.encoded()
-        parsed.append(reader.parse(Incoming(value, key, tuple(example.headers))))
+        parsed += reader.parse(Incoming(value, key, tuple(example.headers)))
     images = [i for p in parsed if isinstance(p, Product) for i in p.images] + [
-        p for p in parsed if p is not None and not isinstance(p, Product) and p.op == "upsert"
+        p for p in parsed if not isinstance(p, Product) and p.op == "upsert"
     ]
     for image in images:
         assert image.uri is not None and Path(image.uri).is_file()
         assert image.metadata["colour"] in image.metadata.get("caption", image.metadata.get("title"))
     if fmt == "products":
         assert [len(p.images) for p in parsed] == [3, 3]  # type: ignore[union-attr]
-    if fmt == "debezium":  # a snapshot, a title-only update, a new image, a delete and its tombstone
-        assert [p.op if p else None for p in parsed] == ["upsert"] * 8 + ["delete", None]
+    if fmt == "debezium":  # a snapshot, a title-only update, a new image, a delete and its tombstone (skipped)
+        assert len(events) == 10 and [p.op for p in parsed] == ["upsert"] * 8 + ["delete"]
     if fmt == "cloudevents-binary":
         assert all(dict(e.headers)["ce_specversion"] == b"1.0" for e in events)
 

@@ -49,7 +49,8 @@ POISON = {
 
 
 def kafka_record(offset: int, value: bytes | None, key: bytes | None = None) -> Record:
-    return to_record(Message("catalog", 0, offset, key, value))
+    (record,) = to_record(Message("catalog", 0, offset, key, value))
+    return record
 
 
 def good_event(root: Path, name: str, seed: int) -> tuple[bytes, str]:

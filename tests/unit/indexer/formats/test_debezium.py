@@ -22,7 +22,9 @@ GALLERY = event_format("debezium", json.dumps(GALLERY_MAP))
 
 
 def parse(value: bytes | None, key: bytes | None = None, fmt: DebeziumFormat = FORMAT) -> object:  # type: ignore[assignment]
-    return fmt.parse(Incoming(value, key))
+    """The one event a message carries, None for none, or all of them."""
+    events = fmt.parse(Incoming(value, key))
+    return None if not events else events[0] if len(events) == 1 else events
 
 
 @pytest.mark.parametrize("schema", [False, True], ids=["plain", "with-schema"])
@@ -69,6 +71,27 @@ def test_the_version_is_the_log_position_else_the_source_time_else_the_event_tim
     mapped = event_format("debezium", json.dumps({**PRODUCTS_MAP, "version": "/updated_at"}))
     event = parse(debezium("u", ROW, {**ROW, "updated_at": 1_714_557_601_000_000}, lsn=5), None, mapped)
     assert isinstance(event, Event) and event.version == 1_714_557_601_000_000  # the map's version wins
+
+
+def test_an_update_that_changes_the_mapped_id_deletes_the_old_one_first() -> None:
+    renamed = {**ROW, "sku": "A-1001-RED"}
+    events = parse(debezium("u", ROW, renamed, lsn=300))
+    assert events == (
+        Event(op="delete", id="A-1001", version=300),
+        Event(
+            op="upsert",
+            id="A-1001-RED",
+            uri=ROW["image_url"],
+            metadata={"title": "Red trail shoe", "brand": "Acme", "price_cents": 4999},
+            version=300,
+        ),
+    )
+    key_only = {"id": 1001, **dict.fromkeys(k for k in ROW if k != "id")}  # REPLICA IDENTITY DEFAULT: the key only
+    assert isinstance(parse(debezium("u", key_only, renamed, lsn=301)), Event)  # nothing to compare: the upsert
+    assert isinstance(parse(debezium("u", ROW, {**ROW, "title": "x"}, lsn=302)), Event)  # the same id: one event
+    gallery = product_row(1, "P-1", "t", images=["https://cdn.shop.example/1.jpg"])
+    events = parse(debezium("u", gallery, {**gallery, "sku": "P-2"}, lsn=303), None, GALLERY)
+    assert isinstance(events, tuple) and [(e.op, e.id) for e in events] == [("delete", "P-1"), ("upsert", "P-2")]
 
 
 def test_a_row_with_several_images_is_one_product() -> None:

@@ -46,18 +46,19 @@ def assert_parsed_or_refused(fmt: EventFormat, message: Incoming) -> Any:
             "only the catch-all saw this: a case the format's own checks missed"
         )
         return exc
-    if isinstance(parsed, Event):
-        assert_storable(parsed)
-    elif isinstance(parsed, Product):
-        assert len(parsed.id.encode("utf-8")) <= MAX_PRODUCT_ID_BYTES
-        assert len(parsed.images) + len(parsed.refused) <= MAX_IMAGES
-        for image in parsed.images:
+    assert isinstance(parsed, tuple) and len(parsed) <= 2
+    for event in parsed:
+        if isinstance(event, Event):
+            assert_storable(event)
+            continue
+        assert isinstance(event, Product)
+        assert len(event.id.encode("utf-8")) <= MAX_PRODUCT_ID_BYTES
+        assert len(event.images) + len(event.refused) <= MAX_IMAGES
+        for image in event.images:
             assert_storable(image)
-            assert parent_of(image.id) == parsed.id and image.metadata["parent"] == parsed.id
-        for refused in parsed.refused:
-            assert parent_of(refused.id) == parsed.id and refused.reason
-    else:
-        assert parsed is None
+            assert parent_of(image.id) == event.id and image.metadata["parent"] == event.id
+        for refused in event.refused:
+            assert parent_of(refused.id) == event.id and refused.reason
     return parsed
 
 
@@ -158,7 +159,7 @@ def test_headers_are_bounded() -> None:
     fmt = event_format("cloudevents")
     base = (("ce_specversion", b"1.0"), ("ce_id", b"e"), ("ce_source", b"s"), ("ce_type", b"t"))
     data = json.dumps({"op": "delete", "id": "a"}).encode()
-    assert fmt.parse(Incoming(data, None, base)) == Event(op="delete", id="a")
+    assert fmt.parse(Incoming(data, None, base)) == (Event(op="delete", id="a"),)
     with pytest.raises(InvalidEvent, match="over the limit of 100"):
         fmt.parse(Incoming(data, None, base + tuple((f"x{i}", b"") for i in range(100))))
     with pytest.raises(InvalidEvent, match="headers hold 70,"):

@@ -70,7 +70,7 @@ async def run_until(source: KafkaSource, done: Callable[[], bool]) -> None:
 
 
 def test_the_message_key_is_the_id_when_the_event_has_none() -> None:
-    record = to_record(Message("t", 0, 7, b"sku-1", b'{"op": "delete"}'))
+    (record,) = to_record(Message("t", 0, 7, b"sku-1", b'{"op": "delete"}'))
     assert record is not None and record.event is not None and record.event.id == "sku-1"
     assert record.position == (0, 7) and record.source == "kafka"
 
@@ -86,7 +86,7 @@ def test_the_message_key_is_the_id_when_the_event_has_none() -> None:
     ],
 )
 def test_a_bad_message_becomes_a_record_with_its_reason(value: bytes | None, reason: str) -> None:
-    record = to_record(Message("t", 0, 3, None, value))
+    (record,) = to_record(Message("t", 0, 3, None, value))
     assert record is not None and record.event is None
     assert record.error is not None and reason in record.error
 
