@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -144,12 +144,13 @@ class Field:
 
     def read(self, document: Any, envelope: Any, where: str) -> Any:
         """The value the pointer finds, or the default; Mismatch when there is neither."""
-        value = self._walk(envelope if self.envelope else document, self.tokens, "envelope" if self.envelope else where)
+        root, where = (envelope, "the envelope") if self.envelope else (document, where)
+        value = self._walk(root, self.tokens, where)
         if value is _NOTHING or value is None:
             if self.default is not _NOTHING:
                 return self.default
             if value is _NOTHING:
-                raise self.mismatch(f"not found in {'the envelope' if self.envelope else where}")
+                raise self.mismatch(f"not found in {where}")
         return value
 
     def read_list(self, document: Any, envelope: Any, where: str) -> list[Any]:
@@ -163,7 +164,7 @@ class Field:
             return found
         star = self.tokens.index("*")
         head, tail = self.tokens[:star], self.tokens[star + 1 :]
-        root = envelope if self.envelope else document
+        root, where = (envelope, "the envelope") if self.envelope else (document, where)
         found = _json_inside(self._walk(root, head, where))
         if found is _NOTHING or found is None:
             if isinstance(self.default, list):
@@ -210,7 +211,6 @@ class EventMap:
     op: Field | None = None  # the clipdex format only: a field holding "upsert" or "delete"
     delete_types: frozenset[str] = frozenset()  # CloudEvents only: types that delete
     upsert_types: frozenset[str] | None = None  # CloudEvents only: types that upsert (None: every other type)
-    fields: tuple[str, ...] = field(default=(), compare=False)  # the keys the map was given
 
     @classmethod
     def parse(cls, value: Any, format_name: str) -> EventMap:
@@ -251,7 +251,6 @@ class EventMap:
             op=Field.parse("op", value["op"]) if "op" in value else None,
             delete_types=frozenset(_types(value, "delete_types") or ()),
             upsert_types=_types(value, "upsert_types"),
-            fields=tuple(value),
         ).checked()
 
     def checked(self) -> EventMap:
