@@ -34,11 +34,12 @@ RUN set -eu; \
 
 # The dependencies first, from pyproject.toml alone, so that a source change does not reinstall them.
 # For FLAVOR=cuda, faiss-gpu replaces faiss-cpu (both install the module `faiss`; the `gpu` extra).
+# The `milvus` extra (pymilvus) lets one image run on either store (CLIPDEX_STORE; compose profile milvus).
 WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN set -eu; \
     for pkg in clipdex shared indexer tools; do mkdir -p "$pkg"; touch "$pkg/__init__.py"; done; \
-    pip install . ; \
+    pip install ".[milvus]" ; \
     if [ "$FLAVOR" = cuda ]; then \
       pip uninstall -y faiss-cpu; \
       pip install "faiss-gpu>=1.8"; \

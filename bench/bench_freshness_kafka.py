@@ -3,6 +3,7 @@
     python -m bench.bench_freshness_kafka            # 200 events at 20 events/s, the tiny test model
     python -m bench.bench_freshness_kafka --quick    # 30 events
     python -m bench.bench_freshness_kafka --bootstrap-servers HOST:PORT   # an existing broker
+    python -m bench.bench_freshness_kafka --store milvus      # the Milvus store (a milvus-lite server process)
 
 `clipdex consume` runs as a subprocess (its own store connection and model) with default settings
 (batches of up to 64, fetch wait up to 200 ms, commit after every batch). The broker is a tansu process on
@@ -11,6 +12,10 @@ it opens the same data directory with `build_core` and follows the store as a se
 refresh every CLIPDEX_REFRESH_INTERVAL_MS, 250 ms by default). Events are produced at a steady rate, each
 naming a different JPEG; an event counts as visible the first time a search with its item's stored vector
 returns it. Reported: p50, p99 and max of (visible - produced), in seconds. Targets: p50 <= 1 s, p99 <= 3 s.
+
+With `--store milvus` the consumer writes to Milvus and the search side is a stateless replica's reader
+(Bounded consistency): a milvus-lite server process (tests/milvus.py) unless --milvus-uri names a Milvus.
+milvus-lite is a test engine written in Python: its figures are not Milvus's.
 """
 
 from __future__ import annotations
@@ -124,10 +129,10 @@ class Searcher:
             with self._lock:
                 pending = [i for i in self.produced if i not in self.visible]
             for item_id in pending:
-                stored = self.core.store.item_vector(item_id)
+                stored = self.core.vectors.item_vector(item_id)
                 if stored is None:
                     continue
-                hits = self.core.search.search_vector(stored[1], 1)
+                hits = self.core.search.search_vector(stored, 1)
                 if hits and hits[0].id == item_id:
                     with self._lock:
                         self.visible[item_id] = time.monotonic()
@@ -165,6 +170,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = write_jpegs(images, args.events + 1, args.size)  # every image different: no vector reuse
     env = model_env(args, data, images)
     broker = None
+    milvus = None
+    if args.store == "milvus":
+        uri = args.milvus_uri
+        if uri is None:
+            sys.path.insert(0, str(ROOT))
+            from tests.milvus import MilvusLite
+
+            milvus = MilvusLite(work / "milvus")
+            uri = milvus.uri
+        collection = f"bench_{uuid.uuid4().hex[:8]}"
+        env.update(CLIPDEX_STORE="milvus", CLIPDEX_MILVUS_URI=uri, CLIPDEX_MILVUS_COLLECTION=collection)
     if args.bootstrap_servers:
         bootstrap = args.bootstrap_servers
     else:
@@ -208,6 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             core.close()
         if broker is not None:
             broker.close()
+        if milvus is not None:
+            milvus.stop()
         shutil.rmtree(work, ignore_errors=True)
     assert searcher is not None
     lags = np.array([searcher.visible[i] - searcher.produced[i] for i in searcher.produced if i in searcher.visible])
@@ -219,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "model": f"{args.model} (random weights), cpu",
         "broker": "external" if args.bootstrap_servers else "tansu (in memory)",
+        "store": args.store if args.store == "sqlite" or args.milvus_uri else "milvus (milvus-lite)",
         "events": args.events,
         "rate_per_s": args.rate,
         "visible": len(lags),
@@ -255,6 +274,8 @@ def main() -> None:
     parser.add_argument("--model-cache-dir", default=None, help="CLIPDEX_MODEL_CACHE_DIR (ONNX exports)")
     parser.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting tansu")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--store", choices=["sqlite", "milvus"], default="sqlite")
+    parser.add_argument("--milvus-uri", default=None, help="a Milvus (default: start a milvus-lite server)")
     args = parser.parse_args()
     if args.quick:
         args.events = 30
@@ -263,7 +284,8 @@ def main() -> None:
     result = run(args)
     if not args.json:
         print(
-            f"kafka freshness, {result['model']}, {result['events']} events at {result['rate_per_s']:g}/s: "
+            f"kafka freshness, {result['store']} store, {result['model']}, {result['events']} events at "
+            f"{result['rate_per_s']:g}/s: "
             f"p50 {result['p50_s']} s, p99 {result['p99_s']} s, max {result['max_s']} s "
             f"({result['visible']}/{result['events']} visible, {result['batches']} batches of "
             f"{result['mean_batch_size']} on average: decode {result['mean_decode_ms']} ms, "

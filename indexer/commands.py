@@ -6,6 +6,7 @@ clipdex consume ...               index catalog events from Kafka (a consumer gr
 clipdex status [--json]           counts, index state, model, freshness and lag
 clipdex compact [--if-needed]     fold the delta into a new main index now
 clipdex dlq list|retry|purge      the dead letters: what could not be indexed, and why
+clipdex migrate --to milvus       copy the store to the other backend (or --to sqlite), without re-embedding
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import json
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,11 @@ from indexer.sources.kafka_client import require_kafka
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
 from shared.errors import InvalidEvent
+from shared.migrate import MigrationReport, migrate
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
 from shared.status import read_status
-from shared.stores import open_catalog, open_writer
+from shared.stores import Backend, PortableStore, describe, open_catalog, open_portable, open_writer, store_exists
 
 
 def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
@@ -92,6 +95,17 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     )
     comp.add_argument("--if-needed", action="store_true", help="only when a size or age threshold is passed")
     comp.set_defaults(func=_cmd_compact)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy the store to the other backend: items, vectors and dead letters, without re-embedding",
+        description="Copy the SQLite store in CLIPDEX_DATA_DIR to Milvus (CLIPDEX_MILVUS_URI, ...), or back "
+        "with --to sqlite. Nothing is embedded again. Stop the indexers first. Resumable: run it again after "
+        "a stop and it copies only what the target does not hold yet. Then set CLIPDEX_STORE to the target.",
+    )
+    migrate.add_argument("--to", required=True, choices=["milvus", "sqlite"], help="the backend to copy into")
+    migrate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    migrate.set_defaults(func=_cmd_migrate)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, retry or purge what could not be indexed")
     verbs = dlq.add_subparsers(dest="dlq_command", required=True, metavar="VERB")
@@ -174,7 +188,7 @@ def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 def status_of(settings: Settings) -> dict[str, Any]:
     """Everything `clipdex status` shows, as plain data. Reads the store; loads no model."""
     with open_catalog(settings) as catalog:
-        return read_status(settings.data_dir, catalog).to_dict()
+        return read_status(settings.data_dir, catalog, store=describe(settings)).to_dict()
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -187,11 +201,11 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(st, indent=2, default=str))
         return 0
     if not st["exists"]:
-        print(f"no index yet in {st['data_dir']} (run `clipdex index DIR` or `clipdex watch DIR`)")
+        print(f"no index yet in {st['store']} (run `clipdex index DIR`, `clipdex watch DIR` or `clipdex consume`)")
         return 0
     model = st["model"]
     lines = [
-        f"data dir    {st['data_dir']}",
+        f"store       {st['store']}",
         "model       "
         + ("(none yet)" if model is None else f"{model['name']} / {model['pretrained']} (dim {model['dim']})"),
         f"items       {st['items']} indexed, {st['failed']} failed, {st['dead_letters']} dead letters",
@@ -213,8 +227,8 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
-    if not settings.db_path.exists():
-        print(f"nothing to compact: no store in {settings.data_dir}")
+    if not store_exists(settings):
+        print(f"nothing to compact: no store in {describe(settings)}")
         return 0
     with open_writer(settings, None) as store:
         identity = store.catalog.model_identity()
@@ -222,7 +236,7 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
             print("nothing to compact: the store holds no vectors yet")
             return 0
         if store.compaction is None:
-            print("nothing to compact: this store compacts by itself")
+            print("nothing to compact: Milvus compacts its segments by itself")
             return 0
         compactor = Compactor.from_settings(store.compaction, settings, identity.dim)
         result = compactor.compact_if_needed() if args.if_needed else compactor.compact()
@@ -234,6 +248,67 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
         f"{', rebuilt' if result.rebuilt else ''}), {result.purged} deleted vectors purged, {result.seconds:.2f} s"
     )
     return 0
+
+
+# -- migrate -------------------------------------------------------------------------------------------------
+
+
+def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    target_kind: Backend = args.to
+    source_kind: Backend = "sqlite" if target_kind == "milvus" else "milvus"
+    source_where = describe(settings.model_copy(update={"store": source_kind}))
+    target_where = describe(settings.model_copy(update={"store": target_kind}))
+    source = open_portable(settings, source_kind, None)
+    if source is None:
+        print(f"nothing to migrate: no store in {source_where}")
+        return 0
+    try:
+        identity = source.model_identity()
+        if identity is None:
+            print(f"nothing to migrate: the store in {source_where} holds nothing yet")
+            return 0
+        target = open_portable(settings, target_kind, identity)
+        assert target is not None, "a target bound to a model is created when missing"
+        try:
+            report = asyncio.run(_migrate_until_signal(source, target, show_progress=not args.no_progress))
+        finally:
+            target.close()
+    finally:
+        source.close()
+    print(
+        f"migrated {report.items} items from {source_where} to {target_where}: {report.copied} copied, "
+        f"{report.items - report.copied} already there; {report.dead_letters} dead letters; {report.seconds:.1f} s"
+    )
+    if report.interrupted:
+        print("interrupted: run the same command again to copy the rest")
+        return 130
+    print(f"now set CLIPDEX_STORE={target_kind} for every clipdex process")
+    return 0
+
+
+async def _migrate_until_signal(
+    source: PortableStore, target: PortableStore, *, show_progress: bool
+) -> MigrationReport:
+    """The copy runs in a thread; a signal stops it after the chunk in flight (a re-run resumes)."""
+    signalled = asyncio.Event()
+    stop_on_signals(signalled)
+    stop = threading.Event()
+    bar = ProgressBar() if show_progress else None
+
+    def progress(done: int, total: int, copied: int) -> None:
+        if bar is not None:
+            bar.show(done, total, f"{copied} copied")
+
+    copy = asyncio.ensure_future(asyncio.to_thread(migrate, source, target, progress=progress, stop=stop))
+    waiter = asyncio.ensure_future(signalled.wait())
+    try:
+        await asyncio.wait({copy, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()  # no-op when the copy is done
+        return await copy
+    finally:
+        waiter.cancel()
+        if bar is not None:
+            bar.close()
 
 
 # -- dead letters ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_and_hash
 from indexer.embed import decode_and_embed
 from indexer.records import BatchReport, FailedRecord, Record
-from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, plan, product_prefixes
+from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, pending_products, plan
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError
@@ -154,7 +154,8 @@ class Pipeline:
         result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters)
         report.write_ms = (time.perf_counter() - write_started) * 1000
 
-        report.indexed = result.indexed - len(sorted_.reused)
+        report.indexed = max(0, result.indexed - len(sorted_.reused))
+        report.skipped += result.skipped  # another writer stored a newer version in the meantime
         report.unchanged = len(sorted_.unchanged)
         report.reused = len(sorted_.reused)
         report.deleted = result.deleted
@@ -169,9 +170,9 @@ class Pipeline:
     def _stored(self, records: Sequence[Record]) -> dict[str, StoredState]:
         """What the store holds for the batch's ids, and for every stored image of its products."""
         stored = self.writer.states(pending_ids(records))
-        prefixes = product_prefixes(records)
-        if prefixes:
-            stored.update(self.writer.states_under(prefixes))
+        products = pending_products(records)
+        if products:
+            stored.update(self.writer.product_images(products))
         return stored
 
     async def _fetch_one(self, work: Work) -> Fetched | FailedRecord:

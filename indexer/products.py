@@ -3,11 +3,11 @@
     {"id": "sku-1", images: [u1, u2, u3], metadata, version}
         ─▶ items sku-1#<key(u1)>, sku-1#<key(u2)>, sku-1#<key(u3)>, each with `parent: "sku-1"` in its metadata
 
-An image's key is the first 16 hex digits of the sha256 of its URL: the same URL keeps its item (and its
-vector) whatever its place in the list, and a product's items are exactly the stored ids of the shape
-`<product id>#<16 hex digits>` (`parent_of`), which a prefix lookup finds. The list is the whole set: the
-resolver deletes a stored image of the product that an upsert no longer names, and a delete removes them
-all (`indexer.resolve`).
+An image's key is the first 16 hex digits of the sha256 of its URL (`shared.types.image_id`): the same URL
+keeps its item (and its vector) whatever its place in the list, and a product's items are exactly the
+stored ids of the shape `<product id>#<16 hex digits>` (`parent_of`), which `Writer.product_images` finds.
+The list is the whole set: the resolver deletes a stored image of the product that an upsert no longer
+names, and a delete removes them all (`indexer.resolve`).
 
 `product(...)` checks everything the schema checks for one event: the product id (short enough for its
 images' ids), the metadata once (every image carries the same), each image's uri. An image whose uri is
@@ -16,21 +16,17 @@ refused is listed in `refused` with the reason: it becomes that image's dead let
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from indexer.events import MAX_ID_BYTES, Event, check_metadata, check_uri, validated
 from shared.errors import InvalidEvent
+from shared.types import IMAGE_SUFFIX_LENGTH, image_id, parent_of
 
 MAX_IMAGES = 250  # per product: Shopify's own limit of media per product
 PARENT_KEY = "parent"  # the metadata key that names an image's product
-_KEY_DIGITS = 16
-_SUFFIX = 1 + _KEY_DIGITS  # "#" and the key
-MAX_PRODUCT_ID_BYTES = MAX_ID_BYTES - _SUFFIX
-_CHILD = re.compile(rf"#[0-9a-f]{{{_KEY_DIGITS}}}")
+MAX_PRODUCT_ID_BYTES = MAX_ID_BYTES - IMAGE_SUFFIX_LENGTH
 
 
 @dataclass(frozen=True)
@@ -57,24 +53,6 @@ class Product:
         return {e.id for e in self.images} | {r.id for r in self.refused}
 
 
-def image_id(product_id: str, uri: str) -> str:
-    """The item id of one image of a product: stable for the same URL."""
-    key = hashlib.sha256(uri.encode("utf-8", "surrogatepass")).hexdigest()[:_KEY_DIGITS]
-    return f"{product_id}#{key}"
-
-
-def image_prefix(product_id: str) -> str:
-    """What every image id of the product starts with (and, rarely, another product's: see `parent_of`)."""
-    return f"{product_id}#"
-
-
-def parent_of(item_id: str) -> str | None:
-    """The product id of an image's item id (namespaced or not, the same way), or None."""
-    if len(item_id) > _SUFFIX and _CHILD.fullmatch(item_id, len(item_id) - _SUFFIX):
-        return item_id[:-_SUFFIX]
-    return None
-
-
 def product(
     op: Literal["upsert", "delete"],
     product_id: str,
@@ -88,7 +66,7 @@ def product(
     if size > MAX_PRODUCT_ID_BYTES:
         raise InvalidEvent(
             f"invalid event: id: {size:,} bytes of UTF-8, over the limit of {MAX_PRODUCT_ID_BYTES:,} bytes for "
-            f"a product with several images (each image's id adds {_SUFFIX})"
+            f"a product with several images (each image's id adds {IMAGE_SUFFIX_LENGTH})"
         )
     if op == "delete":
         return Product("delete", pid.id, version=pid.version)
@@ -115,3 +93,6 @@ def product(
         # Checked above piece by piece (the metadata once for all images, not once per image).
         images[item] = Event.model_construct(op="upsert", id=item, uri=uri, metadata=meta, version=pid.version)
     return Product("upsert", pid.id, tuple(images.values()), tuple(refused.values()), pid.version)
+
+
+__all__ = ["MAX_IMAGES", "PARENT_KEY", "Product", "RefusedImage", "image_id", "parent_of", "product"]

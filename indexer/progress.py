@@ -1,5 +1,5 @@
-"""A progress bar on stderr for `clipdex index`: redrawn in place on a terminal, a line every few seconds
-otherwise (a log file or a pipe gets progress without a wall of carriage returns)."""
+"""A progress bar on stderr for `clipdex index` and `clipdex migrate`: redrawn in place on a terminal, a
+line every few seconds otherwise (a log file or a pipe gets progress without a wall of carriage returns)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ class ProgressBar:
         self._drawn = False
 
     def __call__(self, done: int, total: int, summary: FolderSummary) -> None:
+        self.show(done, total, f"{summary.failed} failed")
+
+    def show(self, done: int, total: int, note: str = "") -> None:
         now = time.monotonic()
         if self._started is None:
             self._started = now  # the first call comes once the model is loaded and the folder scanned
@@ -32,7 +35,7 @@ class ProgressBar:
         fill = self.width if total == 0 else int(self.width * done / total)
         bar = "#" * fill + "." * (self.width - fill)
         pct = 100.0 if total == 0 else 100.0 * done / total
-        text = f"[{bar}] {done}/{total} ({pct:.0f}%) {rate:.1f}/s, {summary.failed} failed"
+        text = f"[{bar}] {done}/{total} ({pct:.0f}%) {rate:.1f}/s" + (f", {note}" if note else "")
         if self.tty:
             self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))
         else:

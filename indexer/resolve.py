@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from indexer.events import Event
-from indexer.products import Product, image_prefix, parent_of
+from indexer.products import Product, parent_of
 from indexer.records import FailedRecord, Record
 from shared.roles import Delete, StoredState
 from shared.types import Embedding, namespaced_id
@@ -52,14 +52,14 @@ class Plan:
 
     @property
     def store_deletes(self) -> list[Delete]:
-        return [Delete(w.item_id) for w in self.deletes]
+        return [Delete(w.item_id, w.event.version) for w in self.deletes]
 
 
 def plan(records: Sequence[Record], stored: Mapping[str, StoredState]) -> Plan:
     """Split a batch into upserts, deletes, invalid records and skipped events.
 
     `stored` holds the store's state of (at least) every item id in the batch (`pending_ids(records)`)
-    and of every stored image of its products (ids under `product_prefixes(records)`)."""
+    and of every stored image of its products (`pending_products(records)`)."""
     out = Plan()
     winners: dict[tuple[bool, str], Record] = {}  # (a product?, namespaced id): the event that counts
     for record in records:
@@ -137,9 +137,9 @@ def pending_ids(records: Sequence[Record]) -> list[str]:
     )
 
 
-def product_prefixes(records: Sequence[Record]) -> list[str]:
-    """The id prefixes under which the batch's products keep their images (`Writer.states_under`)."""
-    return sorted({image_prefix(namespaced_id(r.source, r.event.id)) for r in records if isinstance(r.event, Product)})
+def pending_products(records: Sequence[Record]) -> list[str]:
+    """The batch's products, whose stored images the plan needs (`Writer.product_images`)."""
+    return sorted({namespaced_id(r.source, r.event.id) for r in records if isinstance(r.event, Product)})
 
 
 def _older(event: Event | Product, than: Event | Product | StoredState | None) -> bool:

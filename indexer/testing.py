@@ -32,6 +32,7 @@ class MemoryBroker:
         self.committed: dict[tuple[str, int], int] = {}
         self.commits: list[dict[tuple[str, int], int]] = []
         self.fail_starts = 0
+        self.hang_starts = False  # joins that never get an assignment (a group that does not settle)
         self.fail_fetches = 0
         self.fail_commits = 0
         self.lose_commits = 0  # commits refused because the group rebalanced
@@ -62,6 +63,8 @@ class MemoryConsumer:
         self._on_revoked: RevokeHandler | None = None
 
     async def start(self, on_revoked: RevokeHandler) -> None:
+        if self.broker.hang_starts:
+            await asyncio.Event().wait()
         if self.broker.fail_starts > 0:
             self.broker.fail_starts -= 1
             raise BrokerError("Unable to bootstrap from memory://", retriable=True)

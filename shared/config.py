@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -18,6 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared.errors import ConfigError
 
 ENV_PREFIX = "CLIPDEX_"
+# Milvus allows 255 characters; 64 leave room for the `_dead_letters` beside a collection, and for a name a
+# person can read.
+_MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _split_list(value: Any) -> Any:
@@ -34,7 +38,26 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
     # Storage
-    data_dir: Path = Field(Path("./clipdex-data"), description="Where the SQLite store and FAISS files live.")
+    data_dir: Path = Field(
+        Path("./clipdex-data"),
+        description="Where the SQLite store and FAISS files live; with the Milvus store, this process's own "
+        "scratch directory (indexer heartbeats for `clipdex status`).",
+    )
+    store: Literal["sqlite", "milvus"] = Field(
+        "sqlite",
+        description="Where items and vectors live: `sqlite` (one machine, in CLIPDEX_DATA_DIR) or `milvus` "
+        "(several indexers and search replicas on one Milvus; needs `pip install 'clipdex[milvus]'`).",
+    )
+    milvus_uri: str = Field("http://localhost:19530", description="The Milvus server (CLIPDEX_STORE=milvus).")
+    milvus_token: SecretStr | None = Field(
+        None, description="Milvus credentials: `user:password`, or an API key; none when Milvus has no auth."
+    )
+    milvus_db: str = Field("default", description="The Milvus database that holds clipdex's collections.")
+    milvus_collection: str | None = Field(
+        None,
+        description="The Milvus collection of items and vectors (with `_meta` and `_dead_letters` beside it); "
+        "default: derived from the model, e.g. `clipdex_vit_b_32_1a2b3c4d5e6f`, one collection per model.",
+    )
 
     # Model
     model: str = Field("ViT-B-32", description="open_clip architecture name (`clipdex models` lists them).")
@@ -196,6 +219,25 @@ class Settings(BaseSettings):
     @classmethod
     def _hosts_lower(cls, value: list[str]) -> list[str]:
         return [h.lower() for h in value]
+
+    @field_validator("milvus_db")
+    @classmethod
+    def _milvus_db_name(cls, value: str) -> str:
+        if not _MILVUS_NAME.fullmatch(value):
+            raise ValueError("a Milvus database name: a letter or _, then letters, digits or _ (at most 64)")
+        return value
+
+    @field_validator("milvus_collection")
+    @classmethod
+    def _milvus_collection_name(cls, value: str | None) -> str | None:
+        if value is not None and not _MILVUS_NAME.fullmatch(value):
+            raise ValueError("a Milvus collection name: a letter or _, then letters, digits or _ (at most 64)")
+        return value
+
+    @field_validator("milvus_token", mode="before")
+    @classmethod
+    def _empty_milvus_token_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("allowed_url_hosts")
     @classmethod

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.config import Settings
 from shared.embedder import Embedder
+from shared.errors import StoreError
 from shared.roles import Catalog, VectorSearch
 from shared.search import SearchService
 from shared.stores import ReadSide, open_reader
@@ -41,6 +43,15 @@ class Core:
         if self._refresher is None:
             self._refresher = Refresher(self.vectors.refresh, self.settings.refresh_interval_ms / 1000)
             self._refresher.start()
+
+    def unavailable(self) -> str | None:
+        """Why this process cannot search now (its last refresh failed: the store is unreachable), for a
+        load balancer's health check; None when it can."""
+        refresher = self._refresher
+        if refresher is None or refresher.failing_since is None:
+            return None
+        since = time.monotonic() - refresher.failing_since
+        return f"the store cannot be reached (for {since:.0f} s); searches fail until it is back"
 
     def close(self) -> None:
         if self._refresher is not None:
@@ -72,6 +83,7 @@ class Refresher:
     def __init__(self, refresh: Callable[[], None], interval_s: float) -> None:
         self.refresh = refresh
         self.interval_s = interval_s
+        self.failing_since: float | None = None  # time.monotonic() of the first of the failures in a row
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="clipdex-refresh", daemon=True)
 
@@ -84,7 +96,21 @@ class Refresher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.refresh()
-            except Exception:  # keep serving the last good state, and say why it is not newer
+            self.refresh_once()
+
+    def refresh_once(self) -> None:
+        """Refresh; on failure keep serving the last good state, and say why it is not newer, once."""
+        try:
+            self.refresh()
+        except StoreError as exc:
+            if self.failing_since is None:
+                logger.warning("index refresh failed; serving the last good state: %s", exc)
+                self.failing_since = time.monotonic()
+        except Exception:
+            if self.failing_since is None:
                 logger.exception("index refresh failed; serving the last good state")
+                self.failing_since = time.monotonic()
+        else:
+            if self.failing_since is not None:
+                logger.info("index refresh works again after %.0f s", time.monotonic() - self.failing_since)
+            self.failing_since = None

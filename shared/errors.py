@@ -7,7 +7,8 @@
     │   ├── CheckpointNotFound   CLIPDEX_PRETRAINED names a file that does not exist
     │   ├── ModelDownloadError   a hub download failed (offline?)
     │   └── ModelExportError     a tower cannot be exported to ONNX (CLIPDEX_RUNTIME=onnx)
-    ├── StoreError               the SQLite store itself failed (disk full, locked): stop, do not commit
+    ├── StoreError               the store itself failed (disk full, locked): stop, do not commit
+    │   ├── StoreUnavailable     the store cannot be reached now (Milvus down, restarting): retriable
     │   └── ModelMismatchError   the store was built with another model
     ├── ItemError                one item cannot be indexed or used; the others go on
     │   ├── InvalidEvent         a catalog event that does not match the schema
@@ -58,6 +59,13 @@ class ModelExportError(ModelError):
 
 class StoreError(ClipdexError):
     """The store itself failed. The indexer stops without committing its source position."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (a Milvus server down or restarting, the network). Nothing was
+    written that a replay does not make whole: wait, then try the same batch again, still uncommitted."""
+
+    retriable = True
 
 
 class ModelMismatchError(StoreError):

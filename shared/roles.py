@@ -3,11 +3,12 @@
     indexer: pipeline ─────────▶ Writer            one micro-batch in one transaction; the resolver's lookups
     status, items, dead letters ▶ Catalog           items, dead letters, counts
     search: SearchService ─────▶ VectorSearch      the best live items for a vector, and how fresh they are
+    clipdex migrate ───────────▶ Portable          items, vectors and dead letters, out of one backend, into another
     ── the SQLite backend's own seams ──
     FAISS LiveIndex ───────────▶ ChangeFeed        vectors added and deleted since a change counter
     indexer: compaction ───────▶ CompactionLedger  the main index's generations, on top of the feed
 
-A backend implements the first three; `shared.stores` opens the one the settings choose. The SQLite
+A backend implements the first four; `shared.stores` opens the one the settings choose. The SQLite
 backend (`shared.sqlite`: the store is the truth, FAISS files are derived) also implements the last two,
 because its search processes keep their own FAISS index current and its indexer compacts it. A backend
 that searches and compacts by itself (a vector database) needs neither.
@@ -51,6 +52,7 @@ class Upsert:
 @dataclass(frozen=True)
 class Delete:
     id: str
+    version: int | None = None  # a versioned delete removes no newer version
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ class ApplyResult:
     updated: int = 0  # metadata-only
     deleted: int = 0
     failed: int = 0
-    vector_ids: list[int] = field(default_factory=list)
+    skipped: int = 0  # older than the version stored when the write happened (another writer got there first)
+    vector_ids: list[int] = field(default_factory=list)  # the new vectors' ids, where the backend numbers them
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,9 @@ class Writer(Protocol):
         """What is stored for these item ids (absent ids are not in the result)."""
         ...
 
-    def states_under(self, prefixes: Sequence[str]) -> dict[str, StoredState]:
-        """What is stored for every item whose id starts with one of `prefixes`: the images of a product
-        (`<product id>#<key>`), so an update that no longer names one can delete it."""
+    def product_images(self, products: Sequence[str]) -> dict[str, StoredState]:
+        """What is stored for the images of these products (item ids `shared.types.image_id` made, failed
+        ones too), so an update that no longer names one can delete it."""
         ...
 
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
@@ -108,8 +111,14 @@ class Writer(Protocol):
     def apply(
         self, upserts: Sequence[Upsert] = (), deletes: Sequence[Delete] = (), failures: Sequence[Failure] = ()
     ) -> ApplyResult:
-        """Write one micro-batch atomically: all of it is durable when this returns, or none of it
-        (StoreError). Replacing an item's vector and deleting an item take the old vector out of search."""
+        """Write one micro-batch: all of it is durable when this returns. On a StoreError, nothing that a
+        replay of the same batch does not make whole was written (SQLite: nothing at all; a backend
+        without transactions may have written part of it, which the replay writes again, idempotently).
+        Replacing an item's vector and deleting an item take the old vector out of search.
+
+        Versions are checked in the write itself, not only by the resolver's earlier read, so two writers
+        racing on one item cannot regress it: an upsert or delete whose version is below the stored one
+        is skipped (`ApplyResult.skipped`); an upsert without a version keeps the stored version."""
         ...
 
 
@@ -170,6 +179,35 @@ class Catalog(Protocol):
 
     def stats(self) -> StoreStats:
         """Counts over the whole store: not for every query (a quarter of a second at 100k vectors)."""
+        ...
+
+
+# -- moving a store to another backend ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An item as stored, with its vector (None: a failed item without one): what a migration copies."""
+
+    item: Item
+    embedding: Embedding | None
+
+
+class Portable(Protocol):
+    """What `clipdex migrate` reads from one backend and writes to another, vectors included (no model
+    call). Imports keep ids, versions, statuses and times, and are idempotent: a migration that stopped
+    starts again and skips what the target already holds."""
+
+    def export_items(self, chunk: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every item, failed ones too, in chunks."""
+        ...
+
+    def import_items(self, items: Sequence[StoredItem]) -> None: ...
+
+    def export_dead_letters(self) -> list[DeadLetter]: ...
+
+    def import_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Add the letters the store does not hold yet (same source, item, payload, reason and time)."""
         ...
 
 

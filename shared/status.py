@@ -47,6 +47,7 @@ class Status:
     indexers: list[dict[str, Any]]  # each source's last heartbeat, with seconds_since_update
     recent_dead_letters: list[DeadLetter] = field(default_factory=list)
     searcher: SearcherState | None = None  # the asking server's own index, when a server asks
+    store: str = ""  # where the store is, for people (`shared.stores.describe`); "" : the data dir
 
     def to_dict(self) -> dict[str, Any]:
         """As `clipdex status --json` prints it."""
@@ -54,6 +55,7 @@ class Status:
         model = self.model
         return {
             "data_dir": str(self.data_dir),
+            "store": self.store or str(self.data_dir),
             "exists": self.exists,
             "items": s.items,
             "failed": s.failed,
@@ -78,8 +80,10 @@ def read_status(
     *,
     searcher: SearcherState | None = None,
     recent_dead_letters: int = 0,
+    store: str = "",
 ) -> Status:
-    """The status of the store in `data_dir` (`catalog` None: there is no store yet)."""
+    """The status of the store (`catalog` None: there is none yet) and of the indexers whose heartbeats
+    are in `data_dir` (with the Milvus store, the indexers of this machine that use that directory)."""
     if catalog is None:
         model, stats, recent = None, NO_STORE, []
     else:
@@ -97,6 +101,7 @@ def read_status(
         indexers=indexers,
         recent_dead_letters=recent,
         searcher=searcher,
+        store=store,
     )
 
 

@@ -1,8 +1,12 @@
-"""The one place that opens a store; the settings choose the backend (today the SQLite backend only).
+"""The one place that opens a store; CLIPDEX_STORE chooses the backend.
 
     open_writer(settings, identity) ─▶ WriteSide: writer, catalog, compaction    an indexer process
     open_reader(settings, identity) ─▶ ReadSide: catalog, vectors                a search process
     open_catalog(settings)          ─▶ Catalog, or None when there is no store   status, dead letters
+    open_portable(settings, backend, identity) ─▶ PortableStore                  `clipdex migrate`
+
+    sqlite   shared.sqlite: SqliteStore (every role) + LiveIndex/IndexSearch (a FAISS index per process)
+    milvus   shared.milvus: MilvusStore (writer, catalog) + MilvusSearch (Milvus searches; no local index)
 
 Writers and readers are bound to a model identity: the first one records it, and every later one with
 another model is refused (ModelMismatchError). A process that both indexes and serves (`clipdex run`)
@@ -11,16 +15,27 @@ opens one of each on one model. Callers keep the role they need, never the backe
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from shared.config import Settings
-from shared.roles import Catalog, CompactionLedger, VectorSearch, Writer
+from shared.errors import StoreError
+from shared.milvus import collections
+from shared.milvus.client import Milvus
+from shared.milvus.expr import item_key
+from shared.milvus.search import MilvusSearch
+from shared.milvus.store import MilvusStore
+from shared.roles import Catalog, CompactionLedger, Portable, VectorSearch, Writer
 from shared.sqlite.index import IndexParams, LiveIndex
 from shared.sqlite.search import IndexSearch
 from shared.sqlite.store import SqliteStore
 from shared.types import ModelIdentity
+
+Backend = Literal["sqlite", "milvus"]
 
 
 @dataclass
@@ -56,43 +71,150 @@ class ReadSide:
         self.close()
 
 
+class PortableStore(Writer, Catalog, Portable, Protocol):
+    """A whole store, as a migration reads or fills it."""
+
+    def close(self) -> None: ...
+
+
+def describe(settings: Settings) -> str:
+    """Where the configured store is, for people: a data directory, or a Milvus server."""
+    if settings.store == "milvus":
+        named = settings.milvus_collection or "one collection per model"
+        return f"Milvus at {settings.milvus_uri} (database {settings.milvus_db}, {named})"
+    return str(settings.data_dir)
+
+
 def open_writer(settings: Settings, identity: ModelIdentity | None) -> WriteSide:
     """The store of an indexer, bound to its model. `identity=None`: a maintenance command that loads no
     model (`clipdex compact`, `clipdex dlq purge`) and binds nothing."""
-    store = _sqlite(settings)
+    if settings.store == "milvus":
+        store = _milvus(settings, identity)
+        return WriteSide(store, store, None, store.close)
+    sqlite = _sqlite(settings)
     try:
         if identity is not None:
-            store.bind_model(identity)
+            sqlite.bind_model(identity)
     except BaseException:
-        store.close()
+        sqlite.close()
         raise
-    return WriteSide(store, store, store, store.close)
+    return WriteSide(sqlite, sqlite, sqlite, sqlite.close)
 
 
 def open_reader(settings: Settings, identity: ModelIdentity) -> ReadSide:
-    """The store of a search process, bound to its model, with its vectors loaded for search. The
-    caller refreshes them (`vectors.refresh()`) to follow the writers."""
-    store = _sqlite(settings)
+    """The store of a search process, bound to its model, ready to search. The caller refreshes it
+    (`vectors.refresh()`) to follow the writers."""
+    if settings.store == "milvus":
+        store = _milvus(settings, identity)
+        try:
+            vectors = MilvusSearch(store)
+            vectors.refresh()
+        except BaseException:
+            store.close()
+            raise
+        return ReadSide(store, vectors, store.close)
+    sqlite = _sqlite(settings)
     try:
-        store.bind_model(identity)
-        index = LiveIndex(store, identity.dim, IndexParams.from_settings(settings), settings.index_dir)
+        sqlite.bind_model(identity)
+        index = LiveIndex(sqlite, identity.dim, IndexParams.from_settings(settings), settings.index_dir)
         index.refresh()
     except BaseException:
-        store.close()
+        sqlite.close()
         raise
-    return ReadSide(store, IndexSearch(store, index), store.close)
+    return ReadSide(sqlite, IndexSearch(sqlite, index), sqlite.close)
 
 
 @contextmanager
 def open_catalog(settings: Settings) -> Iterator[Catalog | None]:
     """The catalog alone, for commands that load neither a model nor an index; None when no store
     exists yet (nothing is created)."""
+    if settings.store == "milvus":
+        store = _milvus_existing(settings)
+        try:
+            yield store
+        finally:
+            if store is not None:
+                store.close()
+        return
     if not settings.db_path.exists():
         yield None
         return
-    with _sqlite(settings) as store:
-        yield store
+    with _sqlite(settings) as sqlite:
+        yield sqlite
+
+
+def store_exists(settings: Settings) -> bool:
+    with open_catalog(settings) as catalog:
+        return catalog is not None
+
+
+def open_portable(settings: Settings, backend: Backend, identity: ModelIdentity | None) -> PortableStore | None:
+    """The store of `backend` (whatever CLIPDEX_STORE says) as a migration reads (`identity` None: it must
+    exist, else None) or fills it (bound to `identity`, created if missing)."""
+    if backend == "milvus":
+        return _milvus(settings, identity) if identity is not None else _milvus_existing(settings)
+    if identity is None and not settings.db_path.exists():
+        return None
+    sqlite = _sqlite(settings)
+    if identity is not None:
+        try:
+            sqlite.bind_model(identity)
+        except BaseException:
+            sqlite.close()
+            raise
+    return sqlite
 
 
 def _sqlite(settings: Settings) -> SqliteStore:
     return SqliteStore(settings.db_path, vector_dtype=settings.vector_dtype)
+
+
+# -- Milvus ------------------------------------------------------------------------------------------------
+
+
+def _connect(settings: Settings) -> Milvus:
+    """pymilvus is imported here, on first use: the SQLite store never loads it."""
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+    return Milvus.connect(settings.milvus_uri, token, settings.milvus_db)
+
+
+def _milvus(settings: Settings, identity: ModelIdentity | None) -> MilvusStore:
+    """The collections of `identity`'s model (created and loaded if missing), bound to it; with no
+    identity, the store's existing collection."""
+    if identity is None:
+        store = _milvus_existing(settings)
+        if store is None:
+            raise StoreError(f"no clipdex collection in {describe(settings)} yet: index something first")
+        return store
+    milvus = _connect(settings)
+    try:
+        names = collections.Names.of(collections.name_for(settings, identity))
+        collections.ensure(milvus, names, identity.dim)
+        store = MilvusStore(milvus, names, dim=identity.dim, slot=_slot(settings))
+        store.bind_model(identity)
+    except BaseException:
+        milvus.close()
+        raise
+    return store
+
+
+def _milvus_existing(settings: Settings) -> MilvusStore | None:
+    milvus = _connect(settings)
+    try:
+        name = collections.find(milvus, settings)
+        if name is None:
+            milvus.close()
+            return None
+        names = collections.Names.of(name)
+        for each in (names.items, names.meta, names.dead_letters):
+            milvus.load(each)
+        return MilvusStore(milvus, names, dim=collections.vector_dim(milvus, names.items), slot=_slot(settings))
+    except BaseException:
+        milvus.close()
+        raise
+
+
+def _slot(settings: Settings) -> str:
+    """This writer's name among the store's writers: its host and scratch directory, so a restarted
+    indexer continues its own counters instead of adding a row."""
+    return item_key(f"{socket.gethostname()}:{os.path.abspath(settings.data_dir)}")

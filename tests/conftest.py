@@ -1,6 +1,7 @@
 """Fixtures shared by every tier: a clean environment, a tiny random-weight CLIP, settings in tmp_path,
-and (for the integration and e2e tiers) a Kafka-protocol broker: one tansu process per session on a
-loopback port, or the external broker named by CLIPDEX_TEST_KAFKA_BOOTSTRAP, with a fresh topic for
+a Kafka-protocol broker (one tansu process per session on a loopback port, or the external broker named
+by CLIPDEX_TEST_KAFKA_BOOTSTRAP) with a fresh topic for every test, and a Milvus (one `milvus-lite
+server` process per session, or the one named by CLIPDEX_TEST_MILVUS_URI) with fresh collections for
 every test."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from clipdex import demo
 from shared.config import Settings, load_settings
 from shared.embedder import Embedder, ModelSpec
 from tests.brokers import EXTERNAL_BOOTSTRAP, TansuBroker, create_topic, unique_topic
+from tests.milvus import EXTERNAL_URI, MilvusLite, unique_collection
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_CONFIGS = FIXTURES / "configs"
@@ -133,3 +135,41 @@ def kafka_topic(kafka_bootstrap: str) -> str:
     topic = unique_topic()
     asyncio.run(create_topic(kafka_bootstrap, topic, partitions=3))
     return topic
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if EXTERNAL_URI:
+        yield EXTERNAL_URI
+        return
+    server = MilvusLite(tmp_path_factory.mktemp("milvus") / "data")
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+def milvus_settings_for(data_dir: Path, uri: str, collection: str | None = None, **overrides: object) -> Settings:
+    """Tiny-model settings on the Milvus store, in a collection of this test's own."""
+    return tiny_settings_for(
+        data_dir, store="milvus", milvus_uri=uri, milvus_collection=collection or unique_collection(), **overrides
+    )
+
+
+def milvus_env(data_dir: Path, uri: str, collection: str) -> dict[str, str]:
+    """`tiny_env` for a clipdex subprocess on the Milvus store."""
+    return {
+        **tiny_env(data_dir),
+        "CLIPDEX_STORE": "milvus",
+        "CLIPDEX_MILVUS_URI": uri,
+        "CLIPDEX_MILVUS_COLLECTION": collection,
+    }
+
+
+@pytest.fixture(params=["sqlite", "milvus"])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Tiny-model settings on each backend in turn: the store contract tests run against both."""
+    if request.param == "sqlite":
+        return tiny_settings_for(tmp_path / "data", allowed_roots=[str(tmp_path)])
+    uri = request.getfixturevalue("milvus_uri")
+    return milvus_settings_for(tmp_path / "data", uri, allowed_roots=[str(tmp_path)])

@@ -170,7 +170,13 @@ class HttpApi:
         )
 
     async def health(self, request: Request) -> Response:
-        info = self.queries.core.vectors.info()
+        """200 while this process can search; 503 with the reason while its store is unreachable, so a load
+        balancer sends queries to the replicas that can answer them."""
+        core = self.queries.core
+        reason = core.unavailable()
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        info = core.vectors.info()
         return JSONResponse(
             {"status": "ok", "items": info.items, "generation": info.generation, "delta_size": info.delta_size}
         )

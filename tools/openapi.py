@@ -157,7 +157,10 @@ def openapi_spec(version: str, *, token: bool) -> dict[str, Any]:
         "/health": {
             "get": {
                 "summary": "Liveness and index size (no token needed)",
-                "responses": {"200": {"description": "{status, items, generation, delta_size}"}},
+                "responses": {
+                    "200": {"description": "{status, items, generation, delta_size}"},
+                    "503": {"description": "{status: unavailable, reason}: the store cannot be reached"},
+                },
             }
         },
         "/metrics": {

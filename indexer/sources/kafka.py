@@ -9,7 +9,9 @@ so a crash anywhere replays the events that were not yet durable (the store make
 - A rebalance waits for the batch in flight to be written and committed (`on_partitions_revoked`).
 - SIGTERM / SIGINT: the batch in flight is finished and committed, then the consumer leaves the group.
 - The broker unreachable at start, or gone for a while mid-stream: retried with backoff, logged, no crash.
-- A StoreError from the sink: consumption stops WITHOUT committing; the events replay on restart.
+- The store unreachable for a while (StoreUnavailable: a Milvus server restarting): the batch in flight is
+  written again with backoff, still uncommitted, until the store answers (or a stop: it replays on restart).
+- Any other StoreError from the sink: consumption stops WITHOUT committing; the events replay on restart.
 
 `Consumer` is the few verbs the source needs from a broker client, `DeadLetterPublisher` the one it needs
 from a producer: `indexer.sources.kafka_client` adapts aiokafka to both, `indexer.testing` has the fakes.
@@ -222,6 +224,7 @@ class KafkaSource:
         max_wait_ms: int,
         dead_letters: DeadLetterPublisher | None = None,
         backoff: Backoff = Backoff(),
+        store_backoff: Backoff = Backoff(max_s=5.0),
         commit_attempt_s: float = 10.0,
         stop_grace_s: float = 30.0,
         heartbeat: Heartbeat | None = None,
@@ -236,6 +239,7 @@ class KafkaSource:
         self._max_wait_ms = max_wait_ms
         self._dead_letters = dead_letters
         self._backoff = backoff
+        self._store_backoff = store_backoff
         self._commit_attempt_s = commit_attempt_s
         self._stop_grace_s = stop_grace_s
         self._describe = describe
@@ -290,7 +294,9 @@ class KafkaSource:
         while not self._stopping.is_set():
             self._beat("connecting")
             try:
-                await self._consumer.start(self._on_revoked)
+                if not await self._until_stopped(self._consumer.start(self._on_revoked)):
+                    logger.info("stopped while joining the group")
+                    return False
                 logger.info("consuming from %s", self._describe)
                 return True
             except BrokerError as exc:
@@ -317,7 +323,10 @@ class KafkaSource:
         records = await asyncio.to_thread(to_records, messages, self._format)
         report = BatchReport()
         for batch in micro_batches(records, self._batch_size):
-            report.add(await self._sink.write(batch))  # durable when it returns; a StoreError propagates
+            written = await self._write(batch)  # durable when it returns; a StoreError propagates
+            if written is None:
+                return  # stopped while the store was away: not committed, the batch replays on restart
+            report.add(written)
         if self._dead_letters is not None:
             letters = dead_letters_for(messages, report.failures)
             if letters:
@@ -330,6 +339,24 @@ class KafkaSource:
         if committed:
             self.stats.committed.update(offsets)
         self._report(messages, report)
+
+    async def _write(self, records: list[Record]) -> BatchReport | None:
+        """Make the batch durable; while the store is unreachable, wait and write it again (the events are
+        not committed meanwhile, so nothing is lost). None: a stop came while waiting."""
+        delays = self._store_backoff.delays()
+        while True:
+            try:
+                return await self._sink.write(records)
+            except StoreError as exc:
+                if not exc.retriable:
+                    raise
+                if self._stopping.is_set():
+                    logger.warning("stopping while the store is unreachable: the batch in flight replays on restart")
+                    return None
+                delay = next(delays)
+                logger.warning("%s; the batch waits, uncommitted, and is written again in %.1f s", exc, delay)
+                self._beat("waiting for the store", store_error=str(exc))
+                await self._sleep(delay)
 
     async def _commit(self, offsets: Offsets) -> bool:
         """Commit, retrying while the broker is away. False when the group moved on (the events replay)."""
@@ -361,6 +388,22 @@ class KafkaSource:
         async with self._batch_lock:
             logger.info("partitions revoked: the batch in flight is committed")
 
+    async def _until_stopped(self, joining: Awaitable[None]) -> bool:
+        """Await `joining` unless a stop comes first (then cancel it and say False): joining a group
+        waits for its first assignment, however long the group takes to settle."""
+        join = asyncio.ensure_future(joining)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({join, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not join.done():
+            join.cancel()
+            await asyncio.gather(join, return_exceptions=True)
+            return False
+        join.result()  # a BrokerError, if joining failed
+        return True
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once on `request_stop`."""
         with contextlib.suppress(TimeoutError):
@@ -382,7 +425,7 @@ class KafkaSource:
         )
         for failed in report.failures:
             logger.warning("dead letter: %s: %s", failed.name[:200], failed.reason)
-        self._beat("running", last_batch=report.summary(), lag_s=lag_ms / 1000)
+        self._beat("running", last_batch=report.summary(), lag_s=lag_ms / 1000, store_error=None)
 
     def _beat(self, state: str, **fields: Any) -> None:
         if self._heartbeat is not None:

@@ -24,6 +24,8 @@ from shared.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+_FETCH_GRACE_S = 1.0  # how much longer than its timeout a fetch may wait (see AioKafkaConsumer.fetch)
+
 
 def require_kafka(settings: Settings) -> tuple[str, str]:
     """The bootstrap servers and the topic, or a ConfigError naming the flag and the variable."""
@@ -112,16 +114,31 @@ class AioKafkaConsumer:
         )
         consumer.subscribe([self.topic], listener=_Listener(on_revoked, self._fetched))
         try:
-            await consumer.start()
+            await consumer.start()  # joins the group: waits for the first assignment
         except KafkaError as exc:
             await _quietly(consumer.stop())
             raise BrokerError(f"{exc}", retriable=bool(exc.retriable) or _is_connection(exc)) from exc
+        except asyncio.CancelledError:  # a stop while joining: leave, close the connections
+            await _quietly(consumer.stop())
+            raise
         self._consumer = consumer
 
     async def fetch(self, max_records: int, timeout_ms: int) -> list[Message]:
         consumer = self._started()
         try:
-            batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            # aiokafka's getmany waits, with no time limit, for a rebalance under way to end (Fetcher.
+            # fetched_records: records that arrive during one loop back to `wait_for_assignment`). The
+            # rebalance waits for on_partitions_revoked, which waits for the source's batch lock, held
+            # across this fetch: a member joining mid-stream deadlocked the group (the scale-out test
+            # caught it once). Bounded, the fetch comes back empty, the lock is released, the rebalance
+            # goes on; nothing was read (cancelled at the wait, before any record is taken).
+            batches = await asyncio.wait_for(
+                consumer.getmany(timeout_ms=timeout_ms, max_records=max_records),
+                timeout_ms / 1000 + _FETCH_GRACE_S,
+            )
+        except TimeoutError:
+            logger.info("a fetch waited out a rebalance; letting it go on")
+            return []
         except KafkaError as exc:
             raise BrokerError(f"{exc}", retriable=bool(exc.retriable)) from exc
         messages = [

@@ -35,12 +35,13 @@ from shared.roles import (
     Delete,
     Failure,
     IndexMeta,
+    StoredItem,
     StoredState,
     StoreStats,
     Upsert,
     VectorIds,
 )
-from shared.types import Embedding, Item, ModelIdentity
+from shared.types import Embedding, Item, ModelIdentity, parent_of
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,11 @@ class SqliteStore:
         with self._write() as db:
             seq = int(self._meta("seq"))
             for up in upserts:
-                row = db.execute("SELECT vector_id, sha256 FROM items WHERE id = ?", (up.id,)).fetchone()
+                row = db.execute("SELECT vector_id, sha256, version FROM items WHERE id = ?", (up.id,)).fetchone()
+                if row is not None and _older(up.version, row[2]):
+                    result.skipped += 1  # a newer version was written since the resolver read this item
+                    continue
+                version = up.version if up.version is not None else (row[2] if row else None)
                 old_vector = row[0] if row else None
                 if up.embedding is None:
                     if old_vector is None or row[1] != up.sha256:
@@ -273,15 +278,18 @@ class SqliteStore:
                         up.uri,
                         up.sha256,
                         json.dumps(up.metadata),
-                        up.version,
+                        version,
                         vector_id,
                         now,
                         now,
                     ),
                 )
             for de in deletes:
-                row = db.execute("SELECT vector_id FROM items WHERE id = ?", (de.id,)).fetchone()
+                row = db.execute("SELECT vector_id, version FROM items WHERE id = ?", (de.id,)).fetchone()
                 if row is None:
+                    continue
+                if _older(de.version, row[1]):
+                    result.skipped += 1
                     continue
                 if row[0] is not None:
                     seq += 1
@@ -332,15 +340,16 @@ class SqliteStore:
                     out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
         return out
 
-    def states_under(self, prefixes: Sequence[str]) -> dict[str, StoredState]:
+    def product_images(self, products: Sequence[str]) -> dict[str, StoredState]:
         out: dict[str, StoredState] = {}
         with self.read() as db:
-            for prefix in prefixes:  # a range of the primary key: an index seek per prefix
+            for product in products:  # its images' ids start with "<product>#": a range of the primary key
                 for row in db.execute(
                     "SELECT id, sha256, version, status, vector_id FROM items WHERE id >= ? AND id < ?",
-                    (prefix, prefix + "\U0010ffff"),
+                    (f"{product}#", f"{product}#\U0010ffff"),
                 ):
-                    out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
+                    if parent_of(row[0]) == product:  # not another product's, whose id starts with "<product>#"
+                        out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
         return out
 
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
@@ -478,6 +487,75 @@ class SqliteStore:
             ).fetchall()
         return [_item(r) for r in rows]
 
+    # -- migration --------------------------------------------------------------------------------------
+
+    def export_items(self, chunk: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every item with its live vector (failed ones without), by id, in chunks."""
+        last = ""
+        while True:
+            with self._lock:
+                columns = ", ".join(f"i.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
+                rows = self._db.execute(
+                    f"SELECT {columns}, v.embedding FROM items i LEFT JOIN vectors v ON v.vector_id = i.vector_id "
+                    "WHERE i.id > ? ORDER BY i.id LIMIT ?",
+                    (last, chunk),
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [StoredItem(_item(r), None if r[-1] is None else self._decode([r[-1]])[0]) for r in rows]
+
+    def import_items(self, items: Sequence[StoredItem]) -> None:
+        """Write items as another store held them (ids, versions, statuses and times kept), in one
+        transaction; an item already here is replaced, its old vector tombstoned."""
+        with self._write() as db:
+            seq = int(self._meta("seq"))
+            for stored in items:
+                it = stored.item
+                row = db.execute("SELECT vector_id FROM items WHERE id = ?", (it.id,)).fetchone()
+                if row is not None and row[0] is not None:
+                    seq += 1
+                    db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                vector_id = None
+                if stored.embedding is not None:
+                    seq += 1
+                    vector_id = db.execute(
+                        "INSERT INTO vectors(item_id, sha256, embedding, seq, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (it.id, it.sha256, self._blob(stored.embedding), seq, it.updated_at.timestamp()),
+                    ).lastrowid
+                db.execute(
+                    f"INSERT OR REPLACE INTO items({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        it.id,
+                        it.source,
+                        it.uri,
+                        it.sha256,
+                        json.dumps(it.metadata),
+                        it.status,
+                        it.reason,
+                        it.version,
+                        vector_id,
+                        it.created_at.timestamp(),
+                        it.updated_at.timestamp(),
+                    ),
+                )
+            self._set_meta("seq", str(seq))
+
+    def export_dead_letters(self) -> list[DeadLetter]:
+        return self.dead_letters(limit=2**62)
+
+    def import_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Add the letters not held yet (the same source, item, payload, reason and time)."""
+        have = {_letter_identity(d) for d in self.export_dead_letters()}
+        new = [d for d in letters if _letter_identity(d) not in have]
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(d.source, d.item_id, d.payload, d.reason, d.tries, d.created_at.timestamp()) for d in new],
+            )
+        return len(new)
+
     # -- dead letters and stats -------------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
@@ -577,6 +655,16 @@ def _item(row: Sequence[Any]) -> Item:
         created_at=_dt(row[9]),
         updated_at=_dt(row[10]),
     )
+
+
+def _letter_identity(d: DeadLetter) -> tuple[str, str | None, str, str, float]:
+    """What makes two dead letters the same one, whichever store kept it."""
+    return (d.source, d.item_id, d.payload, d.reason, round(d.created_at.timestamp(), 3))
+
+
+def _older(version: int | None, stored: int | None) -> bool:
+    """The rule of `indexer.resolve`, checked again inside the transaction: only two versions compare."""
+    return version is not None and stored is not None and version < stored
 
 
 def _dt(ts: float) -> datetime:

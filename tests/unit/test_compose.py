@@ -37,13 +37,14 @@ from shared.images import decode_image
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 OFFLINE_OVERRIDE = ROOT / "examples" / "compose.offline.yaml"
+MILVUS_GPU_OVERRIDE = ROOT / "examples" / "compose.milvus-gpu.yaml"
 COMPOSE_ENV = ROOT / "examples" / "compose.env"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 SETTING_VARS = {env_name(name) for name in Settings.model_fields}
 # Variables that compose.yaml interpolates but that are not clipdex settings (documented in compose.env).
-COMPOSE_ONLY_VARS = {"IMAGES_DIR", "PUBLISH_ADDR"}
+COMPOSE_ONLY_VARS = {"IMAGES_DIR", "PUBLISH_ADDR", "MILVUS_INDEXERS", "SEARCH_REPLICAS"}
 TOKEN = "test-token-0123456789"
 CLIPDEX_SERVICES = ("indexer", "indexer-cpu", "server")
 
@@ -190,8 +191,10 @@ def run_compose_config(
         ([COMPOSE], ["cpu"]),
         ([COMPOSE], ["cpu", "examples"]),
         ([COMPOSE, OFFLINE_OVERRIDE], ["gpu"]),
+        ([COMPOSE], ["milvus"]),
+        ([COMPOSE, MILVUS_GPU_OVERRIDE], ["milvus"]),
     ],
-    ids=["gpu", "cpu", "examples", "offline"],
+    ids=["gpu", "cpu", "examples", "offline", "milvus", "milvus-gpu"],
 )
 def test_docker_compose_accepts_the_files(files: list[Path], profiles: list[str], tmp_path: Path) -> None:
     cli = compose_cli()
@@ -341,17 +344,22 @@ def test_named_volumes_are_declared_and_dependencies_are_sound(compose: dict[str
                 assert services[target].get("restart", "no") == "no", f"{target} is a one-shot"
             else:
                 assert condition == "service_started"
-    for name in ("indexer", "indexer-cpu", "seed"):
+    for name in ("indexer", "indexer-cpu", "milvus-indexer", "seed"):
         assert services[name]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
 def test_every_clipdex_variable_in_the_deployment_files_is_a_setting() -> None:
-    texts = {p.name: p.read_text(encoding="utf-8") for p in (COMPOSE, OFFLINE_OVERRIDE, COMPOSE_ENV, DOCKERFILE)}
+    files = (COMPOSE, OFFLINE_OVERRIDE, MILVUS_GPU_OVERRIDE, COMPOSE_ENV, DOCKERFILE)
+    texts = {p.name: p.read_text(encoding="utf-8") for p in files}
     for name, text in texts.items():
         unknown = set(re.findall(r"CLIPDEX_[A-Z0-9_]+", text)) - SETTING_VARS
         assert not unknown, f"{name} names CLIPDEX_* variables that are not settings: {sorted(unknown)}"
 
-    interpolated = {m["braced"] or m["bare"] for m in _INTERPOLATION.finditer(texts["compose.yaml"])} - {None}
+    interpolated = {
+        m["braced"] or m["bare"]
+        for name in ("compose.yaml", "compose.milvus-gpu.yaml")
+        for m in _INTERPOLATION.finditer(texts[name])
+    } - {None}
     assert interpolated - SETTING_VARS == COMPOSE_ONLY_VARS
     documented = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", texts["compose.env"], re.MULTILINE))
     assert interpolated <= documented, f"undocumented in compose.env: {sorted(interpolated - documented)}"
@@ -359,6 +367,71 @@ def test_every_clipdex_variable_in_the_deployment_files_is_a_setting() -> None:
     values = dict(re.findall(r"^(CLIPDEX_[A-Z0-9_]+)=(.*)$", texts["compose.env"], re.MULTILINE))
     overrides = {k.removeprefix("CLIPDEX_").lower(): v for k, v in values.items() if v}
     load_settings(**overrides)
+
+
+# -- profile milvus ---------------------------------------------------------------------------------------
+
+
+def test_milvus_is_the_official_standalone_image_with_embedded_etcd_a_volume_and_a_healthcheck(
+    compose: dict[str, Any],
+) -> None:
+    milvus = service(compose, "milvus")
+    image, _, tag = milvus["image"].partition(":")
+    assert image == "milvusdb/milvus" and tag.startswith("v2.") and tag != "latest", "the official image, pinned"
+    assert milvus["profiles"] == ["milvus"]
+    assert command(milvus) == ["milvus", "run", "standalone"]
+    env = environment(milvus)
+    assert env["ETCD_USE_EMBED"] == "true" and env["COMMON_STORAGETYPE"] == "local", "no etcd or MinIO containers"
+    volume = mounts(milvus)["/var/lib/milvus"]
+    assert is_named_volume(volume) and volume in compose["volumes"]
+    assert env["ETCD_DATA_DIR"].startswith("/var/lib/milvus/"), "etcd's data on the volume too"
+    probe = " ".join(milvus["healthcheck"]["test"])
+    assert "localhost:9091/healthz" in probe
+
+
+def test_milvus_indexers_are_one_consumer_group_scaled_with_replicas(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    indexer = service(compose, "milvus-indexer")
+    _, settings = clipdex_settings(indexer, monkeypatch)
+    assert command(indexer)[1] == "consume" and indexer["profiles"] == ["milvus"]
+    assert settings.store == "milvus"
+    assert settings.milvus_uri == "http://milvus:19530", "the milvus service, on its gRPC port"
+    assert settings.milvus_token is None, "empty means none"
+    assert int(indexer["deploy"]["replicas"]) >= 2, "several members of one group"
+    assert indexer["depends_on"]["milvus"]["condition"] == "service_healthy"
+    assert f'"{settings.kafka_topic}"' in " ".join(command(service(compose, "topics")))
+    assert "data" not in mounts(indexer).values(), "no shared data volume: the store is Milvus"
+    gpu = yaml.safe_load(MILVUS_GPU_OVERRIDE.read_text(encoding="utf-8"))["services"]["milvus-indexer"]
+    assert gpu["build"]["args"]["FLAVOR"] == "cuda" and gpu["environment"]["CLIPDEX_DEVICE"] == "cuda"
+    assert any("gpu" in d["capabilities"] for d in gpu["deploy"]["resources"]["reservations"]["devices"])
+
+
+def test_milvus_search_replicas_are_stateless_and_probed_on_health(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    search = service(compose, "milvus-search")
+    args, settings = clipdex_settings(search, monkeypatch)
+    assert args.command == "serve" and search["profiles"] == ["milvus"]
+    assert settings.store == "milvus" and settings.milvus_uri == "http://milvus:19530"
+    assert settings.host == "0.0.0.0" and settings.api_token is not None
+    assert int(search["deploy"]["replicas"]) >= 2
+    assert "data" not in mounts(search).values(), "a replica holds no state"
+    host_ports = search["ports"][0].rsplit(":", 1)[0].rsplit(":", 1)[1]
+    low, high = (int(p) for p in host_ports.split("-"))
+    assert high - low + 1 >= int(search["deploy"]["replicas"]), "a host port for each replica"
+    assert f"127.0.0.1:{settings.port}/health" in search["healthcheck"]["test"][-1]
+    with monkeypatch.context() as m:
+        _, indexer = clipdex_settings(service(compose, "milvus-indexer"), m)
+    # The collection is derived from the model: indexers and replicas must name the same one.
+    same = ("model", "pretrained", "milvus_uri", "milvus_db", "milvus_collection")
+    assert {f: getattr(settings, f) for f in same} == {f: getattr(indexer, f) for f in same}
+
+
+def test_the_sqlite_server_and_the_milvus_profile_never_run_together(compose: dict[str, Any]) -> None:
+    assert set(service(compose, "server")["profiles"]) == {"gpu", "cpu"}
+    for name in ("milvus", "milvus-indexer", "milvus-search"):
+        assert service(compose, name)["profiles"] == ["milvus"]
 
 
 # -- the image ------------------------------------------------------------------------------------------

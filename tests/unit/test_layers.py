@@ -64,6 +64,17 @@ def test_only_the_store_opener_and_compaction_reach_into_the_sqlite_backend() ->
     assert outside == {"shared.stores", "indexer.compaction"}
 
 
+def test_only_the_store_opener_reaches_into_the_milvus_backend() -> None:
+    outside = {m for m in importers_of("shared.milvus") if not in_package(m, "shared.milvus")}
+    assert outside == {"shared.stores"}
+
+
+def test_pymilvus_is_imported_by_its_adapter_alone() -> None:
+    """The SQLite store never loads pymilvus (over a second of imports): only the adapter imports it, lazily."""
+    assert importers_of("pymilvus") == {"shared.milvus.client"}
+    assert importers_of("grpc") <= {"shared.milvus.client"}
+
+
 def test_aiokafka_is_imported_by_its_adapter_alone() -> None:
     assert importers_of("aiokafka") == {"indexer.sources.kafka_client"}
 

@@ -1,16 +1,104 @@
-"""The indexer's commands: a dead letter is read back as its source first sent it, in its event format."""
+"""The indexer's commands in process, through the real parser and settings: the store commands on the
+Milvus store (`index` twice, then after a rename and a delete, `status`, `compact`, `dlq`, `search`,
+`similar`; the same on the SQLite store, and what only a process shows, are tested in
+tests/integration/test_cli_index.py and tests/unit/tools/test_commands.py); and a dead letter read back as
+its source first sent it, in its event format."""
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
+from PIL import Image
+
+from clipdex import cli
+from clipdex.cli import build_parser
+from clipdex.synthetic import write_folder
 from indexer.commands import retry_records
 from indexer.events import Event
 from indexer.formats import Incoming, event_format
 from indexer.products import Product
+from shared.cliargs import setting_overrides
+from shared.config import load_settings
 from shared.roles import DeadLetter
 from tests.catalog_events import GALLERY_MAP, PRODUCTS_MAP, cloudevent, debezium, product_row
+from tests.conftest import milvus_env
+from tests.milvus import unique_collection
+
+Run = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture
+def run(milvus_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
+    """`run("index", DIR)` -> (exit code, stdout), on a collection of this test's own."""
+    env = milvus_env(tmp_path / "scratch", milvus_uri, unique_collection())
+    for key, value in env.items():
+        if key.startswith("CLIPDEX_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+
+    def call(*argv: str) -> tuple[int, str]:
+        args = build_parser().parse_args(list(argv))
+        capsys.readouterr()
+        code = args.func(args, load_settings(**setting_overrides(args)))
+        return code, capsys.readouterr().out
+
+    return call
+
+
+def test_index_status_dlq_and_searches_on_milvus(run: Run, tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    write_folder(root, 4, seed=1, size=(64, 48))
+    (root / "broken.jpg").write_text("not a JPEG")
+
+    code, out = run("index", "--no-progress", str(root))
+    assert code == 0 and "indexed 4 (embedded 4" in out and "failed 1" in out
+    code, out = run("index", "--no-progress", str(root))
+    assert code == 0 and "unchanged 4" in out and "1 files failed at an earlier run" in out
+
+    first, second = sorted(p.name for p in root.glob("*.jpg") if p.name != "broken.jpg")[:2]
+    (root / first).rename(root / "renamed.jpg")
+    (root / second).unlink()
+    code, out = run("index", "--no-progress", str(root))
+    assert code == 0 and "reused 1 without a model call" in out and "deleted 2" in out
+
+    code, out = run("status", "--json")
+    status = json.loads(out)
+    assert (status["items"], status["failed"], status["dead_letters"]) == (3, 1, 1)
+    assert status["newest_indexed_at"] is not None and status["indexers"][0]["state"] == "stopped"
+
+    code, out = run("compact")
+    assert code == 0
+    assert "Milvus compacts its segments by itself" in out
+
+    code, out = run("search", "a photo", "--json", "--top-k", "10")
+    hits = json.loads(out)
+    assert {h["id"] for h in hits} == {
+        "folder:renamed.jpg",
+        *(f"folder:{p.name}" for p in root.glob("*.jpg") if p.name not in ("broken.jpg", "renamed.jpg")),
+    }
+    code, out = run("similar", "--id", "folder:renamed.jpg", "--json")
+    assert "folder:renamed.jpg" not in {h["id"] for h in json.loads(out)} and len(json.loads(out)) == 2
+
+    code, out = run("dlq", "list", "--json")
+    (letter,) = json.loads(out)
+    assert letter["item_id"] == "folder:broken.jpg"
+    pixels = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 90, 200)).save(pixels, format="JPEG")
+    (root / "broken.jpg").write_bytes(pixels.getvalue())  # the user fixes the file
+    code, out = run("dlq", "retry", str(letter["id"]))
+    assert code == 0 and "1 done, 0 failed again" in out
+    code, out = run("dlq", "list")
+    assert "no dead letters" in out
+    code, out = run("status", "--json")
+    assert (json.loads(out)["items"], json.loads(out)["failed"]) == (4, 0)
+
+
+# -- dead letters read back in their event format -------------------------------------------------------
 
 
 def letter(payload: str, item_id: str | None = None, source: str = "kafka") -> DeadLetter:

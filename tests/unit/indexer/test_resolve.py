@@ -7,7 +7,7 @@ import numpy as np
 from indexer.events import Event
 from indexer.products import image_id, product
 from indexer.records import Record
-from indexer.resolve import Fetched, Work, classify, images_by_product, pending_ids, plan, product_prefixes
+from indexer.resolve import Fetched, Work, classify, images_by_product, pending_ids, pending_products, plan
 from shared.roles import StoredState
 
 
@@ -133,7 +133,7 @@ def test_a_product_and_an_item_of_the_same_id_are_not_the_same_thing() -> None:
     assert sorted(w.item_id for w in batch.upserts) == sorted(["kafka:p", image("p", "a.jpg")])
     assert batch.superseded == 0
     assert pending_ids([rec("p"), prod("q", ["a.jpg"])]) == ["kafka:p"]
-    assert product_prefixes([rec("p"), prod("q", ["a.jpg"])]) == ["kafka:q#"]
+    assert pending_products([rec("p"), prod("q", ["a.jpg"])]) == ["kafka:q"]
     assert images_by_product(
         {image("q", "a.jpg"): StoredState("h", 1, "indexed", True), "kafka:p": StoredState("h", 1, "indexed", True)}
     ) == {"kafka:q": {image("q", "a.jpg"): StoredState("h", 1, "indexed", True)}}

@@ -204,6 +204,19 @@ async def test_a_stop_while_waiting_for_the_broker_returns_without_consuming() -
     assert not consumer.started
 
 
+async def test_a_stop_while_joining_a_group_that_does_not_settle_returns() -> None:
+    """aiokafka's start waits for the first assignment: a SIGTERM then must not wait for the group."""
+    broker = MemoryBroker()
+    broker.hang_starts = True
+    source, consumer = source_for(broker, FakeSink())
+    task = asyncio.create_task(source.run())
+    await asyncio.sleep(0.01)
+    source.request_stop()
+    async with asyncio.timeout(1):
+        await task
+    assert not consumer.started
+
+
 async def test_lost_connections_while_fetching_and_committing_are_retried() -> None:
     broker = MemoryBroker()
     for i in range(4):

@@ -248,23 +248,6 @@ def test_item_ids_filter_by_source_and_prefix(store: SqliteStore) -> None:
     assert len(store.item_ids()) == 4
 
 
-def test_states_under_prefixes_are_the_stored_images_of_products(store: SqliteStore) -> None:
-    store.apply(
-        upserts=[
-            Upsert("kafka:p#0001", "kafka", "https://x/1", "s1", {}, vec(1), version=4),
-            Upsert("kafka:p#0002", "kafka", "https://x/2", "s2", {}, vec(2), version=4),
-            Upsert("kafka:q#0001", "kafka", "https://x/3", "s3", {}, vec(3)),
-            Upsert("kafka:p", "kafka", "https://x/4", "s4", {}, vec(4)),  # the prefix is "p#", not "p"
-        ],
-        failures=[Failure("kafka", "{}", "bad", id="kafka:p#0003")],
-    )
-    states = store.states_under(["kafka:p#", "kafka:none#"])
-    assert sorted(states) == ["kafka:p#0001", "kafka:p#0002", "kafka:p#0003"]
-    assert states["kafka:p#0001"].version == 4 and states["kafka:p#0001"].has_vector
-    assert states["kafka:p#0003"].status == "failed" and not states["kafka:p#0003"].has_vector
-    assert store.states_under([]) == {}
-
-
 def test_record_generation_purges_only_the_tombstones_main_no_longer_holds(store: SqliteStore) -> None:
     ids = store.apply(upserts=[up(f"i{n}", f"s{n}", vec(n)) for n in range(4)]).vector_ids
     store.apply(deletes=[Delete("i0")])

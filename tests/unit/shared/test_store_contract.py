@@ -1,0 +1,290 @@
+"""The store contract, run against every backend (`store_settings`: SQLite in tmp_path, then Milvus on the
+session's milvus-lite server): the same writes must leave the same items, vectors and dead letters.
+
+What only one backend has (SQLite's one-transaction rollback, its change feed and compaction) is tested
+beside that backend (tests/unit/shared/sqlite/); Milvus's own parts in tests/unit/shared/milvus/.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from shared.config import Settings
+from shared.errors import ModelMismatchError, StoreError
+from shared.roles import Delete, Failure, Upsert
+from shared.stores import ReadSide, WriteSide, open_catalog, open_reader, open_writer
+from shared.types import Hit, ModelIdentity, image_id
+
+DIM = 8
+MODEL = ModelIdentity("clipdex-contract", "none", DIM, "c0ffee" + "0" * 58)
+OTHER = ModelIdentity("ViT-B-32", "laion2b_s34b_b79k", DIM, "fedcba9876543210")
+
+
+def vec(seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return x / np.linalg.norm(x)
+
+
+def up(item_id: str, sha: str, embedding: np.ndarray | None, version: int | None = None, **metadata: object) -> Upsert:
+    return Upsert(item_id, "kafka", f"https://img.example/{item_id}.jpg", sha, dict(metadata), embedding, version)
+
+
+@pytest.fixture
+def store(store_settings: Settings) -> Iterator[WriteSide]:
+    with open_writer(store_settings, MODEL) as side:
+        yield side
+
+
+@pytest.fixture
+def reader(store: WriteSide, store_settings: Settings) -> Iterator[ReadSide]:
+    with open_reader(store_settings, MODEL) as side:
+        yield side
+
+
+def search(reader: ReadSide, query: np.ndarray, top_k: int = 10) -> list[Hit]:
+    """After the writes: a reader follows the writers when it refreshes (the server does so every 250 ms)."""
+    reader.vectors.refresh()
+    return reader.vectors.search(query, top_k)
+
+
+def search_ids(reader: ReadSide, query: np.ndarray, top_k: int = 10) -> list[str]:
+    return [h.id for h in search(reader, query, top_k)]
+
+
+# -- upserts ------------------------------------------------------------------------------------------------
+
+
+def test_an_upsert_applied_twice_is_one_item_with_one_vector(store: WriteSide, reader: ReadSide) -> None:
+    for _ in range(2):
+        store.writer.apply(upserts=[up("a", "sha-a", vec(1), colour="red"), up("b", "sha-b", vec(2))])
+    item = store.catalog.get_item("a")
+    assert item is not None and (item.status, item.sha256, item.metadata) == ("indexed", "sha-a", {"colour": "red"})
+    assert store.writer.states(["a", "b", "nope"]).keys() == {"a", "b"}
+    assert search_ids(reader, vec(1)) == ["a", "b"]
+    stats = store.catalog.stats()
+    assert (stats.items, stats.vectors, stats.failed, stats.dead_letters) == (2, 2, 0, 0)
+
+
+def test_new_content_replaces_the_vector_and_the_old_one_is_never_found(store: WriteSide, reader: ReadSide) -> None:
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1)), up("b", "sha-b", vec(2))])
+    store.writer.apply(upserts=[up("a", "sha-a2", vec(3))])
+    assert search_ids(reader, vec(1)).count("a") == 1
+    hits = search(reader, vec(3), 1)
+    assert [h.id for h in hits] == ["a"] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(reader.vectors.item_vector("a"), vec(3), atol=1e-6)  # type: ignore[arg-type]
+    assert store.writer.states(["a"])["a"].sha256 == "sha-a2"
+
+
+def test_the_same_hash_is_a_metadata_only_update_that_keeps_the_vector(store: WriteSide, reader: ReadSide) -> None:
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1), colour="red")])
+    result = store.writer.apply(upserts=[up("a", "sha-a", None, colour="blue")])
+    assert (result.indexed, result.updated) == (0, 1)
+    assert store.catalog.get_item("a").metadata == {"colour": "blue"}  # type: ignore[union-attr]
+    np.testing.assert_allclose(reader.vectors.item_vector("a"), vec(1), atol=1e-6)  # type: ignore[arg-type]
+    assert search(reader, vec(1), 1)[0].metadata == {"colour": "blue"}
+
+
+def test_a_metadata_only_update_of_changed_content_is_refused_and_the_batch_writes_nothing(
+    store: WriteSide,
+) -> None:
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1))])
+    with pytest.raises(StoreError, match="no vector for that hash"):
+        store.writer.apply(
+            upserts=[up("b", "sha-b", vec(2)), up("a", "sha-other", None)],
+            deletes=[Delete("a")],
+            failures=[Failure("kafka", "raw", "why", id="c")],
+        )
+    assert store.catalog.get_item("b") is None and store.catalog.get_item("c") is None
+    assert store.catalog.get_item("a") is not None and store.catalog.dead_letters() == []
+
+
+def test_a_known_hash_under_another_id_is_found_without_a_model(store: WriteSide) -> None:
+    store.writer.apply(upserts=[up("old-name", "sha-x", vec(1))])
+    found = store.writer.embeddings_by_sha(["sha-x", "sha-unknown"])
+    assert found.keys() == {"sha-x"}
+    np.testing.assert_allclose(found["sha-x"], vec(1), atol=1e-6)
+
+
+# -- deletes ------------------------------------------------------------------------------------------------
+
+
+def test_a_delete_removes_the_item_from_the_catalog_and_from_search(store: WriteSide, reader: ReadSide) -> None:
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1)), up("b", "sha-b", vec(2))])
+    result = store.writer.apply(deletes=[Delete("a"), Delete("never-seen")])
+    assert result.deleted == 1
+    assert store.catalog.get_item("a") is None and reader.vectors.item_vector("a") is None
+    assert search_ids(reader, vec(1)) == ["b"]
+    assert store.writer.states(["a"]) == {}
+
+
+# -- versions -------------------------------------------------------------------------------------------------
+
+
+def test_an_older_version_is_skipped_in_the_write_itself(store: WriteSide) -> None:
+    """The resolver skips older events too; this is the write's own check, for two writers that read the
+    same state before either wrote."""
+    store.writer.apply(upserts=[up("a", "sha-5", vec(5), version=5)])
+    result = store.writer.apply(upserts=[up("a", "sha-3", vec(3), version=3)], deletes=[Delete("a", version=4)])
+    assert (result.indexed, result.deleted, result.skipped) == (0, 0, 2)
+    item = store.catalog.get_item("a")
+    assert item is not None and (item.version, item.sha256) == (5, "sha-5")
+    assert store.writer.apply(upserts=[up("a", "sha-5b", vec(6), version=5)]).indexed == 1  # equal: applies
+
+
+def test_an_upsert_without_a_version_keeps_the_stored_one(store: WriteSide) -> None:
+    store.writer.apply(upserts=[up("a", "sha-5", vec(5), version=5)])
+    store.writer.apply(upserts=[up("a", "sha-x", vec(1))])
+    item = store.catalog.get_item("a")
+    assert item is not None and (item.version, item.sha256) == (5, "sha-x")
+    assert store.writer.apply(upserts=[up("a", "sha-4", vec(4), version=4)]).skipped == 1
+    store.writer.apply(upserts=[up("b", "sha-b", vec(2)), up("b", "sha-b2", vec(3))])
+    assert store.catalog.get_item("b").version is None  # type: ignore[union-attr]
+
+
+def test_a_versioned_delete_removes_no_newer_version(store: WriteSide) -> None:
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1), version=7), up("b", "sha-b", vec(2), version=2)])
+    store.writer.apply(deletes=[Delete("a", version=6), Delete("b", version=2)])
+    assert store.catalog.get_item("a") is not None and store.catalog.get_item("b") is None
+
+
+def test_concurrent_writers_never_regress_an_item(store_settings: Settings, store: WriteSide) -> None:
+    """Two writers (two connections, as two indexers) race on the same items with shuffled versions:
+    each item ends at its highest version, once."""
+    ids = [f"item-{i}" for i in range(6)]
+    rounds = 12
+    errors: list[BaseException] = []
+
+    def write(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            with open_writer(store_settings, MODEL) as mine:
+                for version in rng.permutation(rounds):
+                    v = int(version)
+                    mine.writer.apply(upserts=[up(i, f"sha-{i}-{v}", vec(100 * v + n), v) for n, i in enumerate(ids)])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    states = store.writer.states(ids)
+    last = rounds - 1
+    assert {i: (s.version, s.sha256) for i, s in states.items()} == {i: (last, f"sha-{i}-{last}") for i in ids}
+    assert store.catalog.stats().items == len(ids)
+    with open_reader(store_settings, MODEL) as reader:
+        top = search(reader, vec(100 * (rounds - 1)))
+        assert sorted(h.id for h in top) == ids  # each item once
+
+
+# -- failures and dead letters ------------------------------------------------------------------------------------
+
+
+def test_a_failure_of_a_new_item_marks_it_failed_and_writes_a_dead_letter(store: WriteSide, reader: ReadSide) -> None:
+    why = "ImageRejected: truncated"
+    store.writer.apply(failures=[Failure("kafka", '{"id": "a"}', why, id="a", uri="u", tries=3)])
+    item = store.catalog.get_item("a")
+    assert item is not None and (item.status, item.reason, item.vector_id) == ("failed", why, None)
+    [letter] = store.catalog.dead_letters()
+    assert (letter.item_id, letter.payload, letter.reason, letter.tries) == ("a", '{"id": "a"}', why, 3)
+    stats = store.catalog.stats()
+    assert (stats.failed, stats.items, stats.dead_letters) == (1, 0, 1)
+    assert reader.vectors.item_vector("a") is None and search_ids(reader, vec(1)) == []
+    assert store.writer.states(["a"])["a"].has_vector is False
+
+
+def test_a_failed_update_keeps_the_older_good_vector_and_a_good_one_clears_it(
+    store: WriteSide, reader: ReadSide
+) -> None:
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1), version=2)])
+    store.writer.apply(failures=[Failure("kafka", "raw", "FetchFailed: HTTP 503", id="a")])
+    item = store.catalog.get_item("a")
+    assert item is not None and (item.status, item.reason, item.version) == ("indexed", "FetchFailed: HTTP 503", 2)
+    assert search_ids(reader, vec(1)) == ["a"]
+    store.writer.apply(upserts=[up("a", "sha-a2", vec(2))])
+    assert store.catalog.get_item("a").reason is None  # type: ignore[union-attr]
+
+
+def test_dead_letters_are_listed_newest_first_and_can_be_deleted(store: WriteSide) -> None:
+    for i in range(5):
+        store.writer.apply(failures=[Failure("folder", f"p{i}", f"r{i}")])
+    letters = store.catalog.dead_letters(limit=3)
+    assert [d.payload for d in letters] == ["p4", "p3", "p2"]
+    assert store.catalog.delete_dead_letters([d.id for d in letters] + [10**9]) == 3
+    assert [d.payload for d in store.catalog.dead_letters()] == ["p1", "p0"]
+    assert store.catalog.stats().dead_letters == 2
+
+
+def test_every_process_sees_the_dead_letters(store: WriteSide, store_settings: Settings) -> None:
+    store.writer.apply(failures=[Failure("kafka", "not json", "InvalidEvent: not JSON")])
+    with open_catalog(store_settings) as other:
+        assert other is not None and [d.reason for d in other.dead_letters()] == ["InvalidEvent: not JSON"]
+        assert other.model_identity() == MODEL
+
+
+# -- the catalog ------------------------------------------------------------------------------------------------
+
+
+def test_items_and_item_ids_by_source_and_prefix(store: WriteSide) -> None:
+    store.writer.apply(
+        upserts=[
+            Upsert("folder:cats/a.jpg", "folder", "/x/cats/a.jpg", "s1", {}, vec(1)),
+            Upsert("folder:cats/b.jpg", "folder", "/x/cats/b.jpg", "s2", {}, vec(2)),
+            Upsert("folder:dogs/c.jpg", "folder", "/x/dogs/c.jpg", "s3", {}, vec(3)),
+            Upsert("kafka:cats/d", "kafka", "https://x/d", "s4", {}, vec(4)),
+        ],
+        failures=[Failure("folder", "/x/cats/e.jpg", "broken", id="folder:cats/e.jpg")],
+    )
+    assert store.catalog.item_ids("folder", "folder:cats/") == {
+        "folder:cats/a.jpg": "s1",
+        "folder:cats/b.jpg": "s2",
+        "folder:cats/e.jpg": None,
+    }
+    assert set(store.catalog.item_ids("kafka")) == {"kafka:cats/d"}
+    assert len(store.catalog.item_ids()) == 5
+    assert [i.id for i in store.catalog.items("folder", "folder:cats/")] == [
+        "folder:cats/a.jpg",
+        "folder:cats/b.jpg",
+        "folder:cats/e.jpg",
+    ]
+
+
+def test_a_store_refuses_a_second_model_even_after_reopening(store: WriteSide, store_settings: Settings) -> None:
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1))])
+    with open_writer(store_settings, MODEL) as again:
+        assert again.catalog.model_identity() == MODEL
+    with pytest.raises(ModelMismatchError) as err:
+        open_writer(store_settings, OTHER)
+    assert "clipdex-contract" in str(err.value) and "ViT-B-32" in str(err.value)
+
+
+# -- a product's images --------------------------------------------------------------------------------------
+
+
+def test_a_products_images_are_found_failed_ones_too_and_no_other_products(store: WriteSide) -> None:
+    a, b = image_id("kafka:p", "https://img.example/a.jpg"), image_id("kafka:p", "https://img.example/b.jpg")
+    bad = image_id("kafka:p", "ftp://x/c.jpg")
+    other = image_id("kafka:p#x", "https://img.example/a.jpg")  # another product, whose id starts with "p#"
+    store.writer.apply(
+        upserts=[
+            up(a, "s1", vec(1), 4, parent="p"),
+            up(b, "s2", vec(2), 4),
+            up(other, "s3", vec(3)),
+            up("kafka:p", "s4", vec(4)),
+        ],
+        failures=[Failure("kafka", "{}", "refused", id=bad, uri="ftp://x/c.jpg")],
+    )
+    found = store.writer.product_images(["kafka:p", "kafka:none"])
+    assert sorted(found) == sorted([a, b, bad])
+    assert found[a].version == 4 and found[a].has_vector and found[a].sha256 == "s1"
+    assert found[bad].status == "failed" and not found[bad].has_vector
+    assert store.writer.product_images(["kafka:p#x"]).keys() == {other}
+    assert store.writer.product_images([]) == {}
+    store.writer.apply(deletes=[Delete(a), Delete(bad)])
+    assert store.writer.product_images(["kafka:p"]).keys() == {b}
