@@ -25,10 +25,12 @@ from indexer.events import Event
 from indexer.pipeline import Pipeline, PipelineOptions, embed_batch_for
 from indexer.products import image_id, product
 from indexer.records import Record
+from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import FetchFailed, SourceNotFound, StoreError
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.sqlite.store import SqliteStore
+from shared.stores import open_writer
 
 MAX_PIXELS = 10_000_000
 
@@ -427,3 +429,25 @@ async def test_two_products_sharing_an_image_embed_it_once(pipeline: Pipeline, s
     report = await pipeline.write([product_record("p", [shared_uri]), product_record("q", [shared_uri])])
     assert report.indexed == 2 and pipeline.images_embedded == 1
     assert {i.metadata["parent"] for i in store.items("kafka")} == {"p", "q"}
+
+
+async def test_a_product_of_three_images_then_two_then_deleted_on_every_backend(
+    store_settings: Settings, tiny_embedder: Embedder, root: Path
+) -> None:
+    uris = [put(root, f"p{i}.jpg", jpeg(i)) for i in range(3)]
+    with open_writer(store_settings, tiny_embedder.identity) as side:
+        pipeline = make_pipeline(side.writer, tiny_embedder, root)  # type: ignore[arg-type]
+        try:
+            await pipeline.write([product_record("p", uris, version=1, title="Shoe")])
+            assert {i.id for i in side.catalog.items("kafka")} == {f"kafka:{image_id('p', u)}" for u in uris}
+            report = await pipeline.write([product_record("p", uris[:2], version=2, title="Trail shoe")])
+            assert (report.unchanged, report.indexed, report.deleted) == (2, 0, 1)
+            items = side.catalog.items("kafka")
+            assert {i.id for i in items} == {f"kafka:{image_id('p', u)}" for u in uris[:2]}
+            assert {i.metadata["title"] for i in items} == {"Trail shoe"} and {i.version for i in items} == {2}
+            stale = await pipeline.write([product_record("p", uris, version=1, title="Shoe")])
+            assert stale.skipped == 1 and len(side.catalog.items("kafka")) == 2
+            await pipeline.write([product_record("p", [], op="delete", version=3)])
+            assert side.catalog.items("kafka") == []
+        finally:
+            pipeline.close()
