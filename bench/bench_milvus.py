@@ -116,7 +116,7 @@ def measure(name: str, settings: Settings, vectors: np.ndarray, ups: list[Upsert
                 for i in picks:
                     q = vectors[i] + 0.05 * rng.standard_normal(DIM).astype(np.float32)
                     t = time.perf_counter()
-                    hits = r.vectors.search(q / np.linalg.norm(q), 10, filters)
+                    hits = r.vectors.search(q / np.linalg.norm(q), 10, filters).hits
                     lat.append(time.perf_counter() - t)
                     assert hits, "no hits"
                 out[f"{label}_p50_ms"], out[f"{label}_p95_ms"] = pct(lat, 50), pct(lat, 95)
@@ -128,7 +128,7 @@ def measure(name: str, settings: Settings, vectors: np.ndarray, ups: list[Upsert
             out["item_vector_p50_ms"] = pct(lat, 50)
             out["freshness_p50_ms"], out["freshness_p95_ms"] = freshness(w.writer.apply, r, min(30, queries))
             # the same answers from both stores, checked by the caller
-            out["_top"] = [h.id for h in r.vectors.search(vectors[7], 10)]  # type: ignore[assignment]
+            out["_top"] = [h.id for h in r.vectors.search(vectors[7], 10).hits]  # type: ignore[assignment]
     print(f"  {name}: done", file=sys.stderr)
     return out
 

@@ -75,7 +75,13 @@ def build_core(settings: Settings, *, embedder: Embedder | None = None) -> Core:
         settings,
         embedder,
         reader,
-        SearchService(reader.vectors, reader.catalog, embedder, max_query_chars=settings.max_query_chars),
+        SearchService(
+            reader.vectors,
+            reader.catalog,
+            embedder,
+            max_query_chars=settings.max_query_chars,
+            near_duplicate_cosine=settings.near_duplicate_cosine,
+        ),
     )
 
 

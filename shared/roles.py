@@ -225,9 +225,25 @@ class SearcherState:
     refreshed_at: float  # time.time() of the last refresh; 0.0: never
 
 
+@dataclass(frozen=True)
+class Found:
+    """What `VectorSearch.search` returns: the hits, best first, and how sure the backend is of them."""
+
+    hits: list[Hit]
+    # True when the backend stopped looking before it was sure it had the top_k best matches (a filter that
+    # passes few of the nearest vectors, checked on a bounded number of them): better matches may exist.
+    partial: bool = False
+    # The hits' vectors, row by row, when asked for (`with_vectors`): near-duplicate collapsing compares them.
+    vectors: Embedding | None = None
+
+
 class VectorSearch(Protocol):
     """The read side's door to the vectors. A backend that filters inside its own search (a vector
-    database) pushes `filters` and `exclude` down; results must be the same either way."""
+    database) pushes `filters` and `exclude` down; results must be the same either way.
+
+    `SearchService` asks for up to `MAX_CANDIDATES` (4,000) hits at once and does the rest itself (the
+    relative cutoff, collapsing copies, sorting by a metadata field, pages): a backend ranks, filters and
+    returns hits with their content hash, nothing more."""
 
     def search(
         self,
@@ -236,9 +252,13 @@ class VectorSearch(Protocol):
         filters: Filters | None = None,
         min_score: float | None = None,
         exclude: Set[str] = frozenset(),
-    ) -> list[Hit]:
-        """The top_k live items by cosine similarity to `query` that pass `filters`, best first; none
-        scoring below `min_score`, none whose id is in `exclude`."""
+        *,
+        with_vectors: bool = False,
+    ) -> Found:
+        """The top_k live items by cosine similarity to `query` that pass `filters`, best first (ties in
+        any order); none scoring below `min_score`, none whose id is in `exclude`; each hit with its
+        `sha256`. Bounded work whatever the filter: where the backend cannot be sure it found the best
+        matches within its bound, it returns what it has with `partial=True`."""
         ...
 
     def item_vector(self, item_id: str) -> Embedding | None:
@@ -298,11 +318,21 @@ class ChangeFeed(Protocol):
         """Reads inside the block see one consistent state of the store."""
         ...
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        """Live items by their current vector id; a tombstoned vector has none."""
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
+        """Live items by their current vector id; a tombstoned vector has none. With `filters`, may leave
+        out items that do not pass them (never one that does)."""
         ...
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None: ...
+
+    def matching_vectors(self, filters: Filters, limit: int) -> VectorIds | None:
+        """The vectors of the live items that may pass `filters` (a superset), from an index, when at most
+        `limit` match; None when more do, or when the filter has no condition the index holds."""
+        ...
+
+    def embeddings(self, vector_ids: Sequence[int]) -> dict[int, Embedding]:
+        """Stored vectors by id."""
+        ...
 
     def newest_indexed_at(self) -> datetime | None:
         """When the newest vector was written; cheap at any size."""

@@ -107,6 +107,8 @@ class Hit:
     uri: str
     score: float
     metadata: Metadata
+    sha256: str | None = None  # the content hash: copies of one image share it (collapse=hash)
+    duplicates: tuple[str, ...] = ()  # ids of the copies folded into this hit (collapse)
 
 
 @dataclass(frozen=True)
@@ -123,3 +125,5 @@ class SearchResult:
     hits: list[Hit]
     index: IndexInfo
     query_truncated: bool = False
+    next_cursor: str | None = None  # pass it back for the next page; None: no more results
+    partial: bool = False  # the search stopped looking before it was sure: matches further down may be missing

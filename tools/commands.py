@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from shared.core import Core, build_core
 from shared.errors import InvalidRequest
 from shared.fetch import FetchPolicy
 from shared.images import decode_image
+from shared.query import MAX_DEPTH, Collapse, ImageTerm, ItemTerm, SearchOptions, Term, TextTerm
 from shared.signals import stop_on_signals
 from shared.types import Filters, SearchResult
 from tools.app import first_of, serve_http
@@ -22,7 +26,8 @@ from tools.auth import check_bind
 from tools.http_api import filter_value
 from tools.mcp_server import build_mcp_server
 from tools.metrics import Metrics
-from tools.queries import Queries
+from tools.queries import UNLIKE_WEIGHT, Queries
+from tools.schemas import HitOut
 
 
 def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
@@ -50,8 +55,35 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     )
     mcp.set_defaults(func=cmd_mcp)
 
-    search = sub.add_parser("search", help="search the index by text")
-    search.add_argument("query", help="what to look for, in words")
+    search = sub.add_parser(
+        "search",
+        help="search the index by text, steered by example images",
+        description="Search by text, optionally steered by examples: --like adds a stored item's look (or an "
+        "image file's), --unlike pushes away from a text, an item or a file. Each term weighs 1 (an --unlike "
+        f"{-UNLIKE_WEIGHT:g}) unless a --weight follows it. Example: "
+        'clipdex search "red" --like kafka:sku-1 --unlike "people" --weight 0.8',
+    )
+    search.add_argument("query", nargs="?", help="what to look for, in words")
+    search.add_argument(
+        "--like",
+        action=_AddTerm,
+        metavar="ID_OR_FILE",
+        help="also look like this stored item (its id) or image file; repeatable",
+    )
+    search.add_argument(
+        "--unlike",
+        action=_AddTerm,
+        metavar="TEXT_ID_OR_FILE",
+        help="push away from this text, stored item or image file (it lowers, it does not filter); repeatable",
+    )
+    search.add_argument(
+        "--weight",
+        action=_SetWeight,
+        type=float,
+        metavar="W",
+        help="the weight of the --like or --unlike before it (of the query when none came before); for "
+        "--unlike, how strongly to push away",
+    )
     _result_flags(search)
     search.set_defaults(func=cmd_search)
 
@@ -64,8 +96,20 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
 
 
 def _result_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top-k", type=int, default=10, help="how many results (1 to 100, default 10)")
+    parser.add_argument("--top-k", type=int, default=10, help="results per page (1 to 100, default 10)")
     parser.add_argument("--min-score", type=float, help="drop results below this cosine similarity")
+    parser.add_argument("--max-drop", type=float, help="drop results scoring more than this below the best one")
+    parser.add_argument(
+        "--collapse",
+        choices=[c.value for c in Collapse],
+        default="hash",
+        help="copies of one image: hash (default: the same file shows once), near (also re-encoded copies), none",
+    )
+    parser.add_argument("--sort-by", metavar="metadata.KEY", help="order the results by this metadata value")
+    parser.add_argument("--order", choices=["asc", "desc"], default="desc", help="with --sort-by (default desc)")
+    pages = parser.add_mutually_exclusive_group()
+    pages.add_argument("--page", type=int, default=1, help="which page of --top-k results (default 1)")
+    pages.add_argument("--cursor", help="the page after the one that printed this cursor")
     parser.add_argument(
         "--filter",
         action="append",
@@ -125,9 +169,17 @@ async def _mcp_until_signal(core: Core, settings: Settings) -> None:
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    added: list[list[Any]] = getattr(args, "terms", [])
+    if args.query is None and not any(kind == "like" for kind, _, _ in added):
+        raise InvalidRequest('say what to look for: clipdex search "a red bicycle" (or give --like)')
     core = build_core(settings)
     try:
-        result = core.search.search_text(args.query, args.top_k, _filters(args), args.min_score)
+        terms: list[Term] = []
+        if args.query is not None:
+            terms.append(TextTerm(args.query, getattr(args, "query_weight", 1.0)))
+        for kind, value, weight in added:
+            terms.append(_term(core, settings, kind, value, weight))
+        result = _page(core, terms, _options(args), args.page)
     finally:
         core.close()
     _print(result, as_json=args.json)
@@ -138,15 +190,80 @@ def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
     core = build_core(settings)
     try:
         if args.item_id is not None:
-            result = core.search.similar_to_item(args.item_id, args.top_k, _filters(args), args.min_score)
+            term: Term = ItemTerm(args.item_id)
         else:
-            data = _read_image(args.image, settings)
-            image = decode_image(data, max_pixels=settings.max_pixels, min_side=max(core.embedder.image_size))
-            result = core.search.search_image(image, args.top_k, _filters(args), args.min_score)
+            term = _image_term(core, settings, args.image, 1.0)
+        result = _page(core, [term], _options(args), args.page)
     finally:
         core.close()
     _print(result, as_json=args.json)
     return 0
+
+
+def _page(core: Core, terms: list[Term], options: SearchOptions, page: int) -> SearchResult:
+    """Page `page` (from 1), following the cursors of the pages before it."""
+    last = math.ceil(MAX_DEPTH / options.top_k) if options.top_k >= 1 else 1
+    if not 1 <= page <= last:
+        raise InvalidRequest(
+            f"--page is from 1 to {last} with --top-k {options.top_k} (results reach {MAX_DEPTH:,} deep)"
+        )
+    result = core.search.search(terms, options)
+    for _ in range(page - 1):
+        if result.next_cursor is None:
+            return replace(result, hits=[])
+        result = core.search.search(terms, replace(options, cursor=result.next_cursor))
+    return result
+
+
+def _term(core: Core, settings: Settings, kind: str, value: str, weight: float | None) -> Term:
+    """--like: a stored item or an image file; --unlike: that, or text."""
+    w = 1.0 if weight is None else weight
+    if kind == "unlike":
+        w = -abs(w) if weight is not None else UNLIKE_WEIGHT
+    if core.catalog.get_item(value) is not None:
+        return ItemTerm(value, w)
+    if Path(value).is_file():
+        return _image_term(core, settings, Path(value), w)
+    if kind == "like":
+        raise InvalidRequest(f"--like {value!r}: no stored item has that id, and no such file")
+    return TextTerm(value, w)
+
+
+def _image_term(core: Core, settings: Settings, path: Path, weight: float) -> ImageTerm:
+    data = _read_image(path, settings)
+    image = decode_image(data, max_pixels=settings.max_pixels, min_side=max(core.embedder.image_size))
+    return ImageTerm(image, hashlib.sha256(data).hexdigest(), weight)
+
+
+def _options(args: argparse.Namespace) -> SearchOptions:
+    return SearchOptions(
+        top_k=args.top_k,
+        filters=_filters(args),
+        min_score=args.min_score,
+        max_drop=args.max_drop,
+        collapse=Collapse(args.collapse),
+        sort_by=args.sort_by,
+        order=args.order,
+        cursor=args.cursor,
+    )
+
+
+class _AddTerm(argparse.Action):
+    """--like / --unlike: a term, in the order given (a --weight after it sets its weight)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any, flag: Any = None) -> None:
+        terms = list(getattr(ns, "terms", None) or [])
+        terms.append([self.dest, value, None])
+        ns.terms = terms
+
+
+class _SetWeight(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any, flag: Any = None) -> None:
+        terms = getattr(ns, "terms", None)
+        if terms:
+            terms[-1][2] = value
+        else:
+            ns.query_weight = value
 
 
 def _read_image(path: Path, settings: Settings) -> bytes:
@@ -169,13 +286,22 @@ def _filters(args: argparse.Namespace) -> Filters | None:
 
 
 def _print(result: SearchResult, *, as_json: bool) -> None:
-    hits = [{"id": h.id, "uri": h.uri, "score": round(h.score, 6), "metadata": h.metadata} for h in result.hits]
+    """Tab-separated lines (score, id, uri, then the copies' ids), or with `as_json` a JSON list of
+    {id, uri, score, metadata, duplicates}; the next page's cursor, if any, on stderr."""
+    hits = [HitOut.of(h).model_dump(mode="json") for h in result.hits]
     if as_json:
         print(json.dumps(hits, ensure_ascii=False))
-        return
-    if result.query_truncated:
-        print("(the query was longer than the model's context; only its start was used)", file=sys.stderr)
-    if not hits:
-        print(f"no results ({result.index.items} items indexed)", file=sys.stderr)
-    for hit in hits:
-        print(f"{hit['score']:.4f}\t{hit['id']}\t{hit['uri']}")
+    else:
+        if result.query_truncated:
+            print("(the query was longer than the model's context; only its start was used)", file=sys.stderr)
+        if not hits:
+            print(f"no results ({result.index.items} items indexed)", file=sys.stderr)
+        for hit in hits:
+            copies = "".join(f"\t{d}" for d in hit["duplicates"])
+            print(f"{hit['score']:.4f}\t{hit['id']}\t{hit['uri']}{copies}")
+    if result.partial:
+        print(
+            "(the search stopped looking early: the filter passes few items; better matches may exist)", file=sys.stderr
+        )
+    if result.next_cursor:
+        print(f"more: --cursor {result.next_cursor}", file=sys.stderr)

@@ -11,9 +11,10 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
+from pydantic import ValidationError
 from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,20 +32,22 @@ from shared.errors import (
     SourceNotFound,
     StoreError,
 )
-from shared.search import MAX_TOP_K
+from shared.query import MAX_IMAGE_TERMS, MAX_TOP_K, Collapse, SearchOptions
 from shared.types import Filters, MetaValue
 from tools.auth import BodyTooLarge
 from tools.metrics import CONTENT_TYPE, Metrics
-from tools.queries import Queries, SearchArgs
-from tools.schemas import DeadLetterOut, DeadLettersOut, ItemOut, SearchOutput
+from tools.queries import UNLIKE_WEIGHT, Queries, TermSpec
+from tools.schemas import DeadLetterOut, DeadLettersOut, ItemOut, SearchIn, SearchOutput
 
 logger = logging.getLogger(__name__)
 
-SEARCH_PARAMS = frozenset({"top_k", "min_score", "source"})
+SEARCH_PARAMS = frozenset({"top_k", "min_score", "source", "max_drop", "collapse", "sort_by", "order", "cursor"})
+TEXT_TERMS = frozenset({"query", "like", "unlike"})
 FILTER_PREFIX = "filter."
 DEAD_LETTERS_LIMIT = 50
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T", int, float)
 
 INTERNAL_ERROR = "internal error: the request failed on the server; the server log says why"
 BAD_UPLOAD = (
@@ -81,6 +84,7 @@ class HttpApi:
     def routes(self) -> list[Route]:
         return [
             Route("/search", self._wrap("/search", self.search), methods=["GET"]),
+            Route("/search", self._wrap("/search", self.search_post), methods=["POST"]),
             Route("/similar", self._wrap("/similar", self.similar_by_id), methods=["GET"]),
             Route("/similar", self._wrap("/similar", self.similar_by_upload), methods=["POST"]),
             Route("/items/{item_id:path}/thumbnail", self._wrap("/items/thumbnail", self.thumbnail), methods=["GET"]),
@@ -121,10 +125,43 @@ class HttpApi:
 
     async def search(self, request: Request) -> Response:
         params = request.query_params
-        _only(params, {"query"} | SEARCH_PARAMS)
+        _only(params, TEXT_TERMS | SEARCH_PARAMS)
         if "query" not in params:
             raise InvalidRequest("add the search text as ?query=..., e.g. /search?query=red+bicycle")
-        result = await self.queries.search_text(params["query"], search_args(params), "http")
+        specs = [TermSpec(text=params["query"])]
+        specs += [TermSpec(item_id=v) for v in params.getlist("like")]
+        specs += [TermSpec(text_or_item=v, weight=UNLIKE_WEIGHT) for v in params.getlist("unlike")]
+        result = await self.queries.search(specs, search_args(params), "http")
+        return _json(SearchOutput.of(result))
+
+    async def search_post(self, request: Request) -> Response:
+        """Weighted terms as JSON, or as multipart: a JSON `query` part and image file parts."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            limit = self.queries.core.settings.max_upload_bytes
+            async with request.form(max_files=MAX_IMAGE_TERMS, max_fields=8, max_part_size=limit) as form:
+                uploads: dict[str, bytes] = {}
+                query_text = None
+                for name, part in form.multi_items():
+                    if isinstance(part, UploadFile):
+                        if name in uploads:
+                            raise InvalidRequest(f"two file parts are named {name!r}: name each one differently")
+                        uploads[name] = await part.read()
+                    elif name == "query":
+                        query_text = part
+                    else:
+                        raise InvalidRequest(f"unknown form field {name!r}: send a JSON part `query` and image files")
+            body = _search_body(query_text or '{"terms": []}')
+            specs = _term_specs(body, uploads)
+        elif content_type.startswith("application/json"):
+            body = _search_body(await request.body())
+            specs = _term_specs(body, {})
+        else:
+            raise InvalidRequest(
+                'POST /search takes a JSON body ({"terms": [{"text": "a beach"}], "top_k": 10}), or multipart '
+                f"form data with a JSON part `query` and image files (got content type {content_type or 'none'!r})"
+            )
+        result = await self.queries.search(specs, _options(body), "http")
         return _json(SearchOutput.of(result))
 
     async def similar_by_id(self, request: Request) -> Response:
@@ -187,22 +224,9 @@ class HttpApi:
         return Response(self.metrics.render(stats, core.vectors.state()), media_type=CONTENT_TYPE)
 
 
-def search_args(params: QueryParams) -> SearchArgs:
-    """top_k, min_score, source and filter.<key> from query parameters."""
-    top_k = 10
-    if "top_k" in params:
-        try:
-            top_k = int(params["top_k"])
-        except ValueError:
-            raise InvalidRequest(
-                f"top_k must be a whole number from 1 to {MAX_TOP_K} (got {params['top_k']!r})"
-            ) from None
-    min_score = None
-    if "min_score" in params:
-        try:
-            min_score = float(params["min_score"])
-        except ValueError:
-            raise InvalidRequest(f"min_score must be a number between -1 and 1 (got {params['min_score']!r})") from None
+def search_args(params: QueryParams) -> SearchOptions:
+    """top_k, min_score, max_drop, collapse, sort_by, order, cursor, source and filter.<key> from query
+    parameters (their values are checked with the rest of the search: `SearchOptions.check`)."""
     metadata = {
         key[len(FILTER_PREFIX) :]: filter_value(value) for key, value in params.items() if key.startswith(FILTER_PREFIX)
     }
@@ -210,7 +234,80 @@ def search_args(params: QueryParams) -> SearchArgs:
         raise InvalidRequest("a filter needs a metadata key: filter.<key>=<value>, e.g. filter.category=shoes")
     source = params.get("source") or None
     filters = Filters(metadata=metadata, source=source) if metadata or source else None
-    return SearchArgs(top_k=top_k, filters=filters, min_score=min_score)
+    top_k = _number(params, "top_k", int, f"a whole number from 1 to {MAX_TOP_K}")
+    return SearchOptions(
+        top_k=10 if top_k is None else top_k,
+        filters=filters,
+        min_score=_number(params, "min_score", float, "a number between -1 and 1"),
+        max_drop=_number(params, "max_drop", float, "a number from 0 to 2"),
+        collapse=params.get("collapse", "hash"),  # type: ignore[arg-type]  # checked with the options
+        sort_by=params.get("sort_by") or None,
+        order=params.get("order", "desc"),  # type: ignore[arg-type]
+        cursor=params.get("cursor") or None,
+    )
+
+
+def _number(params: QueryParams, name: str, kind: type[T], what: str) -> T | None:
+    if name not in params:
+        return None
+    try:
+        return kind(params[name])
+    except ValueError:
+        raise InvalidRequest(f"{name} must be {what} (got {params[name]!r})") from None
+
+
+def _search_body(raw: bytes | str) -> SearchIn:
+    try:
+        return SearchIn.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors(include_input=False)[:5]
+        )
+        raise InvalidRequest(
+            f"the search request is not valid ({problems}); send JSON like "
+            '{"terms": [{"text": "a beach", "weight": 1}, {"item_id": "kafka:sku-1", "weight": 0.5}], "top_k": 10}'
+        ) from None
+
+
+def _term_specs(body: SearchIn, uploads: dict[str, bytes]) -> list[TermSpec]:
+    """The body's terms; an uploaded file that no term names joins them with weight 1."""
+    specs: list[TermSpec] = []
+    named: set[str] = set()
+    for term in body.terms:
+        if term.upload is not None:
+            if term.upload not in uploads:
+                raise InvalidRequest(f"a term names the upload {term.upload!r}, but no file part has that name")
+            named.add(term.upload)
+            others = [k for k, v in term.model_dump(exclude={"upload", "weight"}).items() if v is not None]
+            if others:
+                raise InvalidRequest(f"a term is one thing: upload {term.upload!r} also has {', '.join(others)}")
+            specs.append(TermSpec(image=uploads[term.upload], weight=term.weight))
+        else:
+            specs.append(
+                TermSpec(
+                    text=term.text,
+                    item_id=term.item_id,
+                    image_base64=term.image_base64,
+                    path=term.path,
+                    url=term.url,
+                    weight=term.weight,
+                )
+            )
+    specs += [TermSpec(image=data) for name, data in uploads.items() if name not in named]
+    return specs
+
+
+def _options(body: SearchIn) -> SearchOptions:
+    return SearchOptions(
+        top_k=body.top_k,
+        filters=body.filters.to_filters() if body.filters else None,
+        min_score=body.min_score,
+        max_drop=body.max_drop,
+        collapse=Collapse(body.collapse),
+        sort_by=body.sort_by,
+        order=body.order,
+        cursor=body.cursor,
+    )
 
 
 def filter_value(raw: str) -> MetaValue:

@@ -12,9 +12,9 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from shared.search import MAX_TOP_K
-from tools.queries import MAX_DEAD_LETTERS
-from tools.schemas import DeadLettersOut, ErrorOut, IndexStatusOut, ItemOut, SearchOutput
+from shared.query import MAX_DEPTH, MAX_TOP_K
+from tools.queries import MAX_DEAD_LETTERS, UNLIKE_WEIGHT
+from tools.schemas import COLLAPSE, SORT_BY, DeadLettersOut, ErrorOut, IndexStatusOut, ItemOut, SearchIn, SearchOutput
 
 _REF = "#/components/schemas/{model}"
 
@@ -23,7 +23,33 @@ _SEARCH_PARAMS: list[dict[str, Any]] = [
         "name": "top_k",
         "in": "query",
         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 10},
-        "description": "How many results.",
+        "description": "Results per page.",
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": f"A previous page's next_cursor, with the same other parameters: the next page. Pages never "
+        f"overlap and reach {MAX_DEPTH:,} results deep.",
+    },
+    {
+        "name": "max_drop",
+        "in": "query",
+        "schema": {"type": "number", "minimum": 0, "maximum": 2},
+        "description": "Drop results scoring more than this below the best result (off by default).",
+    },
+    {
+        "name": "collapse",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["hash", "near", "none"], "default": "hash"},
+        "description": COLLAPSE,
+    },
+    {"name": "sort_by", "in": "query", "schema": {"type": "string"}, "description": SORT_BY},
+    {
+        "name": "order",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
+        "description": "With sort_by.",
     },
     {
         "name": "min_score",
@@ -71,7 +97,7 @@ def _ok(model: type[BaseModel], description: str) -> dict[str, Any]:
 
 def openapi_spec(version: str, *, token: bool) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (SearchOutput, ItemOut, IndexStatusOut, DeadLettersOut, ErrorOut):
+    for model in (SearchOutput, SearchIn, ItemOut, IndexStatusOut, DeadLettersOut, ErrorOut):
         schema = model.model_json_schema(ref_template=_REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -79,13 +105,54 @@ def openapi_spec(version: str, *, token: bool) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/search": {
             "get": {
-                "summary": "Images that match a text description",
+                "summary": "Images that match a text description, optionally steered by stored items",
                 "parameters": [
                     {"name": "query", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}},
+                    {
+                        "name": "like",
+                        "in": "query",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "style": "form",
+                        "explode": True,
+                        "description": "Item ids whose look to add, weight 1 each (repeatable); left out of results.",
+                    },
+                    {
+                        "name": "unlike",
+                        "in": "query",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "style": "form",
+                        "explode": True,
+                        "description": f"Texts or item ids to push results away from, weight {UNLIKE_WEIGHT:g} each "
+                        "(repeatable). CLIP has no negation: this lowers, it does not filter.",
+                    },
                     *_SEARCH_PARAMS,
                 ],
                 "responses": {**_ok(SearchOutput, "Best matches first."), **_errors(400, 401)},
-            }
+            },
+            "post": {
+                "summary": "Weighted terms: texts, stored items, images (base64, path, URL or uploaded); weights "
+                "may be negative",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref(SearchIn)},
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "query": {
+                                        "type": "string",
+                                        "description": 'A SearchIn as JSON; a term {"upload": NAME} is the file '
+                                        "part NAME. A file part no term names joins with weight 1.",
+                                    },
+                                    "file": {"type": "string", "format": "binary"},
+                                },
+                            }
+                        },
+                    },
+                },
+                "responses": {**_ok(SearchOutput, "Best matches first."), **_errors(400, 401, 404, 413, 422)},
+            },
         },
         "/similar": {
             "get": {
@@ -178,7 +245,8 @@ def openapi_spec(version: str, *, token: bool) -> dict[str, Any]:
         },
         "/mcp": {
             "post": {
-                "summary": "MCP over streamable HTTP (tools: search, find_similar, get_item, index_status)",
+                "summary": "MCP over streamable HTTP (tools: search, find_similar, get_item, index_status; "
+                "resources clipdex://items/{id}, .../thumbnail, .../image)",
                 "responses": {"200": {"description": "MCP JSON-RPC"}},
             }
         },

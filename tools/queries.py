@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -26,10 +27,10 @@ from shared.core import Core
 from shared.errors import ClipdexError, ImageRejected, InvalidRequest, NotFound
 from shared.fetch import FetchPolicy, fetch_bytes, fetch_url, read_path
 from shared.images import decode_budget, decode_image, thumbnail_jpeg
+from shared.query import MAX_IMAGE_TERMS, ImageTerm, ItemTerm, SearchOptions, Term, TextTerm, check_terms
 from shared.roles import DeadLetter
-from shared.search import MAX_TOP_K
 from shared.status import Status, read_status
-from shared.types import Filters, Item, SearchResult
+from shared.types import Item, SearchResult
 from tools.metrics import Metrics
 from tools.redaction import Redactor
 from tools.schemas import IndexStatusOut
@@ -39,23 +40,42 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 THUMBNAIL_SIDE = 256
+IMAGE_SIDE = 2048  # an image that is not a JPEG is re-encoded as one, at most this big
+UNLIKE_WEIGHT = -0.5  # each `unlike` of GET /search and MCP search (POST /search sets any weight)
 MAX_DEAD_LETTERS = 500
 
 
 @dataclass(frozen=True)
-class SearchArgs:
-    top_k: int = 10
-    filters: Filters | None = None
-    min_score: float | None = None
+class TermSpec:
+    """One term of a query as a caller gives it: exactly one of the fields says what it is, and a weight
+    (shared.query has the maths). `image` is uploaded bytes; `text_or_item` is the id of a stored item when
+    one has that id, and text otherwise (MCP's `unlike`)."""
 
-    def check(self) -> None:
-        if isinstance(self.top_k, bool) or not 1 <= self.top_k <= MAX_TOP_K:
-            raise InvalidRequest(f"top_k must be a whole number from 1 to {MAX_TOP_K} (got {self.top_k})")
-        if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:
+    text: str | None = None
+    item_id: str | None = None
+    image_base64: str | None = None
+    path: str | None = None
+    url: str | None = None
+    image: bytes | None = None
+    text_or_item: str | None = None
+    weight: float = 1.0
+
+    def only(self) -> tuple[str, str | bytes]:
+        given = [(name, value) for name, value in vars(self).items() if name != "weight" and value is not None]
+        if len(given) != 1:
+            named = ", ".join(name for name, _ in given)
+            problem = "none was given" if not given else f"{len(given)} were given ({named})"
             raise InvalidRequest(
-                f"min_score is a cosine similarity and must be between -1 and 1 (got {self.min_score}); "
-                "leave it out to get the top_k best matches whatever their score"
+                f"each term is exactly one of text, item_id, image_base64, path, url or an uploaded image; {problem}"
             )
+        name, value = given[0]
+        if isinstance(value, str) and not value.strip() and name != "text":
+            raise InvalidRequest(f"{name} is empty")
+        return name, value
+
+    @property
+    def is_image(self) -> bool:
+        return any(v is not None for v in (self.image_base64, self.path, self.url, self.image))
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,10 @@ class ImageSource:
         if not value.strip():
             raise InvalidRequest(f"{name} is empty")
         return name, value
+
+    def term(self) -> TermSpec:
+        self.only()
+        return TermSpec(item_id=self.item_id, image_base64=self.image_base64, path=self.path, url=self.url)
 
 
 class Queries:
@@ -106,51 +130,54 @@ class Queries:
 
     # -- searches ---------------------------------------------------------------------------------------
 
-    async def search_text(self, query: str, args: SearchArgs, transport: str) -> SearchResult:
-        def run() -> SearchResult:
-            if not query or not query.strip():
-                raise InvalidRequest("the query is empty: describe the images you are looking for")
-            args.check()
-            return self.core.search.search_text(query, args.top_k, args.filters, args.min_score)
+    async def search(self, specs: Sequence[TermSpec], options: SearchOptions, transport: str) -> SearchResult:
+        """One page of results for weighted terms (texts, stored items, images from bytes, paths or URLs)."""
+        return await self._call(transport, _kind(specs), lambda: self._search(specs, options))
 
-        return await self._call(transport, "text", run)
+    def _search(self, specs: Sequence[TermSpec], options: SearchOptions) -> SearchResult:
+        options.check()
+        images = sum(spec.is_image for spec in specs)
+        if images > MAX_IMAGE_TERMS:
+            raise InvalidRequest(f"at most {MAX_IMAGE_TERMS} images in one query (got {images})")
+        check_terms([TextTerm("", spec.weight) for spec in specs])  # counts and weights, before any fetch
+        return self.core.search.search([self._term(spec) for spec in specs], options)
 
-    async def similar(self, source: ImageSource, args: SearchArgs, transport: str) -> SearchResult:
+    async def search_text(self, query: str, args: SearchOptions, transport: str) -> SearchResult:
+        return await self.search([TermSpec(text=query)], args, transport)
+
+    async def similar(self, source: ImageSource, args: SearchOptions, transport: str) -> SearchResult:
         """Items like the one image that `source` names."""
         given = [name for name, value in vars(source).items() if value is not None]
-        kind = {"item_id": "item", "image_base64": "image", "path": "image_path", "url": "image_url"}.get(
-            given[0] if len(given) == 1 else "", "similar"
-        )
+        kind = _KINDS.get(given[0], "similar") if len(given) == 1 else "similar"
+        return await self._call(transport, kind, lambda: self._search([source.term()], args))
 
-        def run() -> SearchResult:
-            name, value = source.only()
-            args.check()
-            if name == "item_id":
-                return self.core.search.similar_to_item(value, args.top_k, args.filters, args.min_score)
-            if name == "image_base64":
-                data = decode_base64(value, self.max_image_bytes)
-            elif name == "path":
-                data = read_path(value, self.policy)
-            else:
-                data = fetch_url(value, self.policy)
-            return self._search_image(data, args)
+    async def similar_to_item(self, item_id: str, args: SearchOptions, transport: str) -> SearchResult:
+        return await self.search([TermSpec(item_id=item_id)], args, transport)
 
-        return await self._call(transport, kind, run)
+    async def similar_to_image(self, data: bytes, args: SearchOptions, transport: str) -> SearchResult:
+        return await self.search([TermSpec(image=data)], args, transport)
 
-    async def similar_to_item(self, item_id: str, args: SearchArgs, transport: str) -> SearchResult:
-        def run() -> SearchResult:
-            if not item_id.strip():
-                raise InvalidRequest("the item id is empty")
-            args.check()
-            return self.core.search.similar_to_item(item_id, args.top_k, args.filters, args.min_score)
+    def _term(self, spec: TermSpec) -> Term:
+        """The term as the search takes it: images read or fetched and decoded, `text_or_item` told apart."""
+        name, value = spec.only()
+        if name == "text":
+            return TextTerm(str(value), spec.weight)
+        if name == "item_id":
+            return ItemTerm(str(value), spec.weight)
+        if name == "text_or_item":
+            found = self.core.catalog.get_item(str(value))
+            return ItemTerm(str(value), spec.weight) if found is not None else TextTerm(str(value), spec.weight)
+        if name == "image_base64":
+            data = decode_base64(str(value), self.max_image_bytes)
+        elif name == "path":
+            data = read_path(str(value), self.policy)
+        elif name == "url":
+            data = fetch_url(str(value), self.policy)
+        else:
+            data = bytes(value) if not isinstance(value, str) else value.encode()
+        return ImageTerm(self._query_image(data), hashlib.sha256(data).hexdigest(), spec.weight)
 
-        return await self._call(transport, "item", run)
-
-    async def similar_to_image(self, data: bytes, args: SearchArgs, transport: str) -> SearchResult:
-        return await self._call(transport, "image", lambda: self._search_image(data, args))
-
-    def _search_image(self, data: bytes, args: SearchArgs) -> SearchResult:
-        args.check()
+    def _query_image(self, data: bytes) -> Image.Image:
         if len(data) > self.max_image_bytes:
             raise ImageRejected(
                 f"the image is {len(data):,} bytes, over the limit of {self.max_image_bytes:,} "
@@ -158,8 +185,7 @@ class Queries:
             )
         if not data:
             raise ImageRejected("the image is empty (0 bytes)")
-        image = self._decode(data, max(self.core.embedder.image_size))
-        return self.core.search.search_image(image, args.top_k, args.filters, args.min_score)
+        return self._decode(data, max(self.core.embedder.image_size))
 
     def _decode(self, data: bytes, side: int) -> Image.Image:
         """Decoded toward `side` (the model's input, a thumbnail) within the process's decode budget."""
@@ -219,6 +245,17 @@ class Queries:
                 self._thumbs.popitem(last=False)
         return jpeg
 
+    async def image(self, item_id: str, transport: str) -> bytes:
+        """The item's image file as a JPEG: a JPEG as it is, another format re-encoded (at most 2048 px)."""
+
+        def run() -> bytes:
+            data = fetch_bytes(self._item(item_id).uri, self.policy)
+            if data.startswith(b"\xff\xd8\xff"):
+                return data
+            return thumbnail_jpeg(self._decode(data, IMAGE_SIDE), IMAGE_SIDE, quality=90)
+
+        return await self._call(transport, "image", run)
+
     # -- status -----------------------------------------------------------------------------------------
 
     async def status(self, transport: str) -> IndexStatusOut:
@@ -260,6 +297,24 @@ class Queries:
             raise
         timer.ok()
         return result
+
+
+_KINDS = {
+    "text": "text",
+    "item_id": "item",
+    "image": "image",
+    "image_base64": "image",
+    "path": "image_path",
+    "url": "image_url",
+}
+
+
+def _kind(specs: Sequence[TermSpec]) -> str:
+    """The metrics label of a search: its one term's kind, or `composite`."""
+    if len(specs) != 1:
+        return "composite"
+    given = [name for name, value in vars(specs[0]).items() if name != "weight" and value is not None]
+    return _KINDS.get(given[0], "composite") if len(given) == 1 else "similar"
 
 
 def decode_base64(value: str, max_bytes: int) -> bytes:

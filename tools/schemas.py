@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.query import MAX_DEPTH, MAX_TERMS, MAX_TOP_K, MAX_WEIGHT
 from shared.roles import DeadLetter
 from shared.status import Status
 from shared.types import Filters, Hit, IndexInfo, Item, MetaValue, SearchResult
 
 FilterValue = str | int | float | bool | None
+
+COLLAPSE = (
+    "How copies show: hash (default) folds items with the same image file into the best-ranked one and "
+    "lists the others in its duplicates; near also folds re-encoded or resized copies (vectors at least "
+    "CLIPDEX_NEAR_DUPLICATE_COSINE alike); none shows every item."
+)
+SORT_BY = (
+    "metadata.KEY: order the results by that metadata value (numbers before text; items without it last), "
+    "then by score. It sorts the relevant results: those that pass min_score and max_drop, at most "
+    f"{MAX_DEPTH:,}; set max_drop or min_score so that only good matches are sorted."
+)
 
 
 class SearchFilters(BaseModel):
@@ -56,10 +69,17 @@ class HitOut(BaseModel):
     uri: str = Field(description="Where the image lives (a path or a URL).")
     score: float = Field(description="Cosine similarity to the query, -1 to 1; higher is closer.")
     metadata: dict[str, Any] = Field(description="The item's metadata as the catalog or folder gave it.")
+    duplicates: list[str] = Field(
+        default_factory=list,
+        description="Ids of copies of this image folded into this hit (collapse=hash: the same file; "
+        "collapse=near: also re-encoded or resized copies).",
+    )
 
     @classmethod
     def of(cls, hit: Hit) -> HitOut:
-        return cls(id=hit.id, uri=hit.uri, score=round(hit.score, 6), metadata=hit.metadata)
+        return cls(
+            id=hit.id, uri=hit.uri, score=round(hit.score, 6), metadata=hit.metadata, duplicates=list(hit.duplicates)
+        )
 
 
 class IndexInfoOut(BaseModel):
@@ -80,12 +100,24 @@ class IndexInfoOut(BaseModel):
         )
 
 
+NEXT_CURSOR = (
+    "Pass it as `cursor` (with the same query and options) for the next page; null when there are no more "
+    f"results (pages reach {MAX_DEPTH:,} deep)."
+)
+PARTIAL = (
+    "The search stopped looking before it was sure it had the best matches (a filter on a null value, "
+    "checked on a bounded number of the nearest items): better matches may exist. Narrow the filter."
+)
+
+
 class SearchOutput(BaseModel):
-    hits: list[HitOut] = Field(description="Best first.")
+    hits: list[HitOut] = Field(description="Best first (or in sort_by order).")
     index: IndexInfoOut = Field(description="How big and how fresh the searched index is.")
     query_truncated: bool = Field(
         False, description="The query was longer than the model's context and only its start was used."
     )
+    next_cursor: str | None = Field(None, description=NEXT_CURSOR)
+    partial: bool = Field(False, description=PARTIAL)
 
     @classmethod
     def of(cls, result: SearchResult) -> SearchOutput:
@@ -93,7 +125,79 @@ class SearchOutput(BaseModel):
             hits=[HitOut.of(h) for h in result.hits],
             index=IndexInfoOut.of(result.index),
             query_truncated=result.query_truncated,
+            next_cursor=result.next_cursor,
+            partial=result.partial,
         )
+
+
+class McpHitOut(HitOut):
+    resource: str = Field(
+        description="The item as an MCP resource: read it for the metadata, or add /thumbnail (a JPEG of at "
+        "most 256 px) or /image (the image file) to it."
+    )
+
+
+class McpSearchOutput(SearchOutput):
+    hits: list[McpHitOut] = Field(description="Best first (or in sort_by order).")  # type: ignore[assignment]
+
+    @classmethod
+    def of_result(cls, result: SearchResult) -> McpSearchOutput:
+        base = SearchOutput.of(result)
+        hits = [McpHitOut(**h.model_dump(), resource=item_resource(h.id)) for h in base.hits]
+        return cls(
+            hits=hits,
+            index=base.index,
+            query_truncated=base.query_truncated,
+            next_cursor=base.next_cursor,
+            partial=base.partial,
+        )
+
+
+ITEM_RESOURCE = "clipdex://items/"
+
+
+def item_resource(item_id: str) -> str:
+    """`clipdex://items/{id}`, the id percent-encoded (ids hold `:` and `/`)."""
+    return ITEM_RESOURCE + quote(item_id, safe="")
+
+
+# -- the body of POST /search -----------------------------------------------------------------------------
+
+
+class TermIn(BaseModel):
+    """One term: exactly one of text, item_id, image_base64, path, url or upload, and a weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="Words describing the image.")
+    item_id: str | None = Field(None, description="A stored item: its look (the item itself is left out).")
+    image_base64: str | None = Field(None, description="An image file's bytes in standard base64.")
+    path: str | None = Field(None, description="An image file on the server, under an allowed root.")
+    url: str | None = Field(None, description="An image URL on an allowed host.")
+    upload: str | None = Field(None, description="The name of a multipart file part (multipart requests only).")
+    weight: float = Field(
+        1.0,
+        description=f"How much this term counts, -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}, not 0; negative pushes "
+        "results away from it (CLIP has no negation: it does not filter).",
+    )
+
+
+class SearchIn(BaseModel):
+    """POST /search: weighted terms and how to shape the results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    terms: list[TermIn] = Field(description=f"1 to {MAX_TERMS} terms; at least one with a positive weight.")
+    top_k: int = Field(10, description=f"Results per page, 1 to {MAX_TOP_K}.")
+    filters: SearchFilters | None = Field(None, description="Only items with these metadata values and/or source.")
+    min_score: float | None = Field(None, description="Drop results with a cosine below this (-1 to 1).")
+    max_drop: float | None = Field(
+        None, description="Drop results scoring more than this below the best result (0 to 2); off by default."
+    )
+    collapse: Literal["hash", "near", "none"] = Field("hash", description=COLLAPSE)
+    sort_by: str | None = Field(None, description=SORT_BY)
+    order: Literal["asc", "desc"] = Field("desc", description="With sort_by: desc (largest, newest first) or asc.")
+    cursor: str | None = Field(None, description="A previous page's next_cursor, to get the next page.")
 
 
 class ItemOut(BaseModel):

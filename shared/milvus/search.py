@@ -5,6 +5,13 @@ state; filters and exclusions are pushed down as expressions (`shared.milvus.exp
           ─▶ one hit per item id (a superseded version a racing writer has not deleted yet is dropped)
           ─▶ the exact filter check on the returned values (a tag is a hash) ─▶ min_score ─▶ top_k
              └── widen (x4) while fewer than top_k passed and Milvus had more ◀──┘
+          ─▶ Found(hits with their content hash, partial, the hits' vectors when asked for)
+
+`SearchService` asks for up to 4,000 hits (it folds copies, sorts and pages above this); one Milvus
+search answers up to 16,384 rows (offset + limit), which milvus-lite honours too (measured: 4,000 and
+16,384 rows in one call), so no paging is needed. Filters are inside Milvus's search, so the widening
+only makes up for rows the exact check drops (a hash collision, a superseded version): `partial` is
+set only if 16,384 rows were not enough for that.
 
 Consistency: searches read Bounded. A replica then answers from what its query node holds without
 waiting for the newest writes to arrive (Strong would wait, on every search, for the time tick of every
@@ -24,19 +31,20 @@ import threading
 import time
 from collections.abc import Set
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
 from shared.milvus import expr as ex
 from shared.milvus.store import MilvusStore, newest_rows
-from shared.roles import SearcherState
+from shared.roles import Found, SearcherState
 from shared.types import Embedding, Filters, Hit, IndexInfo
 
 logger = logging.getLogger(__name__)
 
 SEARCH_CONSISTENCY = "Bounded"
 _MAX_FETCH = 16_384  # Milvus's largest top-k
-_HIT_FIELDS = ["item_id", "source", "uri", "metadata", "version"]
+_HIT_FIELDS = ["item_id", "source", "uri", "sha256", "metadata", "version"]
 
 
 class MilvusSearch:
@@ -54,45 +62,54 @@ class MilvusSearch:
         filters: Filters | None = None,
         min_score: float | None = None,
         exclude: Set[str] = frozenset(),
-    ) -> list[Hit]:
+        *,
+        with_vectors: bool = False,
+    ) -> Found:
         expr = ex.search_expr(filters, sorted(ex.item_key(i) for i in exclude))
-        vector = np.asarray(query, dtype=np.float32).tolist()
-        fetch = top_k
+        vector = np.asarray(query, dtype=np.float32).reshape(-1)
+        fields = [*_HIT_FIELDS, "vector"] if with_vectors else _HIT_FIELDS
+        fetch = min(top_k, _MAX_FETCH)
         while True:
             found = self.store.milvus.search(
-                self.store.names.items, vector, fetch, expr, _HIT_FIELDS, consistency=SEARCH_CONSISTENCY
+                self.store.names.items, vector.tolist(), fetch, expr, fields, consistency=SEARCH_CONSISTENCY
             )
-            hits = self._hits(found, top_k, filters, min_score, exclude)
-            if len(hits) >= top_k or len(found) < fetch or fetch >= _MAX_FETCH or _below(found, min_score):
-                return hits
+            hits, rows = self._hits(found, top_k, filters, min_score, exclude)
+            if len(hits) >= top_k or len(found) < fetch or _below(found, min_score):
+                break
+            if fetch >= _MAX_FETCH:  # Milvus had more rows, and the checks dropped too many of them to be sure
+                return Found(hits, partial=True, vectors=_vectors(rows, vector.shape[0]) if with_vectors else None)
             fetch = min(fetch * 4, _MAX_FETCH)
+        return Found(hits, vectors=_vectors(rows, vector.shape[0]) if with_vectors else None)
 
     @staticmethod
     def _hits(
-        found: list[dict[str, object]],
+        found: list[dict[str, Any]],
         top_k: int,
         filters: Filters | None,
         min_score: float | None,
         exclude: Set[str],
-    ) -> list[Hit]:
+    ) -> tuple[list[Hit], list[dict[str, Any]]]:
+        """The first top_k rows that pass, as hits, and the rows themselves."""
         newest = newest_rows(found)
         hits: list[Hit] = []
+        rows: list[dict[str, Any]] = []
         seen: set[str] = set()
         for row in found:  # best first
             item_id = str(row["item_id"])
-            score = float(row["distance"])  # type: ignore[arg-type]
+            score = float(row["distance"])
             if min_score is not None and score < min_score:
                 break
             if item_id in seen or newest[item_id] is not row or item_id in exclude:
                 continue
-            metadata = dict(row.get("metadata") or {})  # type: ignore[call-overload]
+            metadata = dict(row.get("metadata") or {})
             if filters is not None and not filters.matches_values(str(row["source"]), metadata):
                 continue
             seen.add(item_id)
-            hits.append(Hit(item_id, str(row["uri"]), score, metadata))
+            hits.append(Hit(item_id, str(row["uri"]), score, metadata, sha256=str(row["sha256"]) or None))
+            rows.append(row)
             if len(hits) == top_k:
                 break
-        return hits
+        return hits, rows
 
     def item_vector(self, item_id: str) -> Embedding | None:
         found = self.store.milvus.query(
@@ -132,5 +149,12 @@ class MilvusSearch:
             self._items, self._newest, self._refreshed_at = items, newest, time.time()
 
 
-def _below(found: list[dict[str, object]], min_score: float | None) -> bool:
-    return min_score is not None and bool(found) and float(found[-1]["distance"]) < min_score  # type: ignore[arg-type]
+def _below(found: list[dict[str, Any]], min_score: float | None) -> bool:
+    return min_score is not None and bool(found) and float(found[-1]["distance"]) < min_score
+
+
+def _vectors(rows: list[dict[str, Any]], dim: int) -> Embedding:
+    """The rows' vectors, row by row (what `collapse=near` compares)."""
+    if not rows:
+        return np.zeros((0, dim), np.float32)
+    return np.asarray([row["vector"] for row in rows], dtype=np.float32)

@@ -1,19 +1,39 @@
 """`VectorSearch` on the SQLite backend: a FAISS `LiveIndex` of the store's change feed, whose vector ids
 are resolved to items by the same feed.
 
-    query ─▶ LiveIndex.search(k) ─▶ (vector id, score)... ─▶ feed.items_for_vectors ─▶ filters ─▶ Hits
-              └───────────── widen k (x4) until top_k items pass, or candidates run out ◀──┘
+    query ─▶ filter? ─▶ feed.matching_vectors (the filter tags, at most PREFILTER_MAX ids)
+               │          └─ none match ─▶ no hits, without touching FAISS
+               │          └─ the ids ─▶ LiveIndex.search among them (exact) ─┐
+               └─ no filter, or one too common to list ─▶ LiveIndex.search ─┤
+                                                                           ▼
+        feed.items_for_vectors ─▶ exact filter check, exclusions, min_score ─▶ Hits
+        └── widen k (x4) until top_k pass, candidates run out, or MAX_SCAN were checked (then `partial`)
+
+Every step is bounded: a filter that matches nothing answers from one index lookup, a rare one scores only
+its own items, and a common one passes enough of the nearest vectors within a few widenings. FAISS runs
+outside the store's lock; the store's reads take it one chunk at a time.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Set
 
 import numpy as np
 
-from shared.roles import ChangeFeed, SearcherState
-from shared.sqlite.index import LiveIndex
-from shared.types import Embedding, Filters, Hit, IndexInfo
+from shared.roles import ChangeFeed, Found, SearcherState, VectorIds
+from shared.sqlite.index import Candidates, LiveIndex
+from shared.types import Embedding, Filters, Hit, IndexInfo, Item
+
+logger = logging.getLogger(__name__)
+
+# A filter whose tags match at most this many items is searched among them only (exact, whatever their
+# rank). Listing them reads that many rows of an index: 20k take about 10 ms.
+PREFILTER_MAX = 20_000
+# Otherwise at least PREFILTER_MAX items pass the filter, so the nearest vectors pass it often enough; at
+# most this many of them are checked (in SQL: about 50 ms for 10k) before the search gives up looking and
+# says so (`partial`). Only a filter on `null` alone can reach it before finding top_k.
+MAX_SCAN = 10_000
 
 
 class IndexSearch:
@@ -28,29 +48,50 @@ class IndexSearch:
         filters: Filters | None = None,
         min_score: float | None = None,
         exclude: Set[str] = frozenset(),
-    ) -> list[Hit]:
+        *,
+        with_vectors: bool = False,
+    ) -> Found:
         filters = filters or Filters()
-        selective = not filters.empty or bool(exclude)
-        fetch = top_k * 4 + len(exclude) if selective else top_k
         query = np.asarray(query, dtype=np.float32)
-        while True:  # widen the candidate list until top_k pass the filters or candidates run out
-            candidates = self.index.search(query, fetch)
-            items = self.feed.items_for_vectors([vid for vid, _ in candidates])
-            hits: list[Hit] = []
-            below_min = False
-            for vid, score in candidates:
-                if min_score is not None and score < min_score:
-                    below_min = True
-                    break
-                item = items.get(vid)
-                if item is None or item.id in exclude or not filters.matches(item):
-                    continue  # deleted since the index last refreshed, or filtered out
-                hits.append(Hit(item.id, item.uri, score, item.metadata))
-                if len(hits) == top_k:
-                    return hits
-            if below_min or len(candidates) < fetch:
-                return hits
-            fetch *= 4
+        among = None if filters.empty else self.feed.matching_vectors(filters, PREFILTER_MAX)
+        if among is not None and len(among) == 0:
+            return Found([], vectors=np.zeros((0, query.shape[-1]), np.float32) if with_vectors else None)
+        post_filtered = among is None and (not filters.empty or bool(exclude))
+        fetch = min(top_k * 4, MAX_SCAN) + len(exclude) if post_filtered else top_k + len(exclude)
+        items: dict[int, Item | None] = {}
+        partial = False
+        while True:  # widen the candidate list until top_k pass the checks, candidates run out, or the bound
+            candidates = self._candidates(query, fetch, among)
+            unknown = [vid for vid, _ in candidates if vid not in items]
+            found = self.feed.items_for_vectors(unknown, None if filters.empty else filters)
+            items.update((vid, found.get(vid)) for vid in unknown)
+            hits, vids, below_min = _check(candidates, items, top_k, filters, min_score, exclude)
+            if len(hits) == top_k or below_min or len(candidates) < fetch:
+                break
+            if among is None and fetch >= MAX_SCAN:
+                partial = True
+                break
+            fetch = fetch * 4 if among is not None else min(fetch * 4, MAX_SCAN)
+        vectors = None
+        if with_vectors:
+            stored = self.feed.embeddings(vids)
+            vectors = np.stack([stored[v] for v in vids]) if vids else np.zeros((0, query.shape[-1]), np.float32)
+        return Found(hits, partial=partial, vectors=vectors)
+
+    def _candidates(self, query: Embedding, k: int, among: VectorIds | None) -> Candidates:
+        if among is None:
+            return self.index.search(query, k)
+        try:
+            return self.index.search(query, k, among)
+        except RuntimeError:  # an index that takes no selector (faiss on a GPU): score the few from the store
+            logger.debug("the index cannot search among ids; scoring %d stored vectors instead", len(among))
+            stored = self.feed.embeddings([int(v) for v in among])
+            vids = list(stored)
+            if not vids:
+                return []
+            scores = np.stack([stored[v] for v in vids]) @ query.reshape(-1)
+            order = np.argsort(-scores)[:k]
+            return [(vids[i], float(scores[i])) for i in order]
 
     def item_vector(self, item_id: str) -> Embedding | None:
         stored = self.feed.item_vector(item_id)
@@ -79,3 +120,27 @@ class IndexSearch:
 
     def refresh(self) -> None:
         self.index.refresh()
+
+
+def _check(
+    candidates: Candidates,
+    items: dict[int, Item | None],
+    top_k: int,
+    filters: Filters,
+    min_score: float | None,
+    exclude: Set[str],
+) -> tuple[list[Hit], list[int], bool]:
+    """The first top_k candidates that pass, their vector ids, and whether min_score ended the list."""
+    hits: list[Hit] = []
+    vids: list[int] = []
+    for vid, score in candidates:
+        if min_score is not None and score < min_score:
+            return hits, vids, True
+        item = items.get(vid)
+        if item is None or item.id in exclude or not filters.matches(item):
+            continue  # deleted since the index last refreshed, excluded, or filtered out
+        hits.append(Hit(item.id, item.uri, score, item.metadata, sha256=item.sha256))
+        vids.append(vid)
+        if len(hits) == top_k:
+            break
+    return hits, vids, False

@@ -41,11 +41,12 @@ from shared.roles import (
     Upsert,
     VectorIds,
 )
-from shared.types import Embedding, Item, ModelIdentity, parent_of
+from shared.sqlite import tags
+from shared.types import Embedding, Filters, Item, Metadata, ModelIdentity, parent_of
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: item_tags (filter tags), filled from the items of a version-1 store when it opens
 _BUSY_TIMEOUT_MS = 10_000
 _PAGE_SIZE = 16_384
 
@@ -77,6 +78,12 @@ CREATE TABLE IF NOT EXISTS vectors (
 CREATE INDEX IF NOT EXISTS vectors_seq ON vectors(seq);
 CREATE INDEX IF NOT EXISTS vectors_sha256 ON vectors(sha256);
 CREATE INDEX IF NOT EXISTS vectors_tombstoned ON vectors(tombstoned);
+CREATE TABLE IF NOT EXISTS item_tags (
+    tag INTEGER NOT NULL,
+    vector_id INTEGER NOT NULL,
+    PRIMARY KEY (tag, vector_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
@@ -113,6 +120,7 @@ class SqliteStore:
             with self._write():
                 self._create_schema()
                 self._set_default("schema_version", str(SCHEMA_VERSION))
+                self._migrate()
                 self._set_default("vector_dtype", vector_dtype)
                 self._set_default("seq", "0")
                 self._set_default("generation", "0")
@@ -128,6 +136,15 @@ class SqliteStore:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 self._db.execute(statement)
+
+    def _migrate(self) -> None:
+        """Bring an older store up to SCHEMA_VERSION, inside the opening transaction (one process does it)."""
+        if self._meta("schema_version") == "1":
+            rows = self._db.execute("SELECT vector_id, source, metadata FROM items WHERE vector_id IS NOT NULL")
+            for vector_id, source, metadata in rows.fetchall():
+                self._tag(vector_id, source, json.loads(metadata) if metadata else {})
+            self._set_meta("schema_version", "2")
+            logger.info("store %s: filter tags added (schema version 2)", self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -244,6 +261,8 @@ class SqliteStore:
                     continue
                 version = up.version if up.version is not None else (row[2] if row else None)
                 old_vector = row[0] if row else None
+                if old_vector is not None:
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (old_vector,))
                 if up.embedding is None:
                     if old_vector is None or row[1] != up.sha256:
                         raise StoreError(f"metadata-only update of {up.id!r}, which has no vector for that hash")
@@ -264,6 +283,7 @@ class SqliteStore:
                     vector_id = cur.lastrowid
                     result.indexed += 1
                     result.vector_ids.append(int(vector_id or 0))
+                self._tag(vector_id, up.source, up.metadata)
                 db.execute(
                     """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, vector_id,
                                          created_at, updated_at)
@@ -294,6 +314,7 @@ class SqliteStore:
                 if row[0] is not None:
                     seq += 1
                     db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
                 db.execute("DELETE FROM items WHERE id = ?", (de.id,))
                 result.deleted += 1
             for fail in failures:
@@ -316,6 +337,13 @@ class SqliteStore:
                ON CONFLICT(id) DO UPDATE SET reason = excluded.reason, updated_at = excluded.updated_at,
                    status = CASE WHEN items.vector_id IS NULL THEN 'failed' ELSE items.status END""",
             (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now),
+        )
+
+    def _tag(self, vector_id: int | None, source: str, metadata: Metadata) -> None:
+        """Index the facts a filter can ask about (shared.sqlite.tags) under the item's current vector."""
+        self._db.executemany(
+            "INSERT OR IGNORE INTO item_tags(tag, vector_id) VALUES (?, ?)",
+            [(t, vector_id) for t in tags.item_tags(source, metadata)],
         )
 
     def _blob(self, embedding: Embedding) -> bytes:
@@ -448,16 +476,63 @@ class SqliteStore:
             row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else _item(row)
 
-    def items_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, Item]:
-        """Live items by their current vector. A tombstoned vector has no item, so never shows up."""
+    def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
+        """Live items by their current vector. A tombstoned vector has no item, so never shows up. With
+        `filters`, only the items that may pass them (a superset, checked in SQL from the filter tags and,
+        for `null`, the metadata JSON): the others are never parsed."""
+        where, params = _filter_sql(filters) if filters is not None else ("", [])
         out: dict[int, Item] = {}
-        with self._lock:
-            for chunk in _chunks([int(v) for v in vector_ids], 500):
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks})", chunk):
-                    item = _item(row)
-                    assert item.vector_id is not None
-                    out[item.vector_id] = item
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            marks = ",".join("?" * len(chunk))
+            with self._reading() as db:
+                rows = db.execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks}){where}", [*chunk, *params]
+                ).fetchall()
+            for row in rows:  # parsed outside the lock
+                item = _item(row)
+                assert item.vector_id is not None
+                out[item.vector_id] = item
+        return out
+
+    def matching_vectors(self, filters: Filters, limit: int) -> VectorIds | None:
+        """The vectors of the live items that may pass `filters` (a superset: the caller checks each item),
+        looked up in the filter tags, when at most `limit` match; None when more do, or when no condition
+        of the filter is indexed (only `null` values). Reads O(min(matches, limit)) index rows."""
+        wanted = sorted(set(tags.filter_tags(filters)))
+        if not wanted:
+            return None
+        with self._reading() as db:
+            # Start from the rarest condition: each count stops at limit + 1 rows of the primary key.
+            counts = []
+            for t in wanted:
+                (n,) = db.execute(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM item_tags WHERE tag = ? LIMIT ?)", (t, limit + 1)
+                ).fetchone()
+                if n == 0:
+                    return np.zeros(0, np.int64)
+                counts.append((n, t))
+            counts.sort()
+            if counts[0][0] > limit:
+                return None
+            rarest, *others = (t for _, t in counts)
+            rows = db.execute(
+                "SELECT vector_id FROM item_tags WHERE tag = ?"
+                + " INTERSECT SELECT vector_id FROM item_tags WHERE tag = ?" * len(others),
+                (rarest, *others),
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def embeddings(self, vector_ids: Sequence[int]) -> dict[int, Embedding]:
+        """Stored vectors by id (tombstoned ones too, until a compaction purges them)."""
+        out: dict[int, Embedding] = {}
+        for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
+            marks = ",".join("?" * len(chunk))
+            with self._reading() as db:
+                rows = db.execute(f"SELECT vector_id, embedding FROM vectors WHERE vector_id IN ({marks})", chunk)
+                found = rows.fetchall()
+            if found:
+                vecs = self._decode([r[1] for r in found])
+                out.update((int(r[0]), vecs[i]) for i, r in enumerate(found))
         return out
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
@@ -516,6 +591,7 @@ class SqliteStore:
                 if row is not None and row[0] is not None:
                     seq += 1
                     db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                    db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
                 vector_id = None
                 if stored.embedding is not None:
                     seq += 1
@@ -523,6 +599,7 @@ class SqliteStore:
                         "INSERT INTO vectors(item_id, sha256, embedding, seq, created_at) VALUES (?, ?, ?, ?, ?)",
                         (it.id, it.sha256, self._blob(stored.embedding), seq, it.updated_at.timestamp()),
                     ).lastrowid
+                    self._tag(vector_id, it.source, it.metadata)  # filtered searches find it by these
                 db.execute(
                     f"INSERT OR REPLACE INTO items({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -636,6 +713,20 @@ class SqliteStore:
         with self._lock:
             row = self._db.execute("SELECT MIN(created_at) FROM vectors WHERE vector_id > ?", (high_water,)).fetchone()
         return None if row[0] is None else max(0.0, time.time() - float(row[0]))
+
+
+def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
+    """SQL conditions on `items` that every item passing `filters` meets (values and keys are parameters)."""
+    where = ""
+    params: list[Any] = []
+    for t in tags.filter_tags(filters):
+        where += " AND EXISTS (SELECT 1 FROM item_tags t WHERE t.tag = ? AND t.vector_id = items.vector_id)"
+        params.append(t)
+    for key, value in filters.metadata.items():
+        if value is None:  # null or absent
+            where += " AND NOT EXISTS (SELECT 1 FROM json_each(items.metadata) j WHERE j.key = ? AND j.type != 'null')"
+            params.append(key)
+    return where, params
 
 
 _ITEM_COLUMNS = "id, source, uri, sha256, metadata, status, reason, version, vector_id, created_at, updated_at"

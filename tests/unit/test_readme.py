@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import shlex
@@ -187,8 +188,17 @@ def test_documented_build_arguments_exist() -> None:
 # -- HTTP -------------------------------------------------------------------------------------------------
 
 
-def documented_requests() -> list[tuple[str, str, bool]]:
-    """(method, path?query, sends a file) of every curl command in the README, with $URL expanded."""
+@dataclass(frozen=True)
+class Curl:
+    method: str
+    path: str  # with its query string
+    files: dict[str, str]  # -F name=@file
+    fields: dict[str, str]  # -F name=value
+    json: str | None  # --json '...'
+
+
+def documented_requests() -> list[Curl]:
+    """Every curl command of the README, with $URL expanded: its method, path, form parts and JSON body."""
     requests = []
     for block in code_blocks(readme()):
         if block.lang != "sh" or "curl" not in block.text:
@@ -196,21 +206,32 @@ def documented_requests() -> list[tuple[str, str, bool]]:
         for line in block.text.replace("\\\n", " ").splitlines():
             if not line.lstrip().startswith("curl"):
                 continue
-            line = line.replace("$URL", "http://127.0.0.1:8765")
-            url = re.search(r"http://[^/\s'\"]+(/[^\s'\"]*)", line)
+            words = shlex.split(line.replace("$URL", "http://127.0.0.1:8765"), comments=True)
+            url = next((w for w in words if w.startswith("http://")), None)
             assert url, f"README line {block.line}: a curl without a URL: {line}"
-            upload = " -F " in line
-            requests.append(("POST" if upload else "GET", url[1], upload))
+            files, fields, body = {}, {}, None
+            for flag, value in itertools.pairwise(words):
+                if flag == "-F":
+                    name, _, part = value.partition("=")
+                    (files if part.startswith("@") else fields)[name] = part.removeprefix("@")
+                elif flag in ("--json", "-d"):
+                    body = value
+            method = "POST" if files or fields or body is not None else "GET"
+            requests.append(Curl(method, url[len("http://127.0.0.1:8765") :], files, fields, body))
     return requests
 
 
 def test_readme_shows_every_http_endpoint() -> None:
-    paths = {re.sub(r"\?.*", "", path) for _, path, _ in documented_requests()}
+    paths = {re.sub(r"\?.*", "", r.path) for r in documented_requests()}
     for endpoint in ("/search", "/similar", "/health", "/metrics"):
         assert endpoint in paths
     assert any(p.startswith("/items/") and p.endswith("/thumbnail") for p in paths)
     assert any(p.startswith("/items/") and not p.endswith("/thumbnail") for p in paths)
-    assert ("POST", True) in {(m, f) for m, _, f in documented_requests()}
+    assert {(r.method, r.path.split("?")[0], bool(r.files)) for r in documented_requests()} >= {
+        ("POST", "/similar", True),
+        ("POST", "/search", True),
+        ("POST", "/search", False),
+    }
 
 
 def test_documented_http_requests_hit_real_routes_with_accepted_parameters(tmp_path: Path) -> None:
@@ -229,10 +250,16 @@ def test_documented_http_requests_hit_real_routes_with_accepted_parameters(tmp_p
     Image.new("RGB", (64, 48), (200, 30, 30)).save(jpeg, format="JPEG")
     try:
         with TestClient(build_app(core, settings), base_url="http://127.0.0.1:8765") as client:
-            for method, path, upload in documented_requests():
-                files = {"file": ("photo.jpg", jpeg.getvalue(), "image/jpeg")} if upload else None
+            for curl in documented_requests():
+                method, path = curl.method, curl.path
+                files = {name: (name, jpeg.getvalue(), "image/jpeg") for name in curl.files} or None
                 headers = {"Authorization": f"Bearer {token}"}
-                response = client.request(method, path, files=files, headers=headers)
+                if curl.json is not None:
+                    headers["content-type"] = "application/json"
+                content = curl.json.encode() if curl.json is not None else None
+                response = client.request(
+                    method, path, files=files, data=curl.fields or None, content=content, headers=headers
+                )
                 body = response.text
                 # An empty store answers 404 for an unknown item: that is a known route, not a wrong one.
                 assert "no such endpoint" not in body and response.status_code not in (400, 405, 421), (

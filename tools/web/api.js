@@ -5,7 +5,6 @@
 
 const TOKEN_KEY = "clipdex.token";
 export const PAGE_SIZE = 24;
-export const MAX_TOP_K = 100;
 
 export class ApiError extends Error {
   constructor(status, message) {
@@ -97,8 +96,9 @@ export class Api {
   // The pages of one search. `what` is {query}, {like: item id} or {file: File}; `filters` is
   // {source, min_score, metadata: [[key, value], ...]}.
   pages(what, filters) {
-    return new Pager((topK) => {
-      const params = searchParams(filters, topK);
+    return new Pager((cursor) => {
+      const params = searchParams(filters, PAGE_SIZE);
+      if (cursor) params.set("cursor", cursor);
       if (what.query !== undefined) {
         params.set("query", what.query);
         return this.call(`/search?${params}`);
@@ -114,25 +114,21 @@ export class Api {
   }
 }
 
-// Pages of results. The API has no cursor yet, so each page asks again for more (top_k grows by a page, up
-// to MAX_TOP_K) and keeps the hits not shown before. When the API returns a cursor, next() sends it
-// instead; callers only see {hits, index, done}.
+// Pages of results: each page asks for PAGE_SIZE more, sending the previous page's next_cursor (an upload
+// is sent again with it). The server's pages never overlap and reach 1,000 results deep; the last page has
+// no next_cursor. Callers only see {hits, index, done}.
 export class Pager {
   constructor(request) {
     this.request = request;
-    this.seen = new Set();
-    this.asked = 0;
+    this.cursor = null;
     this.done = false;
   }
 
   async next() {
-    const topK = Math.min(MAX_TOP_K, this.asked + PAGE_SIZE);
-    const out = await this.request(topK);
-    this.asked = topK;
-    const hits = out.hits.filter((hit) => !this.seen.has(hit.id));
-    for (const hit of hits) this.seen.add(hit.id);
-    this.done = out.hits.length < topK || topK >= MAX_TOP_K;
-    return { hits, index: out.index, done: this.done };
+    const out = await this.request(this.cursor);
+    this.cursor = out.next_cursor || null;
+    this.done = this.cursor === null;
+    return { hits: out.hits, index: out.index, done: this.done };
   }
 }
 

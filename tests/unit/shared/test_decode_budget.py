@@ -18,10 +18,11 @@ from shared.core import Core, build_core
 from shared.embedder import Embedder
 from shared.fetch import FetchPolicy
 from shared.images import decode_budget
+from shared.query import SearchOptions
 from shared.stores import open_writer
 from tests.conftest import tiny_settings_for
 from tools.metrics import Metrics
-from tools.queries import Queries, SearchArgs
+from tools.queries import Queries
 
 BUDGET_MB = 77  # a value no other test uses: the budget is per process and per setting
 
@@ -60,7 +61,7 @@ async def test_uploads_thumbnails_and_indexing_all_wait_for_the_one_budget(core:
         assert queries.decode_budget is budget
 
         with budget.hold(budget.capacity):  # as if other decodes held all of it
-            upload = asyncio.create_task(queries.similar_to_image(png((0, 200, 0)), SearchArgs(top_k=1), "http"))
+            upload = asyncio.create_task(queries.similar_to_image(png((0, 200, 0)), SearchOptions(top_k=1), "http"))
             thumbnails = asyncio.create_task(queries.thumbnails(["kafka:red"], "mcp"))
             indexing = asyncio.create_task(pipeline.write([upsert("blue", str(tmp_path / "blue.png"))]))
             await asyncio.sleep(0.5)

@@ -14,6 +14,7 @@ from shared.config import Settings
 from shared.embedder import Embedder
 from shared.migrate import migrate
 from shared.stores import PortableStore, open_portable, open_reader
+from shared.types import Filters
 from tests.conftest import clipdex_command, milvus_env, milvus_settings_for, tiny_settings_for
 from tests.sample_store import fill_data_dir
 
@@ -75,7 +76,11 @@ def test_sqlite_to_milvus_and_back_keeps_everything(filled: Settings, tiny_embed
     with open_reader(filled, identity) as m, open_reader(back_settings, identity) as s:
         query = s.vectors.item_vector("kafka:sku-3")
         assert query is not None
-        assert [h.id for h in m.vectors.search(query, 5)] == [h.id for h in s.vectors.search(query, 5)]
+        assert [h.id for h in m.vectors.search(query, 5).hits] == [h.id for h in s.vectors.search(query, 5).hits]
+        # filters too: the imported SQLite store has its filter tags (a filter is looked up in them first)
+        hats = Filters(metadata={"category": "hats", "year": 2021}, source="kafka")
+        got = [[h.id for h in side.vectors.search(query, 50, hats).hits] for side in (m, s)]
+        assert got[0] == got[1] and len(got[0]) > 3
 
 
 def test_a_stopped_migration_resumes_where_it_stopped(filled: Settings, tiny_embedder: Embedder) -> None:

@@ -1,9 +1,11 @@
 """SearchService on a real store with the tiny model, on each backend (`store_settings`: SQLite with its
-FAISS index, then Milvus): filters, min_score, top_k, find-similar, deletes and replacements."""
+FAISS index, then Milvus): filters, min_score, top_k, find-similar, deletes and replacements; weighted
+terms, pages, copies collapsed and sorting, checked against brute force."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,15 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import shared.milvus.search as milvus_search
+import shared.sqlite.search as search_module
 from indexer.compaction import compact
+from shared import ranking
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import InvalidRequest, NotFound
+from shared.query import MAX_DEPTH, Collapse, ItemTerm, SearchOptions, Term, TextTerm, combine
 from shared.roles import Delete, Failure, Upsert
 from shared.search import MAX_QUERY_CHARS, SearchService, cap_query
 from shared.sqlite.index import IndexParams
 from shared.stores import open_reader, open_writer
-from shared.types import Filters
+from shared.types import Filters, Hit
 
 DIM = 32
 PARAMS = IndexParams("flat", 200_000, None, None, 16, 64, 10**6, 1e9)
@@ -133,7 +139,7 @@ def test_min_score_cuts_the_list(ranked: World) -> None:
 
 @pytest.mark.parametrize("top_k", [0, -1, 101, 10_000])
 def test_top_k_out_of_range_is_an_invalid_request(ranked: World, top_k: int) -> None:
-    with pytest.raises(InvalidRequest, match="between 1 and 100"):
+    with pytest.raises(InvalidRequest, match="from 1 to 100"):
         ranked.search.search_text("a cat", top_k=top_k)
     with pytest.raises(InvalidRequest):
         ranked.search.similar_to_item("item-0", top_k=top_k)
@@ -295,3 +301,138 @@ def test_results_are_the_same_after_compaction(ranked: World) -> None:
     info = ranked.search.info()
     assert (info.generation, info.delta_size, info.vectors, info.items) == (1, 0, 20, 20)
     assert info.newest_indexed_at is not None
+
+
+# -- weighted terms, pages, copies, order ----------------------------------------------------------------------
+
+
+def all_pages(service: SearchService, terms: list[Term], options: SearchOptions, sizes: list[int]) -> list[Hit]:
+    """Every page, following next_cursor, with page sizes taken in turn from `sizes`."""
+    shown: list[Hit] = []
+    cursor = None
+    for n in range(2000):
+        result = service.search(terms, replace(options, top_k=sizes[n % len(sizes)], cursor=cursor))
+        shown += result.hits
+        cursor = result.next_cursor
+        if cursor is None:
+            return shown
+    raise AssertionError("pages never ended")
+
+
+def oracle(world: World, query: np.ndarray, options: SearchOptions) -> list[Hit]:
+    """The whole ordered result, from every stored item, by brute force."""
+    hits = []
+    for item in world.reader.catalog.items():
+        stored = world.vectors.item_vector(item.id)
+        assert stored is not None
+        if options.filters is None or options.filters.matches(item):
+            hits.append(Hit(item.id, item.uri, float(stored @ query), item.metadata, sha256=item.sha256))
+    ordered = ranking.order(hits, None, True)
+    if options.min_score is not None:
+        ordered = [h for h in ordered if h.score >= options.min_score]
+    ordered, _ = ranking.drop_tail(ordered, options.max_drop)
+    grouped = ranking.collapse(ordered, options.collapse)
+    return ranking.order(grouped, options.sort_key, options.order == "desc")[:MAX_DEPTH]
+
+
+@pytest.fixture
+def crowded(world: World) -> World:
+    """240 items: every fifth a copy (same content, same vector) of the one before; a year and a colour each."""
+    rng = np.random.default_rng(11)
+    ups: list[Upsert] = []
+    for i in range(240):
+        copy = i % 5 == 4
+        sha = f"sha-{i - 1}" if copy else f"sha-{i}"
+        vec = ups[-1].embedding if copy else towards(QUERY, float(rng.uniform(-0.2, 0.95)), seed=i)
+        meta = {"year": 2000 + int(rng.integers(0, 12)), "colour": ["red", "blue", "green"][i % 3]}
+        if i % 17 == 0:
+            meta.pop("year")
+        ups.append(Upsert(f"item-{i:03d}", "kafka", f"https://x/{i}", sha, meta, vec))
+    world.store.apply(upserts=ups)
+    world.refresh()
+    return world
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SearchOptions(),
+        SearchOptions(collapse=Collapse.NONE),
+        SearchOptions(max_drop=0.4),
+        SearchOptions(min_score=0.0, filters=Filters({"colour": "red"})),
+        SearchOptions(sort_by="metadata.year", order="desc"),
+        SearchOptions(sort_by="metadata.year", order="asc", max_drop=0.6, collapse=Collapse.NONE),
+    ],
+)
+def test_pages_never_overlap_and_concatenate_to_one_deep_search(crowded: World, options: SearchOptions) -> None:
+    terms: list[Term] = [TextTerm("anything")]
+    want = oracle(crowded, combine([1.0], [crowded.search.embedder.encode_text("anything").vector]), options)
+    got = all_pages(crowded.search, terms, options, [7, 1, 13, 100])
+    assert [h.id for h in got] == [h.id for h in want] and len(want) > 15
+    assert [h.duplicates for h in got] == [h.duplicates for h in want]
+
+
+def test_copies_show_once_listing_the_others_by_default(crowded: World) -> None:
+    result = crowded.search.search([ItemTerm("item-003")], SearchOptions(top_k=100))
+    by_id = {h.id: h for h in result.hits}
+    assert "item-003" not in by_id and "item-004" in by_id  # the item itself is left out, its copy is not
+    shown = {i for h in result.hits for i in (h.id, *h.duplicates)}
+    assert len(shown) == len(result.hits) + sum(len(h.duplicates) for h in result.hits)
+    assert any(h.duplicates for h in result.hits)
+    for h in result.hits:
+        for dup in h.duplicates:
+            assert crowded.reader.catalog.get_item(dup).sha256 == h.sha256  # type: ignore[union-attr]
+
+
+def test_a_page_after_new_items_arrived_above_it_repeats_nothing(crowded: World) -> None:
+    terms: list[Term] = [TextTerm("anything")]
+    vector = crowded.search.embedder.encode_text("anything").vector
+    first = crowded.search.search(terms, SearchOptions(top_k=10))
+    crowded.add("newcomer", vector, colour="red")  # the best match of all, after page one was shown
+    crowded.store.apply(deletes=[Delete(first.hits[3].id)])
+    crowded.refresh()
+    second = crowded.search.search(terms, SearchOptions(top_k=10, cursor=first.next_cursor))
+    assert not {h.id for h in second.hits} & ({h.id for h in first.hits} | {"newcomer"})
+    assert len(second.hits) == 10
+
+
+def test_pages_reach_a_thousand_results_deep(world: World) -> None:
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((1100, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    world.store.apply(upserts=[Upsert(f"i{n}", "kafka", "u", f"s{n}", {}, v) for n, v in enumerate(vecs)])
+    world.refresh()
+    got = all_pages(world.search, [TextTerm("x")], SearchOptions(), [100])
+    assert len(got) == MAX_DEPTH == len({h.id for h in got})
+    scores = [round(h.score, 6) for h in got]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_cursor_from_another_search_is_refused(crowded: World) -> None:
+    first = crowded.search.search([TextTerm("anything")], SearchOptions(top_k=5))
+    with pytest.raises(InvalidRequest, match="another search"):
+        crowded.search.search([TextTerm("something else")], SearchOptions(top_k=5, cursor=first.next_cursor))
+
+
+def test_liked_and_unliked_items_move_the_ranking_and_are_left_out(ranked: World) -> None:
+    """item-19 is the worst match for QUERY; liking it with weight 3 makes items near it rank first."""
+    like = ranked.search.search([ItemTerm("item-0"), ItemTerm("item-19", 3.0)], SearchOptions(top_k=19))
+    assert {"item-0", "item-19"}.isdisjoint(h.id for h in like.hits) and len(like.hits) == 18
+    vectors = {h.id: ranked.vectors.item_vector(h.id) for h in like.hits}
+    q = combine([1.0, 3.0], [ranked.vectors.item_vector("item-0"), ranked.vectors.item_vector("item-19")])  # type: ignore[list-item]
+    assert [h.id for h in like.hits] == sorted(vectors, key=lambda i: (-round(float(vectors[i] @ q), 6), i))
+    with pytest.raises(NotFound, match="no item with id 'nope'"):
+        ranked.search.search([TextTerm("x"), ItemTerm("nope", -1)])
+
+
+def test_the_backends_partial_flag_reaches_the_result(ranked: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each backend stops at a bound and says so. SQLite: a `null` filter checked item by item on at most
+    MAX_SCAN candidates. Milvus filters inside its search, so its bound (its largest search) is reached
+    only when the exact check drops the rows Milvus let through: here every row (as if every tag collided)."""
+    if ranked.settings.store == "milvus":
+        monkeypatch.setattr(milvus_search, "_MAX_FETCH", 4)
+        monkeypatch.setattr(milvus_search.ex, "search_expr", lambda *args: 'status == "indexed"')
+    else:
+        monkeypatch.setattr(search_module, "MAX_SCAN", 4)
+    result = ranked.search.search([TextTerm("x")], SearchOptions(top_k=1, filters=Filters({"colour": None})))
+    assert result.hits == [] and result.partial and result.next_cursor is None

@@ -16,8 +16,9 @@ import pytest
 from shared.config import Settings
 from shared.errors import ModelMismatchError, StoreError
 from shared.roles import Delete, Failure, Upsert
+from shared.search import MAX_CANDIDATES
 from shared.stores import ReadSide, WriteSide, open_catalog, open_reader, open_writer
-from shared.types import Hit, ModelIdentity, image_id
+from shared.types import Filters, Hit, ModelIdentity, image_id
 
 DIM = 8
 MODEL = ModelIdentity("clipdex-contract", "none", DIM, "c0ffee" + "0" * 58)
@@ -48,7 +49,7 @@ def reader(store: WriteSide, store_settings: Settings) -> Iterator[ReadSide]:
 def search(reader: ReadSide, query: np.ndarray, top_k: int = 10) -> list[Hit]:
     """After the writes: a reader follows the writers when it refreshes (the server does so every 250 ms)."""
     reader.vectors.refresh()
-    return reader.vectors.search(query, top_k)
+    return reader.vectors.search(query, top_k).hits
 
 
 def search_ids(reader: ReadSide, query: np.ndarray, top_k: int = 10) -> list[str]:
@@ -181,6 +182,47 @@ def test_concurrent_writers_never_regress_an_item(store_settings: Settings, stor
     with open_reader(store_settings, MODEL) as reader:
         top = search(reader, vec(100 * (rounds - 1)))
         assert sorted(h.id for h in top) == ids  # each item once
+
+
+# -- search -------------------------------------------------------------------------------------------------
+
+
+def test_a_search_returns_up_to_max_candidates_hits_with_their_hashes_and_vectors_when_asked(
+    store: WriteSide, reader: ReadSide
+) -> None:
+    """What SearchService asks of every backend (`VectorSearch.search`): up to MAX_CANDIDATES hits at once,
+    the best ones, best first, each with its content hash; filters, exclusions and min_score exact; the
+    hits' vectors row by row when asked for (collapse=near compares them)."""
+    n = MAX_CANDIDATES + 50
+    vectors = np.random.default_rng(7).standard_normal((n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"i{k:05d}" for k in range(n)]
+    for lo in range(0, n, 1000):
+        batch = range(lo, min(n, lo + 1000))
+        store.writer.apply(upserts=[up(ids[k], f"sha-{k}", vectors[k], half=k % 2) for k in batch])
+    reader.vectors.refresh()
+    query = vectors[0]
+    truth = vectors @ query  # every item's score, by brute force
+    best = np.sort(truth)[::-1]
+
+    found = reader.vectors.search(query, MAX_CANDIDATES)
+    assert len(found.hits) == MAX_CANDIDATES == len({h.id for h in found.hits})
+    assert not found.partial and found.vectors is None
+    scores = np.array([h.score for h in found.hits])
+    np.testing.assert_allclose(scores, [truth[int(h.id[1:])] for h in found.hits], atol=1e-5)
+    np.testing.assert_allclose(scores, best[:MAX_CANDIDATES], atol=1e-5)  # the best ones, best first
+    assert all(h.sha256 == f"sha-{int(h.id[1:])}" for h in found.hits)
+
+    odd = reader.vectors.search(query, 100, Filters({"half": 1}), exclude={ids[1]}, with_vectors=True)
+    assert all(int(h.id[1:]) % 2 == 1 and h.id != ids[1] for h in odd.hits)
+    mask = (np.arange(n) % 2 == 1) & (np.arange(n) != 1)
+    np.testing.assert_allclose([h.score for h in odd.hits], np.sort(truth[mask])[::-1][:100], atol=1e-5)
+    assert odd.vectors is not None and odd.vectors.shape == (100, DIM)
+    np.testing.assert_allclose(odd.vectors, vectors[[int(h.id[1:]) for h in odd.hits]], atol=1e-6)
+
+    threshold = float(best[300] + best[301]) / 2
+    above = reader.vectors.search(query, MAX_CANDIDATES, min_score=threshold)
+    assert len(above.hits) == 301 and not above.partial
 
 
 # -- failures and dead letters ------------------------------------------------------------------------------------

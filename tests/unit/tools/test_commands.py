@@ -29,7 +29,7 @@ def test_search_json_prints_id_uri_score_metadata(catalog: Sample, capsys: pytes
     assert cli.main(["search", "a red square", "--top-k", "4", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 4
-    assert all(set(h) == {"id", "uri", "score", "metadata"} for h in hits)
+    assert all(set(h) == {"id", "uri", "score", "metadata", "duplicates"} for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
@@ -55,6 +55,40 @@ def test_errors_exit_2_with_the_reason(catalog: Sample, capsys: pytest.CaptureFi
     assert cli.main(["similar", "--id", "kafka:nope"]) == 2
     assert "no item with id 'kafka:nope'" in capsys.readouterr().err
     assert cli.main(["search", "x", "--top-k", "0"]) == 2
-    assert "top_k must be between 1 and 100" in capsys.readouterr().err
+    assert "top_k must be a whole number from 1 to 100" in capsys.readouterr().err
     assert cli.main(["search", "x", "--filter", "nokey"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_search_like_unlike_and_weights(catalog: Sample, capsys: pytest.CaptureFixture[str]) -> None:
+    red, green = catalog.image_ids["red"], catalog.image_ids["green"]
+    assert cli.main(["search", "x", "--like", red, "--weight", "5", "--unlike", green, "--top-k", "100", "--json"]) == 0
+    ids = [h["id"] for h in json.loads(capsys.readouterr().out)]
+    assert red not in ids and green not in ids and len(ids) == catalog.searchable - 2
+    image = str(catalog.root / "blue.png")
+    assert cli.main(["search", "--like", image, "--top-k", "1"]) == 0  # an image file alone
+    assert capsys.readouterr().out.split("\t")[1] == catalog.image_ids["blue"]
+    assert cli.main(["search", "x", "--unlike", "people", "--weight", "0.3", "--top-k", "2"]) == 0  # text
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert cli.main(["search", "x", "--like", "kafka:nope"]) == 2
+    assert "no stored item has that id, and no such file" in capsys.readouterr().err
+    assert cli.main(["search"]) == 2
+    assert "say what to look for" in capsys.readouterr().err
+
+
+def test_pages_by_number_or_cursor_never_repeat(catalog: Sample, capsys: pytest.CaptureFixture[str]) -> None:
+    pages = []
+    for n in (1, 2, 3):
+        assert cli.main(["search", "x", "--top-k", "5", "--page", str(n), "--json"]) == 0
+        out = capsys.readouterr()
+        pages.append([h["id"] for h in json.loads(out.out)])
+        assert "more: --cursor " in out.err
+    assert len({i for page in pages for i in page}) == 15
+    assert cli.main(["search", "x", "--top-k", "15", "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [i for page in pages for i in page]
+    assert cli.main(["search", "x", "--top-k", "5"]) == 0
+    cursor = capsys.readouterr().err.split("more: --cursor ")[1].strip()
+    assert cli.main(["search", "x", "--top-k", "5", "--cursor", cursor, "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == pages[1]
+    assert cli.main(["search", "x", "--top-k", "10", "--page", "101"]) == 2
+    assert "--page is from 1 to 100" in capsys.readouterr().err

@@ -3,6 +3,7 @@ its bad inputs, the token, the Host/Origin checks and the body limit."""
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -69,7 +70,7 @@ async def test_search_returns_hits_and_index_info(client: httpx.AsyncClient, cat
     body = response.json()
     assert len(body["hits"]) == 5
     assert body["index"]["items"] == catalog.searchable
-    assert set(body["hits"][0]) == {"id", "uri", "score", "metadata"}
+    assert set(body["hits"][0]) == {"id", "uri", "score", "metadata", "duplicates"}
 
 
 async def test_search_filters_by_metadata_with_json_values_and_by_source(client: httpx.AsyncClient) -> None:
@@ -275,3 +276,101 @@ async def test_the_token_is_checked_before_the_body_limit(world: tuple[Core, Sam
             "/similar", content=big, headers={"content-type": "image/png", "authorization": "Bearer s3cret"}
         )
         assert_error(with_token, 413)
+
+
+# -- POST /search, pages, copies (issue 14) -------------------------------------------------------------------
+
+
+async def test_post_search_takes_weighted_terms(client: httpx.AsyncClient, catalog: Sample) -> None:
+    red, blue = catalog.image_ids["red"], catalog.image_ids["blue"]
+    body = {"terms": [{"text": "a square"}, {"item_id": red, "weight": 2}, {"item_id": blue, "weight": -0.5}]}
+    response = await client.post("/search", json={**body, "top_k": 100})
+    assert response.status_code == 200, response.text
+    ids = [h["id"] for h in response.json()["hits"]]
+    assert red not in ids and blue not in ids and len(ids) == catalog.searchable - 2
+    image = base64.b64encode(RED).decode()
+    by_bytes = await client.post("/search", json={"terms": [{"image_base64": image}], "top_k": 1})
+    assert [h["id"] for h in by_bytes.json()["hits"]] == [red]
+    by_path = await client.post("/search", json={"terms": [{"path": "blue.png"}], "top_k": 1})
+    assert [h["id"] for h in by_path.json()["hits"]] == [blue]
+
+
+async def test_post_search_multipart_names_its_uploads(client: httpx.AsyncClient, catalog: Sample) -> None:
+    red = catalog.image_ids["red"]
+    files = [("a", ("a.png", RED, "image/png")), ("b", ("b.png", png_bytes(COLOURS["green"]), "image/png"))]
+    query = '{"terms": [{"upload": "a"}, {"upload": "b", "weight": 0.01}], "top_k": 1}'
+    response = await client.post("/search", files=files, data={"query": query})
+    assert response.status_code == 200, response.text
+    assert [h["id"] for h in response.json()["hits"]] == [red]
+    unnamed = await client.post("/search", files=[files[0]])  # no query part: the file alone, weight 1
+    assert [h["id"] for h in unnamed.json()["hits"]][:1] == [red]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"content": b"not json", "headers": {"content-type": "application/json"}}, ["not valid", "terms"]),
+        ({"content": b"[" * 60_000, "headers": {"content-type": "application/json"}}, ["not valid"]),
+        ({"json": {"terms": []}}, ["at least one term"]),
+        ({"json": {"terms": [{"text": "x"}], "top_k": "ten"}}, ["top_k"]),
+        ({"json": {"terms": [{"text": "x", "item_id": "y"}]}}, ["exactly one of"]),
+        ({"json": {"terms": [{}]}}, ["exactly one of", "none was given"]),
+        ({"json": {"terms": [{"text": "x", "weight": 0}]}}, ["non-zero"]),
+        ({"json": {"terms": [{"text": "x", "weight": -1}]}}, ["positive"]),
+        ({"json": {"terms": [{"text": "x"}], "extra": 1}}, ["extra"]),
+        ({"json": {"terms": [{"text": "x"}], "collapse": "fuzzy"}}, ["collapse"]),
+        ({"json": {"terms": [{"text": "x"}], "sort_by": "year"}}, ["metadata.KEY"]),
+        ({"json": {"terms": [{"text": "x"}], "cursor": "AAAA"}}, ["cursor"]),
+        ({"json": {"terms": [{"upload": "f"}]}}, ["no file part"]),
+        ({"json": {"terms": [{"text": "x"}] * 17}}, ["at most 16"]),
+        ({"json": {"terms": [{"image_base64": "AAAA"}] * 5}}, ["at most 4 images"]),
+        ({"content": b"x", "headers": {"content-type": "text/plain"}}, ["JSON body"]),
+    ],
+)
+async def test_post_search_bad_bodies_get_400_saying_what_to_fix(
+    client: httpx.AsyncClient, kwargs: dict[str, Any], words: list[str]
+) -> None:
+    assert_error(await client.post("/search", **kwargs), 400, *words)
+
+
+async def test_get_search_pages_with_a_cursor_and_shapes_with_options(client: httpx.AsyncClient) -> None:
+    first = (await client.get("/search", params={"query": "x", "top_k": 10})).json()
+    second = (await client.get("/search", params={"query": "x", "top_k": 10, "cursor": first["next_cursor"]})).json()
+    deep = (await client.get("/search", params={"query": "x", "top_k": 20})).json()
+    assert [h["id"] for h in first["hits"] + second["hits"]] == [h["id"] for h in deep["hits"]]
+    other = await client.get("/search", params={"query": "y", "cursor": first["next_cursor"]})
+    assert_error(other, 400, "another search")
+    years = (
+        await client.get(
+            "/search",
+            params={"query": "x", "top_k": 100, "sort_by": "metadata.year", "order": "asc", "source": "kafka"},
+        )
+    ).json()
+    values = [h["metadata"]["year"] for h in years["hits"]]
+    assert values == sorted(values) and len(values) == 40
+    close = (await client.get("/search", params={"query": "x", "top_k": 100, "max_drop": "0"})).json()
+    assert len(close["hits"]) == 1
+    for bad, word in (({"max_drop": "far"}, "max_drop"), ({"order": "up"}, "order"), ({"collapse": "x"}, "collapse")):
+        assert_error(await client.get("/search", params={"query": "x", **bad}), 400, word)
+
+
+async def test_similar_takes_the_same_shaping_options(client: httpx.AsyncClient, catalog: Sample) -> None:
+    first = (await client.get("/similar", params={"id": catalog.image_ids["red"], "top_k": 3})).json()
+    nxt = {"id": catalog.image_ids["red"], "top_k": 3, "cursor": first["next_cursor"]}
+    second = (await client.get("/similar", params=nxt)).json()
+    assert len(second["hits"]) == 3 and not {h["id"] for h in first["hits"]} & {h["id"] for h in second["hits"]}
+
+
+async def test_the_openapi_description_lists_exactly_the_parameters_search_takes(client: httpx.AsyncClient) -> None:
+    from tools.http_api import SEARCH_PARAMS, TEXT_TERMS
+
+    spec = (await client.get("/openapi.json")).json()
+    get = {p["name"] for p in spec["paths"]["/search"]["get"]["parameters"]}
+    assert get == set(TEXT_TERMS | SEARCH_PARAMS) | {"filter.<key>"}
+    similar = {p["name"] for p in spec["paths"]["/similar"]["get"]["parameters"]}
+    assert similar == set(SEARCH_PARAMS) | {"id", "filter.<key>"}
+    body = spec["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/SearchIn"}
+    assert {"terms", "top_k", "cursor", "max_drop", "collapse", "sort_by", "order"} <= set(
+        spec["components"]["schemas"]["SearchIn"]["properties"]
+    )

@@ -22,7 +22,7 @@ from shared.fetch import FetchPolicy
 from shared.heartbeat import Heartbeat
 from tests.conftest import tiny_settings_for
 from tests.sample_store import COLOURS, Sample, fill_data_dir, png_bytes
-from tools.mcp_server import MAX_IMAGES, build_mcp_server
+from tools.mcp_server import build_mcp_server
 from tools.metrics import Metrics
 from tools.queries import Queries
 
@@ -175,12 +175,10 @@ async def test_search_with_images_returns_jpeg_thumbnails_of_at_most_256_px(serv
 
 
 async def test_search_with_images_notes_hits_without_a_readable_image(server: Any) -> None:
-    result = await call(
-        server, "search", query="hats", top_k=MAX_IMAGES + 5, filters={"source": "kafka"}, include_images=True
-    )
+    result = await call(server, "search", query="hats", top_k=15, filters={"source": "kafka"}, include_images=True)
     assert not result.is_error
     notes = [c.text for c in result.content[1:] if isinstance(c, TextContent)]
-    assert len(notes) == MAX_IMAGES  # only the first MAX_IMAGES get a thumbnail (or a note why not)
+    assert len(notes) == 15  # each hit gets a thumbnail or a note why not (no bytes spent: no budget reached)
     assert all("no thumbnail" in n and "CLIPDEX_ALLOWED_URL_HOSTS" in n for n in notes)
 
 
@@ -358,3 +356,64 @@ async def test_index_status_reports_the_lag_of_a_running_indexer(server: Any, wo
     assert (status["lag_s"], status["pending"]) == (1.25, 4)
     (indexer,) = status["indexers"]
     assert (indexer["source"], indexer["state"], indexer["lag_s"], indexer["pending"]) == ("kafka", "running", 1.25, 4)
+
+
+# -- pages, examples, resources and the image budget (issue 14) --------------------------------------------------
+
+
+async def test_thumbnails_stop_at_the_byte_budget_and_say_where(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tools.mcp_server as mcp_module
+
+    whole = await call(server, "search", query="colours", top_k=4, filters={"source": "folder"}, include_images=True)
+    sizes = [len(c.data) for c in whole.content if isinstance(c, ImageContent)]
+    assert len(sizes) == 4
+    monkeypatch.setattr(mcp_module, "IMAGE_BUDGET", sizes[0] + sizes[1] + 1)  # room for two
+    cut = await call(server, "search", query="colours", top_k=4, filters={"source": "folder"}, include_images=True)
+    images = [c for c in cut.content if isinstance(c, ImageContent)]
+    notes = [c.text for c in cut.content if isinstance(c, TextContent)]
+    assert len(images) == 2 and sum(len(i.data) for i in images) <= sizes[0] + sizes[1] + 1
+    assert any("thumbnails stop at result 2" in n and "2 more" in n for n in notes)
+    assert len(cut.structured_content["hits"]) == 4  # type: ignore[index]  # every hit is still listed
+
+
+async def test_every_hit_has_a_resource_link_and_the_resources_read(server: Any, catalog: Sample) -> None:
+    nested = catalog.nested_id  # folder:sub/dir/x.png
+    async with Client(server) as client:
+        result = await client.call_tool("search", {"query": "x", "top_k": 5, "filters": {"source": "folder"}})
+        links = [c for c in result.content if c.type == "resource_link"]
+        hits = result.structured_content["hits"]  # type: ignore[index]
+        assert [str(link.uri) for link in links] == [h["resource"] for h in hits] and len(links) == len(hits)
+        uri = "clipdex://items/folder%3Asub%2Fdir%2Fx.png"
+        assert uri in [h["resource"] for h in hits]
+        item = (await client.read_resource(uri)).contents[0]
+        image = (await client.read_resource(uri + "/image")).contents[0]
+    assert f'"{nested}"' in item.text  # type: ignore[union-attr]
+    with Image.open(io.BytesIO(base64.b64decode(image.blob))) as img:  # type: ignore[union-attr]
+        assert img.format == "JPEG"  # a PNG file, re-encoded
+
+
+async def test_like_unlike_and_pages_over_mcp(server: Any, catalog: Sample) -> None:
+    red = catalog.image_ids["red"]
+    liked = await call(server, "search", query="x", like=[red], top_k=3, collapse="none")
+    assert red not in hit_ids(liked)
+    first = await call(server, "search", query="x", top_k=5)
+    assert first.structured_content["next_cursor"]  # type: ignore[index]
+    second = await call(server, "search", query="x", top_k=5, cursor=first.structured_content["next_cursor"])  # type: ignore[index]
+    assert not set(hit_ids(first)) & set(hit_ids(second)) and len(hit_ids(second)) == 5
+    unliked = await call(server, "search", query="x", unlike=[red, "green things"], top_k=5)
+    assert red not in hit_ids(unliked)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"query": "x", "cursor": "garbage"}, "not one this server gave out"),
+        ({"query": "x", "max_drop": -1}, "max_drop"),
+        ({"query": "x", "sort_by": "year"}, "sort_by takes metadata.KEY"),
+        ({"query": "x", "like": ["kafka:nope"]}, "no item with id 'kafka:nope'"),
+        ({"query": "x", "like": [""]}, "item_id is empty"),
+        ({"query": "x", "like": ["y"] * 20}, "at most 16 terms"),
+    ],
+)
+async def test_bad_shaping_arguments_are_tool_errors(server: Any, arguments: dict[str, Any], expected: str) -> None:
+    assert expected in error_text(await call(server, "search", **arguments))

@@ -170,7 +170,7 @@ async def test_an_unexpected_error_is_a_500_that_tells_nothing(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret detail /srv/catalog")
 
-    monkeypatch.setattr(world[0].search, "search_text", broken)
+    monkeypatch.setattr(world[0].search, "search", broken)
     response = await http.get("/search", params={"query": "x"})
     assert response.status_code == 500 and response.headers["content-type"] == "application/json"
     assert "secret" not in response.text and "internal error" in response.json()["error"]

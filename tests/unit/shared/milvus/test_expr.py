@@ -132,9 +132,9 @@ def test_filters_on_milvus_find_exactly_what_the_exact_check_keeps(
         filters = Filters(metadata=wanted, source=source)
         mine = {u.id for u in ups}
         expected = {u.id for u in ups if filters.matches_values(u.source, u.metadata)}
-        hits = reader.vectors.search(vectors[0], 100, filters)
+        hits = reader.vectors.search(vectors[0], 100, filters).hits
         assert {h.id for h in hits if h.id in mine} == expected
-        excluded = reader.vectors.search(vectors[0], 100, exclude={ups[0].id})
+        excluded = reader.vectors.search(vectors[0], 100, exclude={ups[0].id}).hits
         assert ups[0].id not in {h.id for h in excluded}
     finally:
         writer.writer.apply(deletes=[Delete(u.id) for u in ups])

@@ -122,7 +122,7 @@ def test_a_writer_stopped_between_its_steps_leaves_a_superseded_row_that_a_repla
             store.writer.apply(upserts=newer)
     assert rows_of(store, "a") == [1, 2]
     with open_reader(settings, MODEL) as reader:  # meanwhile: the item once, at its newest version
-        assert [h.id for h in reader.vectors.search(vec(2), 10)] == ["a"]
+        assert [h.id for h in reader.vectors.search(vec(2), 10).hits] == ["a"]
         assert store.writer.states(["a"])["a"].version == 2
     store.writer.apply(upserts=newer)  # the uncommitted batch, replayed
     assert rows_of(store, "a") == [2]

@@ -190,6 +190,35 @@ def test_a_deleted_vector_added_and_removed_between_refreshes_is_never_found(
     assert index.size == 5
 
 
+# -- searching among given ids (a filter's candidates) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_search_among_ids_is_exact_whatever_the_main_index(kind: str, store: SqliteStore, tmp_path: Path) -> None:
+    """IVF probes every list and HNSW scans its stored vectors when given ids: a rare filter's items are
+    found wherever they rank, in main, in the delta, with tombstones among them."""
+    base, queries = clustered_vectors(3000, 8)
+    oracle = Oracle(store)
+    oracle.put_many(base[:2500])
+    p = params(kind=kind, ivf_nlist=50, ivf_nprobe=1, hnsw_ef_search=16)
+    compact(store, p, DIM, tmp_path / "index")
+    oracle.put_many(base[2500:])  # the delta
+    doomed = sorted(oracle.live)[::97]
+    dead = [oracle.live[i][0] for i in doomed]
+    oracle.delete(*doomed)  # tombstones in main and the delta
+    index = LiveIndex(store, DIM, p, tmp_path / "index")
+    index.refresh()
+    among_items = random.Random(5).sample(sorted(oracle.live), 40)
+    among = np.array(sorted([oracle.live[i][0] for i in among_items] + dead), dtype=np.int64)
+    for q in queries:
+        got = index.search(q, 10, among)
+        scores = {vid: float(vec @ q) for vid, vec in (oracle.live[i] for i in among_items)}
+        want = sorted(scores, key=lambda v: -scores[v])[:10]
+        assert [vid for vid, _ in got] == want
+    assert len(index.search(queries[0], 100, among)) == 40
+    assert index.search(queries[0], 10, np.zeros(0, np.int64)) == []
+
+
 # -- approximate mains -------------------------------------------------------------------------------------
 
 
