@@ -111,10 +111,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with lock:
                 pending = [i for i in closed if i not in visible]
             for item_id in pending:
-                stored = core.store.item_vector(item_id)
+                stored = core.vectors.item_vector(item_id)
                 if stored is None:
                     continue
-                hits = core.search.search_vector(stored[1], 1)
+                hits = core.search.search_vector(stored, 1)
                 if hits and hits[0].id == item_id:
                     with lock:
                         visible[item_id] = time.monotonic()
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with open(root / name, "wb") as fh:
                 fh.write(payloads[i + 1])
             with lock:
-                closed[f"folder:{name}"] = time.monotonic()
+                closed[f"folder:drop/{name}"] = time.monotonic()
             next_at += interval
             time.sleep(max(0.0, next_at - time.monotonic()))
         deadline = time.monotonic() + 60

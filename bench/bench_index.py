@@ -46,7 +46,7 @@ from PIL import Image
 from clipdex.synthetic import write_folder
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Record
-from indexer.sources.folder import FolderSource
+from indexer.sources.folder import Folder, FolderSource
 from shared.config import Settings, load_settings
 from shared.embedder import Embedder
 from shared.images import decode_image
@@ -155,7 +155,8 @@ async def clipdex_index(
         pipeline = Pipeline.from_settings(store, embedder, settings, roots=[root])
         try:
             sink = Interleaved(pipeline, embedder, tensors, seed_paths, torch_embedder)
-            summary = await FolderSource.from_settings(root, sink, store, settings).index_once()
+            folder = Folder(root, store.register_folder(str(root)))
+            summary = await FolderSource.from_settings(folder, sink, store, store.rename_items, settings).index_once()
         finally:
             pipeline.close()
     assert summary.failed == 0, summary.failures

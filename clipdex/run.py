@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from indexer.service import watch_folder
+from indexer.service import folder_lock, watch_folder
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
 from shared.core import Core, build_core
@@ -46,12 +46,13 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if not root.is_dir():
         raise ConfigError(f"{root}: not a directory (clipdex run DIR indexes and watches a folder of images)")
     check_bind(settings, insecure=args.insecure)  # refuse before the model loads
-    core = build_core(settings)
-    try:
-        core.start_refresh()
-        asyncio.run(_run_indexer_and_server(core, settings, root, insecure=args.insecure))
-    finally:
-        core.close()
+    with folder_lock(settings, root):  # and a second writer of this folder too, naming the first
+        core = build_core(settings)
+        try:
+            core.start_refresh()
+            asyncio.run(_run_indexer_and_server(core, settings, root, insecure=args.insecure))
+        finally:
+            core.close()
     return 0
 
 

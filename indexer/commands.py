@@ -16,27 +16,32 @@ import asyncio
 import json
 import sys
 import threading
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from indexer import service
 from indexer.compaction import Compactor
-from indexer.formats import EventFormat, Incoming, format_from_settings
-from indexer.formats.clipdex import ClipdexFormat
+from indexer.formats import format_from_settings
 from indexer.progress import ProgressBar
-from indexer.records import Record
 from indexer.sources.folder import FolderSummary
-from indexer.sources.kafka import SOURCE as KAFKA_SOURCE
 from indexer.sources.kafka_client import require_kafka
 from shared.cliargs import add_setting_flag
 from shared.config import Settings
-from shared.errors import InvalidEvent
 from shared.migrate import MigrationReport, migrate
 from shared.roles import DeadLetter
 from shared.signals import stop_on_signals
 from shared.status import read_status
-from shared.stores import Backend, PortableStore, describe, open_catalog, open_portable, open_writer, store_exists
+from shared.stores import (
+    Backend,
+    PortableStore,
+    describe,
+    open_catalog,
+    open_portable,
+    open_writer,
+    store_exists,
+    writers,
+)
 
 
 def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
@@ -91,7 +96,8 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
         "compact",
         help="fold the delta into a new main index now",
         description="Build the next main index generation from the store and purge deleted vectors. "
-        "Searches keep running meanwhile; a running indexer also does this on its own thresholds.",
+        "Searches keep running meanwhile; a running indexer also does this on its own thresholds, and "
+        "this command may run beside it (the two take turns).",
     )
     comp.add_argument("--if-needed", action="store_true", help="only when a size or age threshold is passed")
     comp.set_defaults(func=_cmd_compact)
@@ -114,7 +120,12 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     dlq_list.add_argument("--json", action="store_true", help="print a JSON list")
     dlq_list.set_defaults(func=_cmd_dlq_list)
     for verb, func, text in (
-        ("retry", _cmd_dlq_retry, "index the dead letters again (after fixing the files); still failing ones stay"),
+        (
+            "retry",
+            _cmd_dlq_retry,
+            "index the dead letters again (after fixing the cause); still failing ones stay. Beside a running "
+            "indexer, that indexer retries them",
+        ),
         ("purge", _cmd_dlq_purge, "delete dead letters"),
     ):
         p = verbs.add_parser(verb, help=text)
@@ -188,7 +199,11 @@ def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 def status_of(settings: Settings) -> dict[str, Any]:
     """Everything `clipdex status` shows, as plain data. Reads the store; loads no model."""
     with open_catalog(settings) as catalog:
-        return read_status(settings.data_dir, catalog, store=describe(settings)).to_dict()
+        status = read_status(settings.data_dir, catalog, store=describe(settings)).to_dict()
+    status["writers"] = [
+        {"pid": w.pid, "command": w.command, "since": _iso(_at(w.since)), "writes": w.what} for w in writers(settings)
+    ]
+    return status
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -208,12 +223,15 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         f"store       {st['store']}",
         "model       "
         + ("(none yet)" if model is None else f"{model['name']} / {model['pretrained']} (dim {model['dim']})"),
-        f"items       {st['items']} indexed, {st['failed']} failed, {st['dead_letters']} dead letters",
+        f"items       {st['items']} indexed, {st['failed']} failed, {st['dead_letters']} dead letters"
+        + (f" ({st['dead_letters_retrying']} to be retried automatically)" if st["dead_letters_retrying"] else ""),
         f"index       main generation {st['generation']}, delta {st['delta_size']} vectors, "
         f"{st['tombstones']} deleted vectors not yet purged",
         f"newest      {st['newest_indexed_at'] or '-'}",
         f"compacted   {st['last_compaction_at'] or 'never'}",
     ]
+    for w in st["writers"]:
+        lines.append(f"writer      {w['writes']}: pid {w['pid']} (`{w['command']}`), since {w['since']}")
     lag = "- (no indexer running)" if st["lag_s"] is None else f"{st['lag_s']:.2f} s"
     lines.append(f"lag         {lag}, {st['pending']} pending")
     for hb in st["indexers"]:
@@ -230,7 +248,7 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     if not store_exists(settings):
         print(f"nothing to compact: no store in {describe(settings)}")
         return 0
-    with open_writer(settings, None) as store:
+    with open_writer(settings, None) as store:  # beside running indexers too: the compaction lock serialises
         identity = store.catalog.model_identity()
         if identity is None:
             print("nothing to compact: the store holds no vectors yet")
@@ -322,8 +340,18 @@ def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters")
     for d in letters:
-        print(f"#{d.id} {_iso(d.created_at)} {d.source} {d.item_id or '-'} (tries {d.tries})\n    {d.reason}")
+        print(f"#{d.id} {_iso(d.created_at)} {d.source} {d.item_id or '-'} ({_retry_state(d)})\n    {d.reason}")
     return 0
+
+
+def _retry_state(d: DeadLetter) -> str:
+    """Where a dead letter stands: `attempt 2, transient: retried automatically at ...`."""
+    head = f"attempt {d.attempts}, {d.tries} {'fetch' if d.tries == 1 else 'fetches'}"
+    if d.retry_at is not None:
+        return f"{head}, {'transient' if d.retriable else 'permanent'}: retried at {_iso(d.retry_at)}"
+    if d.retriable:
+        return f"{head}, transient: not retried automatically (retries used up, or a later event came)"
+    return f"{head}, permanent"
 
 
 def _letter_json(d: DeadLetter) -> dict[str, Any]:
@@ -335,6 +363,9 @@ def _letter_json(d: DeadLetter) -> dict[str, Any]:
         "reason": d.reason,
         "tries": d.tries,
         "created_at": _iso(d.created_at),
+        "retriable": d.retriable,
+        "attempts": d.attempts,
+        "retry_at": _iso(d.retry_at),
     }
 
 
@@ -370,32 +401,35 @@ def _cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
     if not letters:
         print("no dead letters to retry")
         return 0
-    event_format = format_from_settings(settings)
-    records = [record for d in letters for record in retry_records(d, event_format)]
-    report = asyncio.run(service.retry(settings, letters, records))
-    done, failed = report.records - report.failed, report.failed
-    print(f"retried {len(letters)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
+    handed = _hand_over(settings, letters)  # two writers of one source must not race
+    rest = [d for d in letters if d.id not in handed]
+    if rest:
+        report = asyncio.run(service.retry(settings, rest))  # WriterBusy if an indexer started meanwhile
+        done, failed = report.records - report.failed, report.failed
+        print(f"retried {len(rest)} dead letters: {done} done, {failed} failed again (clipdex dlq list)")
     return 0
 
 
-def retry_records(letter: DeadLetter, event_format: EventFormat | None = None) -> list[Record]:
-    """A dead letter as records again, as its source first sent it: a Kafka message read by the
-    consumer's event format (CLIPDEX_EVENT_FORMAT), a folder's file as clipdex's own event."""
-    key = letter.item_id.removeprefix(f"{letter.source}:") if letter.item_id else None
-    reader = event_format if event_format is not None and letter.source == KAFKA_SOURCE else ClipdexFormat()
-    try:
-        events = reader.parse(Incoming(letter.payload.encode("utf-8", "surrogatepass"), _key(key, reader)))
-    except InvalidEvent as exc:
-        return [Record(letter.source, letter.payload, None, str(exc))]
-    return [Record(letter.source, letter.payload, event) for event in events]
+def _hand_over(settings: Settings, letters: list[DeadLetter]) -> set[int]:
+    """The letters whose items a running indexer retries by itself, made due now; their ids."""
+    handed: set[int] = set()
+    for writer in writers(settings):
+        mine = [d for d in letters if d.id not in handed and writer.takes(d.item_id)]
+        if not mine:
+            continue
+        with open_catalog(settings) as catalog:
+            assert catalog is not None, "dead letters were listed, so the store exists"
+            catalog.schedule_dead_letters([d.id for d in mine], datetime.now(UTC))
+        handed.update(d.id for d in mine)
+        print(
+            f"{len(mine)} dead letters of {writer.what or 'its items'} are retried within a few seconds by the "
+            f"indexer that runs for them: {writer.describe()} (see `clipdex dlq list`)"
+        )
+    return handed
 
 
-def _key(item_id: str | None, reader: EventFormat) -> bytes | None:
-    """The message key a retried event is read with: the item id, for clipdex's own events (whose id may
-    be the key); a mapped format reads its ids from the event."""
-    if item_id is None or reader.mapping is not None:
-        return None
-    return item_id.encode("utf-8", "surrogatepass")
+def _at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
 
 
-__all__ = ["format_summary", "register", "retry_records", "status_of"]
+__all__ = ["format_summary", "register", "status_of"]

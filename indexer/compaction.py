@@ -1,8 +1,9 @@
 """Compaction: fold the delta into a new main FAISS index and purge tombstones (the writer's side of
 the SQLite backend; a backend that compacts by itself has no CompactionLedger and no compactor).
 
-    compact(): read the current main ─▶ drop its tombstones, add the delta (or rebuild from the store)
-               ─▶ write main-<n+1>.faiss atomically ─▶ record generation n+1 (readers swap) ─▶ purge
+    compact(): read the current main (its checksum verified) ─▶ drop its tombstones, add the delta (or
+               rebuild from the store) ─▶ write main-<n+1>.faiss atomically ─▶ record generation n+1 and
+               the file's sha256 (readers swap) ─▶ purge
 
 `Compactor` runs it on thresholds beside the indexer, off the event loop: every `check_interval_s` it asks
 the ledger whether the delta passed its size or age threshold (CLIPDEX_COMPACT_DELTA_SIZE,
@@ -75,7 +76,7 @@ def compact(
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         meta = ledger.index_meta()
         upto, seq = ledger.snapshot_for_compaction()
-        base = _current_main(ledger, index_dir, dim, meta.generation)
+        base = _current_main(ledger, index_dir, dim, meta.generation, meta.checksum)
         if base is not None:
             dead = ledger.tombstoned_ids(upto=meta.high_water)
             if len(dead):
@@ -88,10 +89,10 @@ def compact(
         if base is None:
             base = build_from_store(ledger, params, dim, upto=upto)
         generation = meta.generation + 1
-        write_main(base, index_dir, generation)
+        checksum = write_main(base, index_dir, generation)
         if before_swap is not None:
             before_swap()
-        purged = ledger.record_generation(generation, upto, seq, index_kind(base))
+        purged = ledger.record_generation(generation, upto, seq, index_kind(base), checksum)
         _remove_old_generations(index_dir, keep={generation, meta.generation})
     result = CompactionResult(
         generation, int(base.ntotal), index_kind(base), rebuilt, purged, time.monotonic() - started
@@ -108,13 +109,16 @@ def compact(
     return result
 
 
-def _current_main(ledger: CompactionLedger, index_dir: Path, dim: int, generation: int) -> Any | None:
-    """The current main to extend in place, or None when it must be rebuilt from the ledger."""
+def _current_main(
+    ledger: CompactionLedger, index_dir: Path, dim: int, generation: int, checksum: str | None
+) -> Any | None:
+    """The current main to extend in place, or None when it must be rebuilt from the ledger (a damaged
+    main is never extended: its damage would pass into every later generation)."""
     if generation == 0:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     try:
-        index = read_main(index_dir, generation)
-    except (RuntimeError, OSError) as exc:
+        index = read_main(index_dir, generation, checksum)
+    except (RuntimeError, OSError, ValueError) as exc:
         logger.warning("main generation %d unreadable (%s); rebuilding it from the store", generation, exc)
         return None
     if index_kind(index) == "hnsw" or index.d != dim:

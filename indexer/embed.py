@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from shared.errors import ImageRejected, ItemError
+from shared.errors import EmbedFailed, ImageRejected, ItemError
 from shared.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ async def decode_and_embed(
         except Exception as exc:  # one odd image (or a flaky device) must not cost the whole batch
             if len(tensors) == 1:
                 logger.warning("the model failed on one image: %s: %s", type(exc).__name__, exc)
-                out.failures[keys[0]] = ItemError(f"the model failed on this image: {type(exc).__name__}: {exc}")
+                out.failures[keys[0]] = EmbedFailed(f"the model failed on this image: {type(exc).__name__}: {exc}")
                 return
             logger.warning("the model failed on %d images (%s); trying them one at a time", len(tensors), exc)
             for key, tensor in zip(keys, tensors, strict=True):

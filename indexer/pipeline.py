@@ -8,7 +8,9 @@
 
 `write` returns once the batch is durable, so the caller may then commit its source position. A bad item
 is a dead letter and never makes `write` raise; a `StoreError` does, and the caller must stop without
-committing (the batch replays, and a replay is idempotent).
+committing (the batch replays, and a replay is idempotent). A transient failure is a dead letter that
+the running indexer tries again later (`indexer.redeliver`: `retry_at` from the RetryPolicy); `write_due`
+is how it does, under the same lock as every other write.
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_and_hash
 from indexer.embed import decode_and_embed
-from indexer.records import BatchReport, FailedRecord, Record
+from indexer.records import BatchReport, FailedRecord, Record, Redelivery, attempt_of
+from indexer.redeliver import RetryPolicy
 from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, pending_products, plan
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.images import decode_budget
-from shared.roles import StoredState, Upsert, Writer
+from shared.roles import Failure, StoredState, Upsert, Writer
 from shared.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class PipelineOptions:
     embed_batch: int = 16  # images per model call (embed_batch_for); decoding the next ones overlaps it
     fetch_retries: int = 3
     retry_backoff_s: float = 0.5  # doubled after each try
+    redelivery: RetryPolicy = field(default_factory=RetryPolicy)  # of the dead letters of transient failures
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: str = "cpu") -> PipelineOptions:
@@ -58,6 +63,7 @@ class PipelineOptions:
             fetch_workers=max(8, 2 * workers),
             embed_batch=embed_batch_for(settings.batch_size, device),
             fetch_retries=settings.fetch_retries,
+            redelivery=RetryPolicy.from_settings(settings),
         )
 
 
@@ -118,7 +124,30 @@ class Pipeline:
 
     async def write(self, records: Sequence[Record]) -> BatchReport:
         async with self._lock:
-            return await self._write(records)
+            return await self._write_all(records)
+
+    async def write_due(self, read: Callable[[], Sequence[Record]]) -> BatchReport | None:
+        """Read records (the dead letters due for a retry) and write them, both under the write lock, so
+        that no other write of this process comes between the read and the write."""
+        async with self._lock:
+            records = await asyncio.to_thread(read)
+            return await self._write_all(records) if records else None
+
+    async def _write_all(self, records: Sequence[Record], rounds: int = 3) -> BatchReport:
+        """Write; the records of items that changed while they were read (another writer) again."""
+        report = await self._write(records)
+        for _ in range(rounds - 1):
+            if not report.conflicted:
+                break
+            again = await self._write(_records_of(report.conflicted))
+            report.merge(again)
+        if report.conflicted:  # still changing under us after three rounds: try later, as for a timeout
+            failed = [_changing(w) for w in report.conflicted]
+            await asyncio.to_thread(self.writer.apply, failures=[self._dead_letter(f) for f in failed])
+            report.failed += len(failed)
+            report.failures += failed
+            report.conflicted = []
+        return report
 
     async def _write(self, records: Sequence[Record]) -> BatchReport:
         started = time.perf_counter()
@@ -150,20 +179,29 @@ class Pipeline:
                 failures.append(_failure(item.work, decode_failures[item.sha256], item.tries))
 
         write_started = time.perf_counter()
-        dead_letters = [f.dead_letter() for f in failures]
-        result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters)
+        dead_letters = [self._dead_letter(f) for f in failures]
+        # a letter read again as several records (a Debezium rename: a delete and an upsert) is one id
+        retried = sorted({r.position.dead_letter for r in records if isinstance(r.position, Redelivery)})
+        result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters, retried)
         report.write_ms = (time.perf_counter() - write_started) * 1000
 
+        changed = set(result.conflicts)
+        report.conflicted = [w for w in batch.upserts if w.item_id in changed]
         report.indexed = max(0, result.indexed - len(sorted_.reused))
-        report.skipped += result.skipped  # another writer stored a newer version in the meantime
-        report.unchanged = len(sorted_.unchanged)
+        report.unchanged = len(sorted_.unchanged) - len(changed)
         report.reused = len(sorted_.reused)
         report.deleted = result.deleted
+        report.skipped += result.skipped
         report.failed = len(failures)
         report.failures = failures
         report.total_ms = (time.perf_counter() - started) * 1000
         logger.debug("wrote batch records=%d %s total_ms=%.0f", report.records, report.log_fields(), report.total_ms)
         return report
+
+    def _dead_letter(self, failed: FailedRecord) -> Failure:
+        """The failure as stored: a transient one with the time the indexer tries it again."""
+        retry_at = self.options.redelivery.next_retry(attempt_of(failed.record), datetime.now(UTC))
+        return failed.dead_letter(retry_at if failed.retriable else None)
 
     # -- stages ---------------------------------------------------------------------------------------------
 
@@ -236,4 +274,19 @@ def _upsert(item: Fetched, vector: Embedding | None) -> Upsert:
 
 
 def _failure(work: Work, exc: ItemError, tries: int) -> FailedRecord:
-    return FailedRecord(work.record, f"{type(exc).__name__}: {exc}", work.item_id, tries, work.event.uri)
+    return FailedRecord(
+        work.record, f"{type(exc).__name__}: {exc}", work.item_id, tries, uri=work.event.uri, retriable=exc.retriable
+    )
+
+
+def _changing(work: Work) -> FailedRecord:
+    """An item another writer kept changing while its event was indexed: tried again later, as a timeout."""
+    return FailedRecord(work.record, _CHANGING, work.item_id, uri=work.event.uri, retriable=True)
+
+
+def _records_of(works: Sequence[Work]) -> list[Record]:
+    """The records of these items, each once (a product's images share its record), in order."""
+    return list({id(w.record): w.record for w in works}.values())
+
+
+_CHANGING = "ItemChanged: the item changed in the store while this event was indexed; tried again later"

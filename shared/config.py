@@ -113,6 +113,20 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="Threads that fetch and decode images; 0 means one per CPU core."
     )
     fetch_retries: int = Field(3, ge=0, le=20, description="Retries of a transient fetch failure.")
+    dlq_retries: int = Field(
+        6,
+        ge=0,
+        le=100,
+        description="Automatic retries of a dead letter whose failure was transient (a timeout, HTTP 408, 429 "
+        "or 5xx, a reset connection, EIO or ESTALE), by the running indexer; 0 turns them off.",
+    )
+    dlq_retry_delay_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Wait before the first automatic retry of a transient dead letter; each next wait is twice "
+        "as long (at most 6 hours).",
+    )
     watch_polling: bool = Field(
         False,
         description="Watch folders by polling instead of OS file notifications (network shares, some "

@@ -10,13 +10,15 @@
     ├── StoreError               the store itself failed (disk full, locked): stop, do not commit
     │   ├── StoreUnavailable     the store cannot be reached now (Milvus down, restarting): retriable
     │   └── ModelMismatchError   the store was built with another model
+    ├── WriterBusy               another process writes to this data directory (names it): retriable
     ├── ItemError                one item cannot be indexed or used; the others go on
     │   ├── InvalidEvent         a catalog event that does not match the schema
     │   ├── ImageRejected        not an image, corrupt, truncated, too many bytes or pixels
     │   ├── PathNotAllowed       a path outside the allowed roots (traversal, symlink escape)
     │   ├── HostNotAllowed       a URL whose host is not allowlisted
     │   ├── SourceNotFound       the file or URL does not exist
-    │   └── FetchFailed          a transient fetch failure (timeout, HTTP 5xx): retriable
+    │   ├── FetchFailed          a transient fetch failure (timeout, HTTP 5xx): retriable
+    │   └── EmbedFailed          the model failed on one image (a flaky device?): retriable
     ├── NotFound                 an unknown item id
     └── InvalidRequest           a search argument out of range or missing
 
@@ -72,6 +74,13 @@ class ModelMismatchError(StoreError):
     pass
 
 
+class WriterBusy(ClipdexError):
+    """Another process holds the data directory's writer lock. The message names it (pid, command, since
+    when); trying again after it stops succeeds."""
+
+    retriable = True
+
+
 class ItemError(ClipdexError):
     """One item cannot be processed. It is dead-lettered; the rest of its batch goes on."""
 
@@ -97,6 +106,13 @@ class SourceNotFound(ItemError):
 
 
 class FetchFailed(ItemError):
+    retriable = True
+
+
+class EmbedFailed(ItemError):
+    """The model failed on this one image, alone: perhaps the image, perhaps a device that is out of
+    memory or lost. Retried a bounded number of times (a dead letter's automatic retries)."""
+
     retriable = True
 
 

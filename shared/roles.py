@@ -19,7 +19,8 @@ below are what the roles take and return.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence, Set
+import re
+from collections.abc import Iterator, Mapping, Sequence, Set
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,14 +59,21 @@ class Delete:
 @dataclass(frozen=True)
 class Failure:
     """An item that could not be indexed. It is marked failed (an older good vector stays searchable)
-    and a dead letter keeps the raw event or path and the reason."""
+    and a dead letter keeps the raw event or path and the reason.
+
+    `retriable`: the failure was transient (a timeout, HTTP 5xx, EIO...). `retry_at`: when the running
+    indexer tries it again by itself (None: never; a person can still `clipdex dlq retry` it).
+    `attempts`: how many times the record has been delivered to the pipeline, this time included."""
 
     source: str
     payload: str
     reason: str
     id: str | None = None
     uri: str | None = None
-    tries: int = 1
+    tries: int = 1  # fetches within this delivery
+    retriable: bool = False
+    attempts: int = 1
+    retry_at: datetime | None = None
 
 
 @dataclass
@@ -76,6 +84,9 @@ class ApplyResult:
     failed: int = 0
     skipped: int = 0  # older than the version stored when the write happened (another writer got there first)
     vector_ids: list[int] = field(default_factory=list)  # the new vectors' ids, where the backend numbers them
+    # Metadata-only upserts of items whose content changed since the resolver read them: not written;
+    # the caller embeds them and writes again.
+    conflicts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,8 @@ class StoredState:
 
 
 class Writer(Protocol):
-    """The indexer's door to the store: one writer per store at a time."""
+    """The indexer's door to the store. One writer per source of items at a time (`shared.stores`);
+    writers of different sources may share a store, since their item ids never collide."""
 
     def bind_model(self, identity: ModelIdentity) -> None:
         """Record the model on first use; raise ModelMismatchError for any other model afterwards."""
@@ -109,7 +121,11 @@ class Writer(Protocol):
         ...
 
     def apply(
-        self, upserts: Sequence[Upsert] = (), deletes: Sequence[Delete] = (), failures: Sequence[Failure] = ()
+        self,
+        upserts: Sequence[Upsert] = (),
+        deletes: Sequence[Delete] = (),
+        failures: Sequence[Failure] = (),
+        retried: Sequence[int] = (),
     ) -> ApplyResult:
         """Write one micro-batch: all of it is durable when this returns. On a StoreError, nothing that a
         replay of the same batch does not make whole was written (SQLite: nothing at all; a backend
@@ -118,8 +134,32 @@ class Writer(Protocol):
 
         Versions are checked in the write itself, not only by the resolver's earlier read, so two writers
         racing on one item cannot regress it: an upsert or delete whose version is below the stored one
-        is skipped (`ApplyResult.skipped`); an upsert without a version keeps the stored version."""
+        is skipped (`ApplyResult.skipped`); an upsert without a version keeps the stored version.
+
+        Dead letters: `retried` are the ids of dead letters this batch tried again; they are removed in
+        the same write (a failure again is one of `failures`, a new letter). Any upsert, delete or failure
+        of an item ends the automatic retry of that item's earlier dead letters (`retry_at` becomes None):
+        a later event wins, and only the newest failure of an item is ever retried."""
         ...
+
+    def register_folder(self, path: str) -> str:
+        """The short name of a watched folder (an absolute path) in this store, registered on first use
+        and the same ever after: folder item ids are `folder:<name>/<path in the folder>`, so the files of
+        two folders never share an id. Names are unique in the store (the folder's own name, then -2...)."""
+        ...
+
+    def rename_items(self, renames: Mapping[str, str]) -> int:
+        """Give items new ids (old → new), keeping their vectors (no new vector, nothing for a search
+        index to reload) and moving their dead letters along; an old id whose new id is already taken is
+        deleted instead. Returns how many were renamed. (Folder ids from before the folder namespace.)"""
+        ...
+
+
+def folder_name(path: str) -> str:
+    """A folder's own name as a part of its item ids (`Writer.register_folder` adds -2... when it is
+    taken): letters, digits, `.`, `_` and `-` only."""
+    name = re.sub(r"[^\w.-]+", "_", path.rstrip("/").rsplit("/", 1)[-1], flags=re.ASCII).strip("._")
+    return name[:64] or "folder"
 
 
 # -- the catalog: items, dead letters, counts -----------------------------------------------------------
@@ -134,6 +174,9 @@ class DeadLetter:
     reason: str
     tries: int
     created_at: datetime
+    retriable: bool = False  # the failure was transient
+    attempts: int = 1  # deliveries to the pipeline so far
+    retry_at: datetime | None = None  # when an indexer tries it again by itself; None: never
 
 
 @dataclass(frozen=True)
@@ -152,6 +195,7 @@ class StoreStats:
     delta_size: int  # live vectors not yet compacted into main
     delta_age_s: float | None  # how old the oldest of them is
     changes: int  # a counter that grows with every write
+    retrying: int = 0  # dead letters waiting for an automatic retry
 
 
 class Catalog(Protocol):
@@ -176,6 +220,20 @@ class Catalog(Protocol):
         ...
 
     def delete_dead_letters(self, ids: Sequence[int]) -> int: ...
+
+    def due_dead_letters(self, prefix: str, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of items whose ids start with `prefix` that are due for a retry (`retry_at` at
+        or before `now`), the longest waiting first."""
+        ...
+
+    def folders(self) -> dict[str, str]:
+        """Every folder registered in the store (`Writer.register_folder`): name -> absolute path."""
+        ...
+
+    def schedule_dead_letters(self, ids: Sequence[int], at: datetime) -> int:
+        """Make these dead letters due at `at` (`clipdex dlq retry` beside a running indexer, which then
+        retries them). A small write, safe beside the writer."""
+        ...
 
     def stats(self) -> StoreStats:
         """Counts over the whole store: not for every query (a quarter of a second at 100k vectors)."""
@@ -285,6 +343,7 @@ class IndexMeta:
     high_water: int  # highest vector_id contained in main
     main_seq: int  # the change counter when main was built
     seq: int  # the change counter now
+    checksum: str | None = None  # sha256 of main's file (None: recorded before checksums were)
 
 
 @dataclass(frozen=True)
@@ -354,6 +413,9 @@ class CompactionLedger(ChangeFeed, Protocol):
         """(highest vector id, change counter) at one instant."""
         ...
 
-    def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
-        """Point readers at a new main index; purge the tombstones it no longer holds; return how many."""
+    def record_generation(
+        self, generation: int, high_water: int, main_seq: int, kind: str, checksum: str | None = None
+    ) -> int:
+        """Point readers at a new main index (its file's sha256: `checksum`); purge the tombstones it no
+        longer holds; return how many."""
         ...

@@ -60,6 +60,7 @@ class Status:
             "items": s.items,
             "failed": s.failed,
             "dead_letters": s.dead_letters,
+            "dead_letters_retrying": s.retrying,
             "vectors": s.vectors,
             "tombstones": s.tombstones,
             "delta_size": s.delta_size,

@@ -11,19 +11,34 @@
 Writers and readers are bound to a model identity: the first one records it, and every later one with
 another model is refused (ModelMismatchError). A process that both indexes and serves (`clipdex run`)
 opens one of each on one model. Callers keep the role they need, never the backend's class.
+
+Writers: one process per source of items (each watched folder, Kafka), each holding its source's
+writer lock (`writer_lock`, a file in the data directory, `shared.lockfile`) for as long as it runs; a
+second writer of the same source gets WriterBusy naming the first, at once, before it loads a model.
+Writers of different sources may share a store: their items never share an id (`kafka:...`,
+`folder:<name>/...`), each write is one transaction, versions are checked inside it, and each retries
+only its own dead letters. The locks are files in the local data directory: on Milvus they keep one
+writer per source per data directory (the consumers of one group, each with its own data directory and
+writer counters, write side by side, as the Milvus store expects). `clipdex compact` holds no writer
+lock: its only store write, a new index generation, is serialised with the indexers' own compactions by
+the compaction lock.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
+from shared import lockfile
 from shared.config import Settings
 from shared.errors import StoreError
+from shared.lockfile import Holder
 from shared.milvus import collections
 from shared.milvus.client import Milvus
 from shared.milvus.expr import item_key
@@ -86,8 +101,9 @@ def describe(settings: Settings) -> str:
 
 
 def open_writer(settings: Settings, identity: ModelIdentity | None) -> WriteSide:
-    """The store of an indexer, bound to its model. `identity=None`: a maintenance command that loads no
-    model (`clipdex compact`, `clipdex dlq purge`) and binds nothing."""
+    """The store of an indexer, bound to its model. `identity=None`: bind nothing yet (the caller binds
+    once its model is loaded, or is a command that loads none: `clipdex compact`, `clipdex dlq purge`).
+    The caller holds the writer lock of the source it writes (`writer_lock`)."""
     if settings.store == "milvus":
         store = _milvus(settings, identity)
         return WriteSide(store, store, None, store.close)
@@ -99,6 +115,28 @@ def open_writer(settings: Settings, identity: ModelIdentity | None) -> WriteSide
         sqlite.close()
         raise
     return WriteSide(sqlite, sqlite, sqlite, sqlite.close)
+
+
+def writer_lock(settings: Settings, source: str, scope: str = "", *, what: str = "") -> AbstractContextManager[Holder]:
+    """Hold the writer lock of one source of items in this store (`source` "folder" with the folder's
+    absolute path as `scope`, or "kafka") for a block; counted within a process. WriterBusy at once,
+    naming the holder, when another process holds it. `what`: the source, for people."""
+    return lockfile.hold(_lock_path(settings, source, scope), what=what or f"{source} {scope}".strip())
+
+
+def writers(settings: Settings) -> list[Holder]:
+    """The processes that write to the store now, one per source (this one included)."""
+    return lockfile.holders(settings.data_dir) if settings.data_dir.is_dir() else []
+
+
+def announce_retries(settings: Settings, source: str, scope: str, prefixes: Sequence[str]) -> None:
+    """Tell other processes (`clipdex dlq retry`) which item ids' dead letters this writer retries."""
+    lockfile.announce_retries(_lock_path(settings, source, scope), prefixes)
+
+
+def _lock_path(settings: Settings, source: str, scope: str) -> Path:
+    tag = f"-{hashlib.sha256(scope.encode()).hexdigest()[:16]}" if scope else ""
+    return settings.data_dir / f"{lockfile.PREFIX}{source}{tag}.lock"
 
 
 def open_reader(settings: Settings, identity: ModelIdentity) -> ReadSide:

@@ -67,6 +67,7 @@ class Item:
     vector_id: int | None
     created_at: datetime
     updated_at: datetime
+    retriable: bool = False  # its last failure was transient (a timeout, HTTP 5xx...): worth trying again
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,17 @@ def add_items(store: Writer, ids: list[str], vectors: Embedding, metadata: dict[
 
 def delete_items(store: Writer, ids: list[str]) -> None:
     store.apply(deletes=[Delete(i) for i in ids])
+
+
+def damage_store_file(path: Path, page_size: int = 16_384) -> None:
+    """Overwrite every page of the SQLite file at `path` but the first (its header) with junk, as a
+    failing disk might: every later read of it fails inside SQLite."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(page_size)
+        fh.write(b"\xa5" * (size - page_size))

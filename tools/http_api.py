@@ -56,8 +56,12 @@ BAD_UPLOAD = (
 )
 
 
+STORE_RETRY_AFTER_S = 5  # a store failure (a locked or failing disk) may pass: clients are told when to try again
+
+
 def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    headers = {"Retry-After": str(STORE_RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def status_of(exc: ClipdexError) -> int:

@@ -208,6 +208,7 @@ class ItemOut(BaseModel):
     uri: str
     status: str = Field(description='"indexed" (searchable) or "failed" (see reason).')
     reason: str | None = Field(description="Why the item failed, if it did.")
+    retriable: bool = Field(description="Its last failure was transient: the indexer tries it again.")
     searchable: bool = Field(description="The item has a vector and can appear in results.")
     metadata: dict[str, Any]
     sha256: str | None = Field(description="Content hash of the indexed image.")
@@ -223,6 +224,7 @@ class ItemOut(BaseModel):
             uri=item.uri,
             status=item.status,
             reason=item.reason,
+            retriable=item.retriable,
             searchable=item.vector_id is not None,
             metadata=item.metadata,
             sha256=item.sha256,
@@ -243,12 +245,25 @@ class DeadLetterOut(BaseModel):
     item_id: str | None
     source: str
     reason: str = Field(description="Why it could not be indexed (paths shortened, URL query strings left out).")
-    tries: int
+    tries: int = Field(description="Fetches in its last delivery (transient failures are retried at once first).")
     at: datetime
+    retriable: bool = Field(description="The failure was transient (a timeout, HTTP 5xx...): trying again may work.")
+    attempts: int = Field(description="How many times it has been delivered to the indexer.")
+    retry_at: datetime | None = Field(description="When the indexer tries it again by itself; null: it will not.")
 
     @classmethod
     def of(cls, d: DeadLetter) -> DeadLetterOut:
-        return cls(id=d.id, item_id=d.item_id, source=d.source, reason=d.reason, tries=d.tries, at=d.created_at)
+        return cls(
+            id=d.id,
+            item_id=d.item_id,
+            source=d.source,
+            reason=d.reason,
+            tries=d.tries,
+            at=d.created_at,
+            retriable=d.retriable,
+            attempts=d.attempts,
+            retry_at=d.retry_at,
+        )
 
 
 class IndexerOut(BaseModel):
@@ -269,6 +284,7 @@ class IndexStatusOut(BaseModel):
     vectors: int = Field(description="Live vectors in the store.")
     tombstones: int = Field(description="Deleted or replaced vectors not yet purged by a compaction.")
     dead_letters: int = Field(description="Events or files that were refused, with a reason.")
+    dead_letters_retrying: int = Field(description="Of them, those the indexer will try again by itself.")
     recent_dead_letters: list[DeadLetterOut] = Field(description="The latest few dead letters.")
     model: ModelOut
     index_vectors: int = Field(description="Vectors in the index this server searches.")
@@ -296,6 +312,7 @@ class IndexStatusOut(BaseModel):
             vectors=stats.vectors,
             tombstones=stats.tombstones,
             dead_letters=stats.dead_letters,
+            dead_letters_retrying=stats.retrying,
             recent_dead_letters=[DeadLetterOut.of(d) for d in status.recent_dead_letters],
             model=ModelOut(name=model.name, pretrained=model.pretrained, dim=model.dim),
             index_vectors=searcher.vectors,

@@ -4,9 +4,15 @@
                   └▶ changes ─▶ settler (size + mtime hold still) ────────────────┴▶ micro-batcher
                                                               ─▶ sink.write ─▶ log line + heartbeat
 
-- Item ids are `folder:<path relative to the root, posix>`; the uri is the absolute path. The metadata
+- Item ids are `folder:<name>/<path relative to the root, posix>`, where `<name>` is the folder's own
+  name in the store (`Writer.register_folder`: `images`, or `images-2` for a second folder called so),
+  so two folders indexed into one store never share an id; the uri is the absolute path. The metadata
   holds the relative path, the size and the mtime: a file whose size and mtime match its item is
   unchanged, and is not even read at the next start.
+- A store from before names (ids `folder:<path>`) is adopted at the first start: the items under the
+  folder get their new ids in one write, keeping their vectors (`Writer.rename_items`).
+- A file that failed is tried again when it changes; one whose failure was transient (a timeout, EIO on
+  a share) also at every start, and by the running indexer's retries meanwhile (`indexer.redeliver`).
 - Hidden and temporary names (dotfiles, `.part`, `.tmp`, `.crdownload`, `~`...) and non-image files
   are ignored, in subfolders too. Symlinks to files are followed, and one that leads out of the root
   becomes a dead letter (the pipeline refuses it).
@@ -22,8 +28,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,37 +100,78 @@ def _usable(rel: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Folder:
+    """A folder and its name in the store: its items' ids are `folder:<name>/<path in the folder>`."""
+
+    root: Path  # absolute
+    name: str
+
+    @property
+    def prefix(self) -> str:
+        """What every item id of this folder starts with."""
+        return namespaced_id(SOURCE, self.name + "/")
+
+    def event_id(self, rel: str) -> str:
+        return f"{self.name}/{rel}"
+
+    def item_id(self, rel: str) -> str:
+        return namespaced_id(SOURCE, self.event_id(rel))
+
+    def rel_of(self, item_id: str) -> str | None:
+        """The path in the folder of one of its items; None for another folder's item."""
+        return item_id[len(self.prefix) :] if item_id.startswith(self.prefix) else None
+
+
 @dataclass
 class Reconciliation:
     upserts: list[tuple[str, FileStat]] = field(default_factory=list)  # new or changed since the last run
     deletes: list[str] = field(default_factory=list)  # indexed, and gone from the folder
     unchanged: int = 0
-    failed_before: int = 0  # failed at an earlier run and not modified since
-    foreign: int = 0  # folder items of another root, left alone
+    failed_before: int = 0  # failed for good at an earlier run, and not modified since
+    foreign: int = 0  # folder items of another folder, left alone
+    renames: dict[str, str] = field(default_factory=dict)  # ids from before folder names -> their new ids
 
 
-def reconcile(root: Path, files: dict[str, FileStat], items: Iterable[Item]) -> Reconciliation:
-    """Compare the folder with the store's folder items, without reading any file."""
+def reconcile(
+    folder: Folder, files: dict[str, FileStat], items: Iterable[Item], folders: Mapping[str, str] = {}
+) -> Reconciliation:
+    """Compare the folder with the store's folder items, without reading any file. `folders`: every
+    folder registered in the store (name -> path), to tell an item from before folder names apart."""
     out = Reconciliation()
-    prefix = str(root) + os.sep
+    under = str(folder.root) + os.sep
     stored: dict[str, Item] = {}
     for item in items:
-        if item.uri.startswith(prefix):
-            stored[item.id.removeprefix(f"{SOURCE}:")] = item
-        else:
+        rel = folder.rel_of(item.id)
+        if rel is None and _from_before_names(item, under, folders):
+            rel = item.uri[len(under) :]
+            out.renames[item.id] = folder.item_id(rel)
+            item = replace(item, id=folder.item_id(rel))
+        if rel is None:
             out.foreign += 1
+        else:
+            stored[rel] = item
     for rel, stat in files.items():
         known = stored.get(rel)
         if known is None:
             out.upserts.append((rel, stat))
         elif known.reason is None and known.vector_id is not None and _same_file(known, stat):
             out.unchanged += 1
-        elif known.reason is not None and stat.mtime_ns <= known.updated_at.timestamp() * 1e9:
-            out.failed_before += 1  # it failed after its last change: trying again would fail again
+        elif known.reason is not None and not known.retriable and stat.mtime_ns <= known.updated_at.timestamp() * 1e9:
+            out.failed_before += 1  # it failed for good after its last change: trying again would fail again
         else:
-            out.upserts.append((rel, stat))
+            out.upserts.append((rel, stat))  # new, changed, or its last failure was transient
     out.deletes = sorted(set(stored) - set(files))
     return out
+
+
+def _from_before_names(item: Item, under: str, folders: Mapping[str, str]) -> bool:
+    """An item of this folder written before folders had names: `folder:<path in the folder>`, and not
+    an item of a registered folder (nested in this one) that happens to read the same."""
+    if not item.uri.startswith(under) or item.id != namespaced_id(SOURCE, item.uri[len(under) :]):
+        return False
+    name, _, rest = item.id.removeprefix(f"{SOURCE}:").partition("/")
+    return not (name in folders and item.uri == os.path.join(folders[name], rest))
 
 
 def _same_file(item: Item, stat: FileStat) -> bool:
@@ -142,14 +189,14 @@ class FilePosition:
     seen_at: float
 
 
-def upsert_record(root: Path, rel: str, stat: FileStat, seen_at: float) -> Record:
+def upsert_record(folder: Folder, rel: str, stat: FileStat, seen_at: float) -> Record:
     metadata = {"path": rel, "bytes": stat.size, "mtime_ns": stat.mtime_ns}
-    fields = {"op": "upsert", "id": rel, "uri": str(root / rel), "metadata": metadata}
+    fields = {"op": "upsert", "id": folder.event_id(rel), "uri": str(folder.root / rel), "metadata": metadata}
     return _record(fields, FilePosition(stat, seen_at))
 
 
-def delete_record(rel: str, seen_at: float) -> Record:
-    return _record({"op": "delete", "id": rel}, FilePosition(None, seen_at))
+def delete_record(folder: Folder, rel: str, seen_at: float) -> Record:
+    return _record({"op": "delete", "id": folder.event_id(rel)}, FilePosition(None, seen_at))
 
 
 def root_of(record: Record) -> Path | None:
@@ -205,12 +252,16 @@ class FolderSummary:
 Progress = Callable[[int, int, FolderSummary], None]
 
 
+Rename = Callable[[Mapping[str, str]], int]  # Writer.rename_items
+
+
 class FolderSource:
     def __init__(
         self,
-        root: Path,
+        folder: Folder,
         sink: Sink,
         catalog: Catalog,
+        rename: Rename,
         *,
         batch_size: int = 64,
         max_wait_s: float = 0.2,
@@ -220,11 +271,13 @@ class FolderSource:
         heartbeat: Heartbeat | None = None,
         tick_s: float = 0.05,
     ) -> None:
-        if not root.is_dir():
-            raise ConfigError(f"{root} is not a directory")
-        self.root = Path(os.path.abspath(root))
+        if not folder.root.is_dir():
+            raise ConfigError(f"{folder.root} is not a directory")
+        self.folder = replace(folder, root=Path(os.path.abspath(folder.root)))
+        self.root = self.folder.root
         self.sink = sink
         self.catalog = catalog
+        self.rename = rename
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.force_polling = force_polling
@@ -234,18 +287,26 @@ class FolderSource:
         self.settler = Settler(self.root, settle_s)
         self.batcher: MicroBatcher[Record] = MicroBatcher(batch_size, max_wait_s)
         self.summary = FolderSummary()
-        self._initial: set[str] = set()  # what the start-up scan found to do, not yet written
+        self._initial: set[str] = set()  # event ids the start-up scan found to do, not yet written
         self._fed = False
         self._ready = False
 
     @classmethod
     def from_settings(
-        cls, root: Path, sink: Sink, catalog: Catalog, settings: Settings, *, heartbeat: Heartbeat | None = None
+        cls,
+        folder: Folder,
+        sink: Sink,
+        catalog: Catalog,
+        rename: Rename,
+        settings: Settings,
+        *,
+        heartbeat: Heartbeat | None = None,
     ) -> FolderSource:
         return cls(
-            root,
+            folder,
             sink,
             catalog,
+            rename,
             batch_size=settings.batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000,
             settle_s=settings.watch_settle_ms / 1000,
@@ -260,8 +321,8 @@ class FolderSource:
         started = time.monotonic()
         found = await asyncio.to_thread(self._reconcile)
         now = time.time()
-        records = [upsert_record(self.root, rel, stat, now) for rel, stat in found.upserts]
-        records += [delete_record(rel, now) for rel in found.deletes]
+        records = [upsert_record(self.folder, rel, stat, now) for rel, stat in found.upserts]
+        records += [delete_record(self.folder, rel, now) for rel in found.deletes]
         done = 0
         if progress is not None:
             progress(done, len(records), self.summary)
@@ -389,8 +450,8 @@ class FolderSource:
                 self.settler.observe(rel)
             elif change == Change.deleted:
                 # a folder moved away or removed: its files may not be reported one by one
-                for item_id in self.catalog.item_ids(source=SOURCE, prefix=namespaced_id(SOURCE, rel + "/")):
-                    self.settler.observe(item_id.removeprefix(f"{SOURCE}:"))
+                for item_id in self.catalog.item_ids(source=SOURCE, prefix=self.folder.item_id(rel + "/")):
+                    self.settler.observe(item_id[len(self.folder.prefix) :])
             elif os.path.isdir(path):  # a folder moved in
                 for sub, stat in scan(self.root, rel).items():
                     self.settler.observe(sub, stat)
@@ -399,15 +460,15 @@ class FolderSource:
         """Queue what the start-up scan found (the queue is bounded: this waits for the indexer)."""
         now = time.time()
         fresh_after = time.time_ns() - int(self.settler.settle_s * 1e9)
-        self._initial.update(rel for rel, _ in found.upserts)
-        self._initial.update(found.deletes)
+        self._initial.update(self.folder.event_id(rel) for rel, _ in found.upserts)
+        self._initial.update(self.folder.event_id(rel) for rel in found.deletes)
         records = []
         for rel, stat in found.upserts:
             if stat.mtime_ns > fresh_after:  # perhaps still being written: the settler decides when
                 self.settler.observe(rel, stat, seen_at=now)
             else:
-                records.append(upsert_record(self.root, rel, stat, now))
-        records += [delete_record(rel, now) for rel in found.deletes]
+                records.append(upsert_record(self.folder, rel, stat, now))
+        records += [delete_record(self.folder, rel, now) for rel in found.deletes]
         self._fed = True
         self._check_ready(ready)
         for record in records:
@@ -428,20 +489,26 @@ class FolderSource:
 
     def _settled_record(self, settled: Settled) -> Record:
         if settled.stat is None:
-            return delete_record(settled.rel, settled.seen_at)
-        return upsert_record(self.root, settled.rel, settled.stat, settled.seen_at)
+            return delete_record(self.folder, settled.rel, settled.seen_at)
+        return upsert_record(self.folder, settled.rel, settled.stat, settled.seen_at)
 
     # -- shared ---------------------------------------------------------------------------------------------
 
     def _reconcile(self) -> Reconciliation:
         files = scan(self.root)
-        found = reconcile(self.root, files, self.catalog.items(source=SOURCE))
-        if found.foreign:
-            logger.warning(
-                "%d folder items of another folder are in this store; they are left alone (use one data "
-                "directory per watched folder)",
-                found.foreign,
+        found = reconcile(self.folder, files, self.catalog.items(source=SOURCE), self.catalog.folders())
+        if found.renames:
+            # in chunks: another source's indexer may be waiting to write (SQLite takes writes in turn)
+            pairs = sorted(found.renames.items())
+            renamed = sum(self.rename(dict(pairs[i : i + 5000])) for i in range(0, len(pairs), 5000))
+            logger.info(
+                "%s: %d items from before folder names now have ids %s... (their vectors are kept)",
+                self.root,
+                renamed,
+                self.folder.prefix,
             )
+        if found.foreign:
+            logger.info("%d items of other folders are in this store; they are left alone", found.foreign)
         self.summary.files = len(files)
         self.summary.unchanged += found.unchanged
         self.summary.failed_before = found.failed_before

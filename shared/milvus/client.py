@@ -15,6 +15,7 @@ Every expression passed here comes from `shared.milvus.expr` (hashes and integer
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -105,7 +106,7 @@ class Milvus:
             except StoreUnavailable:
                 raise
             except StoreError:
-                if not self.has(name):
+                if not self._appears(name):
                     raise
         for field, params in indexes:
             if field in self._indexes(name):
@@ -124,6 +125,16 @@ class Milvus:
                     raise
                 logger.info("%s: no %s index on %s.%s (%s)", self.where, params.get("index_type"), name, field, exc)
         self.load(name)
+
+    def _appears(self, name: str, wait_s: float = 10.0) -> bool:
+        """Whether another process's creation of `name` completes within `wait_s` (milvus-lite refuses a
+        second create with "File exists" before the first one is listed)."""
+        deadline = time.monotonic() + wait_s
+        while not self.has(name):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     def _indexes(self, name: str) -> set[str]:
         return set(self._call(f"list the indexes of {name}", self._client.list_indexes, name))

@@ -2,8 +2,9 @@
 
     <name>                 one row per stored version of an item (usually one): ids, uri, metadata (JSON),
                            tags (hashes for filters), status, version, the vector (cosine)
-    <name>_meta            small rows: the model the vectors come from, each writer's counters
-    <name>_dead_letters    what could not be indexed, and why
+    <name>_meta            small rows: the model the vectors come from, each writer's counters, the
+                           registered folders
+    <name>_dead_letters    what could not be indexed, and why, and when an indexer tries it again
 
 `<name>` is CLIPDEX_MILVUS_COLLECTION, or derived from the model (`clipdex_vit_b_32_1a2b3c4d5e6f`): one
 collection per model identity, so two models never share one, and a second model (a re-embedding) gets
@@ -74,12 +75,28 @@ def ensure(milvus: Milvus, names: Names, dim: int) -> None:
     milvus.ensure(names.items, _items_schema(pymilvus, dim), _ITEM_INDEXES)
     milvus.ensure(names.meta, _meta_schema(pymilvus), _PLACEHOLDER_INDEX)
     milvus.ensure(names.dead_letters, _dead_letters_schema(pymilvus), _PLACEHOLDER_INDEX)
+    check_layout(milvus, names)
     have = vector_dim(milvus, names.items)
     if have != dim:
         raise ConfigError(
             f"{milvus.where}: collection {names.items} holds {have}-d vectors, the model makes {dim}-d ones: "
             "set CLIPDEX_MILVUS_COLLECTION to another collection (or leave it unset: one per model)"
         )
+
+
+def check_layout(milvus: Milvus, names: Names) -> None:
+    """Refuse collections made before dead letters were retried by themselves (issue 9): they lack the
+    fields (and the dead letters' own ids) that this clipdex writes, and Milvus adds no field to a
+    collection in place everywhere (milvus-lite cannot)."""
+    for name, field in ((names.items, "retriable"), (names.dead_letters, "retry_at")):
+        fields = {f["name"] for f in milvus.describe(name)["fields"]}
+        if field not in fields:
+            raise ConfigError(
+                f"{milvus.where}: collection {name} was made by an earlier development version of clipdex "
+                f"(it has no {field!r} field). Copy the store out with that version (`clipdex migrate --to "
+                "sqlite`), drop its three collections, and copy it back with this one (`clipdex migrate --to "
+                "milvus`)"
+            )
 
 
 def vector_dim(milvus: Milvus, name: str) -> int:
@@ -115,6 +132,7 @@ def _items_schema(pymilvus: Any, dim: int) -> Any:
     schema.add_field("status", t.VARCHAR, max_length=16)  # indexed | failed
     schema.add_field("reason", t.VARCHAR, max_length=MAX_TEXT)
     schema.add_field("version", t.INT64)  # -1: none given
+    schema.add_field("retriable", t.BOOL)  # the item's last failure was transient
     schema.add_field("created_at", t.DOUBLE)
     schema.add_field("updated_at", t.DOUBLE)
     schema.add_field("vector", t.FLOAT_VECTOR, dim=dim)
@@ -132,13 +150,19 @@ def _meta_schema(pymilvus: Any) -> Any:
 
 def _dead_letters_schema(pymilvus: Any) -> Any:
     t = pymilvus.DataType
-    schema = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    # Ids are written by clipdex (time and a counter, `MilvusStore._letter_ids`), not by Milvus: a letter
+    # keeps its id when its retry time is written again (an upsert by primary key).
+    schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", t.INT64, is_primary=True)
     schema.add_field("source", t.VARCHAR, max_length=64)
     schema.add_field("item_id", t.VARCHAR, max_length=MAX_TEXT)  # "": none (an event that did not parse)
+    schema.add_field("key", t.VARCHAR, max_length=32)  # the item id's hash ("": none), for lookups by item
     schema.add_field("payload", t.VARCHAR, max_length=MAX_TEXT)
     schema.add_field("reason", t.VARCHAR, max_length=MAX_TEXT)
     schema.add_field("tries", t.INT64)
+    schema.add_field("retriable", t.BOOL)  # the failure was transient
+    schema.add_field("attempts", t.INT64)  # deliveries to the pipeline so far
+    schema.add_field("retry_at", t.INT64)  # when an indexer tries it again, in ms since the epoch; -1: never
     schema.add_field("created_at", t.DOUBLE)
     schema.add_field("vector", t.FLOAT_VECTOR, dim=PLACEHOLDER_DIM)
     return schema

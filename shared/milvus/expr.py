@@ -31,8 +31,8 @@ from shared.types import Filters, parent_of
 _KEY_BYTES = 16  # 128 bits: no two ids of any catalog that fits in one Milvus share a key
 _TAG_BYTES = 8
 _TOKENS = re.compile(
-    r"""\s+|[()\[\],]|==|<=|-?\d+|"[0-9a-f]{32}(?::-?\d+)?"|"(?:indexed|failed)"
-    |(?:and|or|not|in|array_contains|key|pk|content|tags|status|version|id|name)\b""",
+    r"""\s+|[()\[\],]|==|<=|>=|-?\d+|"[0-9a-f]{32}(?::-?\d+)?"|"(?:indexed|failed)"
+    |(?:and|or|not|in|array_contains|key|pk|content|tags|status|version|id|name|retry_at)\b""",
     re.VERBOSE,
 )
 

@@ -17,6 +17,17 @@ the expression), never a newer one. Without versions, every write of an item is 
 in place: the last write wins, as in Kafka's order within a partition (events keyed by item id keep one
 item on one partition, so one consumer at a time). An upsert without a version keeps the stored one.
 
+Dead letters: the batch's new letters are written after everything else, and the letters it retried
+(`apply(retried=...)`) are deleted after those, so a crash between leaves a letter twice (retried again),
+never none. Every item the batch writes ends the automatic retry of its earlier letters (their `retry_at`
+is written again as -1, before the new letters). Several consumers of one group may retry the same due
+letter at once (nothing in Milvus claims it for one): the item ends the same, versions are checked as for
+any write, and a failure again may leave two letters.
+
+Folders (`register_folder`) are rows of the meta collection: `folder:<path>` → its name and
+`folder-name:<name>` → its path, the second read back after it is written, so of two processes that
+register two folders of one name at once, one moves on to the next name.
+
 What a crash between the steps leaves (an extra row of an older version; a dead letter written twice if
 its acknowledgement was lost) is put right by the replay of the uncommitted batch, which writes the same
 rows and deletes the superseded ones again; searches meanwhile show each item once (by id).
@@ -27,17 +38,19 @@ the moment before, in a rebalance most of all); searches use Bounded (see `share
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from shared.errors import ModelMismatchError, StoreError
+from shared.errors import ModelMismatchError
 from shared.milvus import expr as ex
 from shared.milvus.client import Milvus
 from shared.milvus.collections import MAX_TAGS, MAX_TEXT, Names
@@ -50,6 +63,7 @@ from shared.roles import (
     StoredState,
     StoreStats,
     Upsert,
+    folder_name,
 )
 from shared.types import Embedding, Item, ModelIdentity, parent_of
 
@@ -59,8 +73,11 @@ NO_VERSION = -1
 STRONG = "Strong"
 MAX_METADATA_BYTES = 65_536  # Milvus's limit for a JSON value
 _STATE_FIELDS = ["pk", "key", "item_id", "sha256", "status", "version"]
-_ITEM_FIELDS = [*_STATE_FIELDS, "source", "uri", "metadata", "reason", "created_at", "updated_at"]
-_LETTER_FIELDS = ["id", "source", "item_id", "payload", "reason", "tries", "created_at"]
+_ITEM_FIELDS = [*_STATE_FIELDS, "source", "uri", "metadata", "reason", "created_at", "updated_at", "retriable"]
+_LETTER_FIELDS = ["id", "source", "item_id", "key", "payload", "reason", "tries", "created_at"]
+_LETTER_FIELDS += ["retriable", "attempts", "retry_at"]
+_ALL_LETTER_FIELDS = [*_LETTER_FIELDS, "vector"]  # what an upsert of a letter writes again
+NEVER = -1  # retry_at of a letter that is not retried by itself
 _PLACEHOLDER = [1.0, 0.0]
 _META_ROWS = 16_384  # the model and one row per writer (host and scratch directory)
 
@@ -111,6 +128,7 @@ class MilvusStore:
         upserts: Sequence[Upsert] = (),
         deletes: Sequence[Delete] = (),
         failures: Sequence[Failure] = (),
+        retried: Sequence[int] = (),
     ) -> ApplyResult:
         """Write one micro-batch (see the module's docstring for the steps and what a replay makes whole).
         Everything is checked before the first write: a refused batch writes nothing."""
@@ -120,6 +138,7 @@ class MilvusStore:
         current = self._current(ids, vectors=True)
         rows: dict[str, dict[str, Any]] = {}  # by item id: the row this batch writes for it
         refused: list[Failure] = []
+        touched: list[str] = []  # items this batch wrote: their older dead letters are not retried
 
         for up in upserts:
             cur = current.get(up.id)
@@ -129,7 +148,8 @@ class MilvusStore:
             version = up.version if up.version is not None else (cur["version"] if cur else NO_VERSION)
             if up.embedding is None:
                 if cur is None or cur["status"] != "indexed" or cur["sha256"] != up.sha256:
-                    raise StoreError(f"metadata-only update of {up.id!r}, which has no vector for that hash")
+                    result.conflicts.append(up.id)  # its content changed since the resolver read it
+                    continue
                 vector = cur["vector"]
             else:
                 vector = np.asarray(up.embedding, dtype=np.float32).tolist()
@@ -139,6 +159,7 @@ class MilvusStore:
                 continue
             row = _row(up, version, vector, created_at=cur["created_at"] if cur else now, now=now)
             rows[up.id] = current[up.id] = row
+            touched.append(up.id)
             if up.embedding is None:
                 result.updated += 1
             else:
@@ -146,12 +167,14 @@ class MilvusStore:
 
         gone: list[tuple[str, int | None]] = []
         for de in deletes:
-            cur = current.pop(de.id, None)
-            rows.pop(de.id, None)
-            if cur is None:
-                continue
-            if _older(de.version, _version(cur)):
+            cur = current.get(de.id)
+            if cur is not None and _older(de.version, _version(cur)):
                 result.skipped += 1
+                continue
+            current.pop(de.id, None)
+            rows.pop(de.id, None)
+            touched.append(de.id)
+            if cur is None:
                 continue
             gone.append((ex.item_key(de.id), de.version))
             result.deleted += 1
@@ -162,8 +185,9 @@ class MilvusStore:
             if fail.id is None:
                 continue
             cur = current.get(fail.id)
+            touched.append(fail.id)
             if cur is not None:  # a failed update keeps the older good vector (and its version) live
-                row = {**cur, "reason": _text(fail.reason), "updated_at": now}
+                row = {**cur, "reason": _text(fail.reason), "updated_at": now, "retriable": fail.retriable}
             else:
                 row = _failed_row(fail, now, self.dim)
             rows[fail.id] = current[fail.id] = row
@@ -173,8 +197,21 @@ class MilvusStore:
             self.milvus.delete(self.names.items, ex.deletes_expr(gone))
         self._drop_superseded([ex.item_key(i) for i in rows])
         self._count_writes(len(rows) + len(gone), indexed=result.indexed > 0, now=now)
-        self._insert_letters(letters, now)  # last: a replay of everything before writes nothing twice
+        self._end_retries(touched)
+        self._insert_letters(letters, now)  # a replay of everything before writes nothing twice
+        if retried:  # after the new letters: a crash between leaves a letter twice, never none
+            self.milvus.delete(self.names.dead_letters, ex.ints_in("id", [int(i) for i in retried]))
         return result
+
+    def _end_retries(self, item_ids: Sequence[str]) -> None:
+        """No automatic retry of these items' dead letters any more: a later event of the item wins."""
+        keys = sorted({ex.item_key(i) for i in item_ids})
+        waiting = [
+            r
+            for r in self.milvus.query_many(self.names.dead_letters, "key", keys, _ALL_LETTER_FIELDS)
+            if int(r["retry_at"]) != NEVER
+        ]
+        self.milvus.upsert(self.names.dead_letters, [{**r, "retry_at": NEVER} for r in waiting])
 
     def _drop_superseded(self, keys: Sequence[str]) -> None:
         """Delete the rows below the newest version of each item (written by this batch or a racing one)."""
@@ -206,16 +243,19 @@ class MilvusStore:
         self.milvus.insert(
             self.names.dead_letters,
             [
-                {
-                    "source": f.source[:64],
-                    "item_id": _text(f.id or ""),
-                    "payload": _text(f.payload),
-                    "reason": _text(f.reason),
-                    "tries": int(f.tries),
-                    "created_at": now,
-                    "vector": _PLACEHOLDER,
-                }
-                for f in letters
+                _letter_row(
+                    letter_id,
+                    f.source,
+                    f.id,
+                    f.payload,
+                    f.reason,
+                    tries=f.tries,
+                    created_at=now,
+                    retriable=f.retriable,
+                    attempts=f.attempts,
+                    retry_at=f.retry_at,
+                )
+                for letter_id, f in zip(_letter_ids(len(letters), now), letters, strict=True)
             ],
         )
 
@@ -306,10 +346,28 @@ class MilvusStore:
             total += len(present)
         return total
 
+    def due_dead_letters(self, prefix: str, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        """Letters due for a retry whose item ids start with `prefix`, the longest waiting first (the prefix
+        is checked here: expressions hold no strings)."""
+        due = f"retry_at >= 0 and retry_at <= {_ms(now)}"
+        rows = [r for r in self.milvus.rows(self.names.dead_letters, due, _LETTER_FIELDS) if r["item_id"]]
+        mine = sorted((r for r in rows if r["item_id"].startswith(prefix)), key=lambda r: (r["retry_at"], r["id"]))
+        return [_letter(r) for r in mine[:limit]]
+
+    def schedule_dead_letters(self, ids: Sequence[int], at: datetime) -> int:
+        total = 0
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            found = self.milvus.query(self.names.dead_letters, ex.ints_in("id", chunk), _ALL_LETTER_FIELDS)
+            self.milvus.upsert(self.names.dead_letters, [{**r, "retry_at": _ms(at)} for r in found])
+            total += len(found)
+        return total
+
     def stats(self) -> StoreStats:
         items = self.milvus.count(self.names.items, 'status == "indexed"')
         failed = self.milvus.count(self.names.items, 'status == "failed"')
         dead = self.milvus.count(self.names.dead_letters)
+        retrying = self.milvus.count(self.names.dead_letters, "retry_at >= 0")
         writes, newest = self.writer_counters()
         return StoreStats(
             items=items,
@@ -323,6 +381,7 @@ class MilvusStore:
             delta_size=0,
             delta_age_s=None,
             changes=writes,
+            retrying=retrying,
         )
 
     def writer_counters(self, consistency: str = STRONG) -> tuple[int, float | None]:
@@ -363,6 +422,7 @@ class MilvusStore:
             row.update(
                 status=it.status,
                 reason=_text(it.reason or ""),
+                retriable=it.retriable,
                 created_at=it.created_at.timestamp(),
                 updated_at=it.updated_at.timestamp(),
                 pk=ex.row_pk(ex.item_key(it.id), version),
@@ -379,22 +439,91 @@ class MilvusStore:
     def import_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
         have = {_letter_identity(d) for d in self.export_dead_letters()}
         new = [d for d in letters if _letter_identity(d) not in have]
+        ids = _letter_ids(len(new), time.time())
         self.milvus.insert(
             self.names.dead_letters,
             [
-                {
-                    "source": d.source[:64],
-                    "item_id": _text(d.item_id or ""),
-                    "payload": _text(d.payload),
-                    "reason": _text(d.reason),
-                    "tries": d.tries,
-                    "created_at": d.created_at.timestamp(),
-                    "vector": _PLACEHOLDER,
-                }
-                for d in new
+                _letter_row(
+                    letter_id,
+                    d.source,
+                    d.item_id,
+                    d.payload,
+                    d.reason,
+                    tries=d.tries,
+                    created_at=d.created_at.timestamp(),
+                    retriable=d.retriable,
+                    attempts=d.attempts,
+                    retry_at=d.retry_at,
+                )
+                for letter_id, d in zip(ids, new, strict=True)
             ],
         )
         return len(new)
+
+    # -- folders ------------------------------------------------------------------------------------------
+
+    def register_folder(self, path: str) -> str:
+        """The short name of the folder at `path` (absolute), registered on first use (see the module's
+        docstring for two processes registering at once)."""
+        have = self._get_meta(f"folder:{path}")
+        if have is not None:
+            return str(have["name"])
+        base = folder_name(path)
+        taken = set(self.folders())
+        for n in itertools.count(1):
+            name = base if n == 1 else f"{base}-{n}"
+            if name in taken:
+                continue
+            self._put_meta(f"folder-name:{name}", {"path": path, "created_at": time.time()})
+            owner = self._get_meta(f"folder-name:{name}")
+            if owner is None or owner["path"] != path:
+                taken.add(name)  # another process took this name the moment before
+                continue
+            self._put_meta(f"folder:{path}", {"name": name})
+            logger.info("folder %s is %r in this store (its item ids are folder:%s/...)", path, name, name)
+            return name
+        raise AssertionError("unreachable")
+
+    def folders(self) -> dict[str, str]:
+        rows = self.milvus.query(self.names.meta, "", ["value"], limit=_META_ROWS)
+        out: dict[str, str] = {}
+        for row in rows:
+            meta = json.loads(row["value"])
+            name = str(meta.get("meta", ""))
+            if name.startswith("folder-name:"):
+                out[name.removeprefix("folder-name:")] = str(meta["value"]["path"])
+        return dict(sorted(out.items()))
+
+    def rename_items(self, renames: Mapping[str, str]) -> int:
+        """Copy each item's newest row under its new id, then delete the old rows; its dead letters follow.
+        A replay after a crash finds the copy and finishes the deletes."""
+        renamed = 0
+        pairs = [(old, new) for old, new in renames.items() if old != new]
+        for start in range(0, len(pairs), 500):
+            chunk = dict(pairs[start : start + 500])
+            current = self._current(chunk, vectors=True)
+            taken = self._current([chunk[old] for old in current], vectors=False)
+            rows = []
+            for old, row in current.items():
+                new = chunk[old]
+                if new in taken:
+                    continue  # the new id is already stored: the old one goes
+                key = ex.item_key(new)
+                rows.append({**row, "pk": ex.row_pk(key, int(row["version"])), "key": key, "item_id": new})
+                renamed += 1
+            self.milvus.upsert(self.names.items, rows)
+            if current:
+                self.milvus.delete(self.names.items, ex.keys_in("key", sorted(ex.item_key(o) for o in current)))
+            keys = sorted({ex.item_key(o) for o in chunk})
+            by_key = {ex.item_key(o): n for o, n in chunk.items()}
+            letters = self.milvus.query_many(self.names.dead_letters, "key", keys, _ALL_LETTER_FIELDS)
+            moved = [
+                {**r, "item_id": _text(by_key[r["key"]]), "key": ex.item_key(by_key[r["key"]])}
+                for r in letters
+                if r["key"] in by_key
+            ]
+            self.milvus.upsert(self.names.dead_letters, moved)
+        return renamed
 
     # -- meta ---------------------------------------------------------------------------------------------
 
@@ -437,6 +566,7 @@ def _row(up: Upsert, version: int, vector: list[float], *, created_at: float, no
         "status": "indexed",
         "reason": "",
         "version": version,
+        "retriable": False,
         "created_at": created_at,
         "updated_at": now,
         "vector": vector,
@@ -461,6 +591,7 @@ def _failed_row(fail: Failure, now: float, dim: int) -> dict[str, Any]:
         "status": "failed",
         "reason": _text(fail.reason),
         "version": NO_VERSION,
+        "retriable": fail.retriable,
         "created_at": now,
         "updated_at": now,
         "vector": [1.0] + [0.0] * (dim - 1),
@@ -494,6 +625,7 @@ def _item(row: dict[str, Any]) -> Item:
         vector_id=int(row["key"][:15], 16) if indexed else None,  # no vector ids in Milvus: a stable stand-in
         created_at=_dt(row["created_at"]),
         updated_at=_dt(row["updated_at"]),
+        retriable=bool(row.get("retriable")),
     )
 
 
@@ -506,7 +638,57 @@ def _letter(row: dict[str, Any]) -> DeadLetter:
         reason=row["reason"],
         tries=int(row["tries"]),
         created_at=_dt(row["created_at"]),
+        retriable=bool(row["retriable"]),
+        attempts=int(row["attempts"]),
+        retry_at=None if int(row["retry_at"]) == NEVER else datetime.fromtimestamp(int(row["retry_at"]) / 1000, UTC),
     )
+
+
+def _letter_row(
+    letter_id: int,
+    source: str,
+    item_id: str | None,
+    payload: str,
+    reason: str,
+    *,
+    tries: int,
+    created_at: float,
+    retriable: bool,
+    attempts: int,
+    retry_at: datetime | None,
+) -> dict[str, Any]:
+    return {
+        "id": letter_id,
+        "source": source[:64],
+        "item_id": _text(item_id or ""),
+        "key": ex.item_key(item_id) if item_id else "",
+        "payload": _text(payload),
+        "reason": _text(reason),
+        "tries": int(tries),
+        "retriable": bool(retriable),
+        "attempts": int(attempts),
+        "retry_at": NEVER if retry_at is None else _ms(retry_at),
+        "created_at": created_at,
+        "vector": _PLACEHOLDER,
+    }
+
+
+_LETTER_COUNTER = itertools.count()
+
+
+def _letter_ids(n: int, now: float) -> list[int]:
+    """Ids for new dead letters, growing with time (newest last, as SQLite's): milliseconds times 1,024 plus
+    a counter that starts at a random place per process, so two writers in one millisecond rarely meet.
+    Below 2**53 (until the year 2248): exact in JavaScript too (the web UI)."""
+    base = int(now * 1000) * 1024
+    return [base + (_LETTER_OFFSET + next(_LETTER_COUNTER)) % 1024 for _ in range(n)]
+
+
+_LETTER_OFFSET = int.from_bytes(os.urandom(2), "big") % 1024
+
+
+def _ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
 
 
 def _letter_identity(d: DeadLetter) -> tuple[str, str | None, str, str, float]:

@@ -1,8 +1,10 @@
 """FAISS main + delta indexes, derived from the store (like Milvus sealed and growing segments).
 
 - main: built from the live vectors up to a high-water mark, saved as `index/main-<generation>.faiss`
-  (temporary file, fsync, atomic rename, then the generation is recorded in SQLite). Flat below a size
-  threshold, IVF (or HNSW) above it.
+  (temporary file, fsync, atomic rename, then the generation and the file's sha256 are recorded in
+  SQLite; a failed write removes its temporary file). Flat below a size threshold, IVF (or HNSW) above
+  it. A main whose file is missing, unreadable or not the recorded bytes (a bit flipped on disk, which
+  FAISS itself would load without a word) is rebuilt from SQLite, with a warning.
 - delta: an in-memory flat index of the live vectors above the high-water mark, which every query process
   keeps current by following the store's change counter (`LiveIndex.refresh`).
 - tombstones: vector ids deleted since main was built, dropped at search time (oversample, then drop) and
@@ -14,6 +16,7 @@ Searches run while a refresh or a compaction runs: a new main is built aside and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -128,25 +131,43 @@ def main_path(index_dir: Path, generation: int) -> Path:
     return index_dir / f"main-{generation}.faiss"
 
 
-def write_main(index: Any, index_dir: Path, generation: int) -> Path:
-    """Write atomically: a reader sees the old file or the whole new one, never a half-written one."""
+def write_main(index: Any, index_dir: Path, generation: int) -> str:
+    """Write atomically: a reader sees the old file or the whole new one, never a half-written one; a
+    failure (a full disk) leaves no temporary file behind. Returns the file's sha256, for the store."""
     index_dir.mkdir(parents=True, exist_ok=True)
     final = main_path(index_dir, generation)
     tmp = final.with_suffix(".faiss.tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()  # read back: what the disk holds
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(index_dir, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return final
+    return digest
 
 
-def read_main(index_dir: Path, generation: int) -> Any:
-    return faiss.read_index(str(main_path(index_dir, generation)))
+class ChecksumMismatch(ValueError):
+    """A main index file is not the bytes that were written (damaged on disk, or replaced)."""
+
+
+def read_main(index_dir: Path, generation: int, checksum: str | None = None) -> Any:
+    """Load a main index, checking its bytes first against `checksum` (None: a generation written before
+    checksums were recorded, loaded unchecked)."""
+    path = main_path(index_dir, generation)
+    if checksum is not None:
+        with open(path, "rb") as fh:
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
+        if actual != checksum:
+            raise ChecksumMismatch(f"its sha256 is {actual[:12]}..., the store recorded {checksum[:12]}...")
+    return faiss.read_index(str(path))
 
 
 def build_from_store(feed: ChangeFeed, params: IndexParams, dim: int, upto: int) -> Any:
@@ -229,7 +250,7 @@ class LiveIndex:
         """Load main (or rebuild it from the store), then a fresh delta and tombstones, and swap."""
         for attempt in range(attempts):
             generation, high_water = meta.generation, meta.high_water
-            index = self._load_main(generation, high_water)
+            index = self._load_main(generation, high_water, meta.checksum)
             tune(index, self.params)
             if self.params.use_gpu:
                 index = to_gpu(index)
@@ -258,11 +279,11 @@ class LiveIndex:
             delta.ntotal,
         )
 
-    def _load_main(self, generation: int, high_water: int) -> Any:
+    def _load_main(self, generation: int, high_water: int, checksum: str | None) -> Any:
         if generation == 0:
             return new_index("flat", self.dim, self.params)
         try:
-            index = read_main(self.index_dir, generation)
+            index = read_main(self.index_dir, generation, checksum)
             if index.d != self.dim:
                 raise ValueError(f"dimension {index.d}, expected {self.dim}")
             return index

@@ -4,12 +4,18 @@
 that FAISS live indexes refresh from, and the CompactionLedger.
 
 Tables: `items` (one row per live or failed item), `vectors` (embeddings, with a tombstone flag and a
-change counter `seq` bumped on insert and on tombstone), `dead_letters`, and `meta` (model identity,
-main-index generation and high-water mark, the change counter).
+change counter `seq` bumped on insert and on tombstone), `dead_letters` (with when each is retried, if
+ever), `folders` (the short name of each watched folder, which namespaces its item ids), and `meta`
+(model identity, main-index generation, high-water mark and file checksum, the change counter).
 
-One writer (the indexer) applies each micro-batch in ONE transaction with `apply()`. Any number of
-readers, in this or other processes, follow `seq` to keep their delta index current (WAL mode lets them
-read while the writer writes).
+One writer (the indexer; `shared.lockfile` keeps it to one process) applies each micro-batch in ONE
+transaction with `apply()`. Any number of readers, in this or other processes, follow `seq` to keep their
+delta index current (WAL mode lets them read while the writer writes). Every SQLite failure, on a read as
+on a write, is a StoreError (a server answers 503).
+
+Schema versions: 1 (the first), 2 (item_tags, the filter tags), 3 (dead letters: retriable, attempts,
+retry_at; items: retriable; the folders table). A store of an older version is migrated when it is
+opened, version by version in one transaction (`_MIGRATIONS`); a newer one is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,13 +46,14 @@ from shared.roles import (
     StoreStats,
     Upsert,
     VectorIds,
+    folder_name,
 )
 from shared.sqlite import tags
 from shared.types import Embedding, Filters, Item, Metadata, ModelIdentity, parent_of
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: item_tags (filter tags), filled from the items of a version-1 store when it opens
+SCHEMA_VERSION = 3  # the versions and what each added: _MIGRATIONS
 _BUSY_TIMEOUT_MS = 10_000
 _PAGE_SIZE = 16_384
 
@@ -63,7 +70,8 @@ CREATE TABLE IF NOT EXISTS items (
     version INTEGER,
     vector_id INTEGER,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    retriable INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS items_vector_id ON items(vector_id);
 CREATE TABLE IF NOT EXISTS vectors (
@@ -91,9 +99,40 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload TEXT NOT NULL,
     reason TEXT NOT NULL,
     tries INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    retriable INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    retry_at REAL
 );
 """
+
+_SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS folders (name TEXT PRIMARY KEY, path TEXT NOT NULL UNIQUE, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS dead_letters_due ON dead_letters(retry_at) WHERE retry_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dead_letters_retrying ON dead_letters(item_id) WHERE retry_at IS NOT NULL;
+"""
+_SCHEMA += _SCHEMA_3  # a new store is created at the current version
+
+# Migrations, one per schema version (to version N from N-1), run in order inside the opening transaction.
+# 2: item_tags, the filter tags (then filled from the stored items: `_fill_item_tags`).
+# 3: dead letters that are retried by themselves (retriable, attempts, retry_at), items.retriable, folders.
+_MIGRATIONS: dict[int, str] = {
+    2: """
+CREATE TABLE IF NOT EXISTS item_tags (
+    tag INTEGER NOT NULL,
+    vector_id INTEGER NOT NULL,
+    PRIMARY KEY (tag, vector_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_tags_vector ON item_tags(vector_id);
+""",
+    3: """
+ALTER TABLE items ADD COLUMN retriable INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN retriable INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE dead_letters ADD COLUMN retry_at REAL;
+"""
+    + _SCHEMA_3,
+}
 
 
 # -- the store ----------------------------------------------------------------------------------------------
@@ -119,32 +158,43 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous = FULL")
             with self._write():
                 self._create_schema()
-                self._set_default("schema_version", str(SCHEMA_VERSION))
-                self._migrate()
                 self._set_default("vector_dtype", vector_dtype)
                 self._set_default("seq", "0")
                 self._set_default("generation", "0")
                 self._set_default("high_water", "0")
                 self._set_default("main_seq", "0")
+            self.vector_dtype = np.dtype(self._meta("vector_dtype"))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from exc
-        self.vector_dtype = np.dtype(self._meta("vector_dtype"))
-        if int(self._meta("schema_version")) != SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema version {self._meta('schema_version')}, expected {SCHEMA_VERSION}")
 
     def _create_schema(self) -> None:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
+        """A new store at the current version, or an older one migrated version by version (inside the
+        caller's transaction, so two processes opening one old store migrate it once)."""
+        fresh = (
+            self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None
+        )
+        if fresh:
+            _run_script(self._db, _SCHEMA)
+            self._set_meta("schema_version", str(SCHEMA_VERSION))
+            return
+        version = int(self._meta("schema_version"))
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version}, newer than this clipdex knows ({SCHEMA_VERSION}): "
+                "a newer clipdex wrote this store; upgrade this one"
+            )
+        for to in range(version + 1, SCHEMA_VERSION + 1):
+            _run_script(self._db, _MIGRATIONS[to])
+            if to == 2:
+                self._fill_item_tags()
+            self._set_meta("schema_version", str(to))
+            logger.info("migrated the store at %s from schema version %d to %d", self.path, to - 1, to)
 
-    def _migrate(self) -> None:
-        """Bring an older store up to SCHEMA_VERSION, inside the opening transaction (one process does it)."""
-        if self._meta("schema_version") == "1":
-            rows = self._db.execute("SELECT vector_id, source, metadata FROM items WHERE vector_id IS NOT NULL")
-            for vector_id, source, metadata in rows.fetchall():
-                self._tag(vector_id, source, json.loads(metadata) if metadata else {})
-            self._set_meta("schema_version", "2")
-            logger.info("store %s: filter tags added (schema version 2)", self.path)
+    def _fill_item_tags(self) -> None:
+        """The filter tags of the items stored before version 2 had them."""
+        rows = self._db.execute("SELECT vector_id, source, metadata FROM items WHERE vector_id IS NOT NULL")
+        for vector_id, source, metadata in rows.fetchall():
+            self._tag(vector_id, source, json.loads(metadata) if metadata else {})
 
     def close(self) -> None:
         with self._lock:
@@ -237,7 +287,7 @@ class SqliteStore:
             )
 
     def model_identity(self) -> ModelIdentity | None:
-        with self._lock:
+        with self._reading():
             stored = self._meta_opt("model")
         return None if stored is None else ModelIdentity(**json.loads(stored))
 
@@ -248,12 +298,16 @@ class SqliteStore:
         upserts: Sequence[Upsert] = (),
         deletes: Sequence[Delete] = (),
         failures: Sequence[Failure] = (),
+        retried: Sequence[int] = (),
     ) -> ApplyResult:
         """Write one micro-batch in one transaction: all of it is durable, or none of it."""
         result = ApplyResult()
         now = time.time()
         with self._write() as db:
             seq = int(self._meta("seq"))
+            touched: list[str] = []  # items this batch wrote: their older dead letters are not retried
+            for chunk in _chunks([int(i) for i in retried], 500):
+                db.execute(f"DELETE FROM dead_letters WHERE id IN ({_marks(chunk)})", chunk)
             for up in upserts:
                 row = db.execute("SELECT vector_id, sha256, version FROM items WHERE id = ?", (up.id,)).fetchone()
                 if row is not None and _older(up.version, row[2]):
@@ -261,11 +315,12 @@ class SqliteStore:
                     continue
                 version = up.version if up.version is not None else (row[2] if row else None)
                 old_vector = row[0] if row else None
+                if up.embedding is None and (old_vector is None or row[1] != up.sha256):
+                    result.conflicts.append(up.id)  # its content changed since the resolver read it
+                    continue
                 if old_vector is not None:
                     db.execute("DELETE FROM item_tags WHERE vector_id = ?", (old_vector,))
                 if up.embedding is None:
-                    if old_vector is None or row[1] != up.sha256:
-                        raise StoreError(f"metadata-only update of {up.id!r}, which has no vector for that hash")
                     vector_id = old_vector
                     result.updated += 1
                 else:
@@ -286,12 +341,12 @@ class SqliteStore:
                 self._tag(vector_id, up.source, up.metadata)
                 db.execute(
                     """INSERT INTO items(id, source, uri, sha256, metadata, status, reason, version, vector_id,
-                                         created_at, updated_at)
-                       VALUES (?, ?, ?, ?, ?, 'indexed', NULL, ?, ?, ?, ?)
+                                         created_at, updated_at, retriable)
+                       VALUES (?, ?, ?, ?, ?, 'indexed', NULL, ?, ?, ?, ?, 0)
                        ON CONFLICT(id) DO UPDATE SET source = excluded.source, uri = excluded.uri,
                            sha256 = excluded.sha256, metadata = excluded.metadata, status = 'indexed',
                            reason = NULL, version = excluded.version, vector_id = excluded.vector_id,
-                           updated_at = excluded.updated_at""",
+                           updated_at = excluded.updated_at, retriable = 0""",
                     (
                         up.id,
                         up.source,
@@ -304,9 +359,11 @@ class SqliteStore:
                         now,
                     ),
                 )
+                touched.append(up.id)
             for de in deletes:
                 row = db.execute("SELECT vector_id, version FROM items WHERE id = ?", (de.id,)).fetchone()
                 if row is None:
+                    touched.append(de.id)
                     continue
                 if _older(de.version, row[1]):
                     result.skipped += 1
@@ -317,6 +374,14 @@ class SqliteStore:
                     db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
                 db.execute("DELETE FROM items WHERE id = ?", (de.id,))
                 result.deleted += 1
+                touched.append(de.id)
+            touched += [f.id for f in failures if f.id is not None]
+            for chunk in _chunks(touched, 500):
+                db.execute(
+                    "UPDATE dead_letters SET retry_at = NULL "
+                    f"WHERE retry_at IS NOT NULL AND item_id IN ({_marks(chunk)})",
+                    chunk,
+                )
             for fail in failures:
                 self._record_failure(db, fail, now)
                 result.failed += 1
@@ -325,18 +390,30 @@ class SqliteStore:
 
     def _record_failure(self, db: sqlite3.Connection, fail: Failure, now: float) -> None:
         db.execute(
-            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (fail.source, fail.id, fail.payload, fail.reason, fail.tries, now),
+            "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at, retriable, attempts, "
+            "retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                fail.source,
+                fail.id,
+                fail.payload,
+                fail.reason,
+                fail.tries,
+                now,
+                int(fail.retriable),
+                fail.attempts,
+                None if fail.retry_at is None else fail.retry_at.timestamp(),
+            ),
         )
         if fail.id is None:
             return
         # A failed update keeps the item's older good vector live: nothing that was searchable is lost.
         db.execute(
-            """INSERT INTO items(id, source, uri, status, reason, created_at, updated_at)
-               VALUES (?, ?, ?, 'failed', ?, ?, ?)
+            """INSERT INTO items(id, source, uri, status, reason, created_at, updated_at, retriable)
+               VALUES (?, ?, ?, 'failed', ?, ?, ?, ?)
                ON CONFLICT(id) DO UPDATE SET reason = excluded.reason, updated_at = excluded.updated_at,
+                   retriable = excluded.retriable,
                    status = CASE WHEN items.vector_id IS NULL THEN 'failed' ELSE items.status END""",
-            (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now),
+            (fail.id, fail.source, fail.uri or fail.payload, fail.reason, now, now, int(fail.retriable)),
         )
 
     def _tag(self, vector_id: int | None, source: str, metadata: Metadata) -> None:
@@ -345,6 +422,53 @@ class SqliteStore:
             "INSERT OR IGNORE INTO item_tags(tag, vector_id) VALUES (?, ?)",
             [(t, vector_id) for t in tags.item_tags(source, metadata)],
         )
+
+    # -- folders ------------------------------------------------------------------------------------------
+
+    def register_folder(self, path: str) -> str:
+        """The short name of the folder at `path` (absolute), registered on first use."""
+        with self._write() as db:
+            row = db.execute("SELECT name FROM folders WHERE path = ?", (path,)).fetchone()
+            if row is not None:
+                return str(row[0])
+            base = folder_name(path)
+            taken = {
+                r[0] for r in db.execute("SELECT name FROM folders WHERE name = ? OR name LIKE ?", (base, base + "-%"))
+            }
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+            db.execute("INSERT INTO folders(name, path, created_at) VALUES (?, ?, ?)", (name, path, time.time()))
+            logger.info("folder %s is %r in this store (its item ids are folder:%s/...)", path, name, name)
+            return name
+
+    def folders(self) -> dict[str, str]:
+        """name -> absolute path of every registered folder."""
+        with self._reading() as db:
+            return {str(r[0]): str(r[1]) for r in db.execute("SELECT name, path FROM folders ORDER BY name")}
+
+    def rename_items(self, renames: Mapping[str, str]) -> int:
+        renamed = 0
+        with self._write() as db:
+            seq = int(self._meta("seq"))
+            for old, new in renames.items():
+                row = db.execute("SELECT vector_id FROM items WHERE id = ?", (old,)).fetchone()
+                if row is None or old == new:
+                    continue
+                if db.execute("SELECT 1 FROM items WHERE id = ?", (new,)).fetchone() is not None:
+                    if row[0] is not None:  # the new id is already indexed: the old one goes
+                        seq += 1
+                        db.execute("UPDATE vectors SET tombstoned = 1, seq = ? WHERE vector_id = ?", (seq, row[0]))
+                        db.execute("DELETE FROM item_tags WHERE vector_id = ?", (row[0],))
+                    db.execute("DELETE FROM items WHERE id = ?", (old,))
+                    continue
+                db.execute("UPDATE items SET id = ? WHERE id = ?", (new, old))
+                db.execute("UPDATE vectors SET item_id = ? WHERE item_id = ?", (new, old))
+                db.execute("UPDATE dead_letters SET item_id = ? WHERE item_id = ?", (new, old))
+                renamed += 1
+            self._set_meta("seq", str(seq))
+        return renamed
 
     def _blob(self, embedding: Embedding) -> bytes:
         return np.ascontiguousarray(embedding, dtype=self.vector_dtype).tobytes()
@@ -400,10 +524,13 @@ class SqliteStore:
     def index_meta(self) -> IndexMeta:
         keys = ("generation", "high_water", "main_seq", "seq")
         with self._reading() as db:  # one statement, one snapshot: never one generation's number with another's
-            rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?)", keys).fetchall())
-        if len(rows) != len(keys):
+            rows = dict(
+                db.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?, 'main_sha256')", keys).fetchall()
+            )
+        if not set(keys) <= set(rows):
             raise StoreError(f"store meta keys missing: {sorted(set(keys) - set(rows))}")
-        return IndexMeta(*(int(rows[k]) for k in keys))
+        generation, high_water, main_seq, seq = (int(rows[k]) for k in keys)
+        return IndexMeta(generation, high_water, main_seq, seq, checksum=rows.get("main_sha256") or None)
 
     def changes_since(self, seq: int) -> Changes:
         """Vectors added and tombstoned after `seq`, read in one snapshot."""
@@ -430,8 +557,8 @@ class SqliteStore:
         limit = upto if upto is not None else 2**62
         last = above
         while True:
-            with self._lock:
-                rows = self._db.execute(
+            with self._reading() as db:
+                rows = db.execute(
                     "SELECT vector_id, embedding FROM vectors WHERE tombstoned = 0 AND vector_id > ? "
                     "AND vector_id <= ? ORDER BY vector_id LIMIT ?",
                     (last, limit, chunk),
@@ -442,8 +569,8 @@ class SqliteStore:
             yield np.array([r[0] for r in rows], dtype=np.int64), self._decode([r[1] for r in rows])
 
     def tombstoned_ids(self, *, upto: int, after_seq: int = 0) -> VectorIds:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT vector_id FROM vectors WHERE tombstoned = 1 AND vector_id <= ? AND seq > ?",
                 (upto, after_seq),
             ).fetchall()
@@ -455,13 +582,16 @@ class SqliteStore:
             max_id = db.execute("SELECT COALESCE(MAX(vector_id), 0) FROM vectors").fetchone()[0]
             return int(max_id), int(self._meta("seq"))
 
-    def record_generation(self, generation: int, high_water: int, main_seq: int, kind: str) -> int:
+    def record_generation(
+        self, generation: int, high_water: int, main_seq: int, kind: str, checksum: str | None = None
+    ) -> int:
         """Point readers at a new main index; purge the tombstones it no longer contains."""
         with self._write() as db:
             self._set_meta("generation", str(generation))
             self._set_meta("high_water", str(high_water))
             self._set_meta("main_seq", str(main_seq))
             self._set_meta("main_kind", kind)
+            self._set_meta("main_sha256", checksum or "")
             self._set_meta("last_compaction_at", str(time.time()))
             cur = db.execute(
                 "DELETE FROM vectors WHERE tombstoned = 1 AND vector_id <= ? AND seq <= ?",
@@ -472,8 +602,8 @@ class SqliteStore:
     # -- items -------------------------------------------------------------------------------------------
 
     def get_item(self, item_id: str) -> Item | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else _item(row)
 
     def items_for_vectors(self, vector_ids: Sequence[int], filters: Filters | None = None) -> dict[int, Item]:
@@ -483,10 +613,9 @@ class SqliteStore:
         where, params = _filter_sql(filters) if filters is not None else ("", [])
         out: dict[int, Item] = {}
         for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
-            marks = ",".join("?" * len(chunk))
             with self._reading() as db:
                 rows = db.execute(
-                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({marks}){where}", [*chunk, *params]
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE vector_id IN ({_marks(chunk)}){where}", [*chunk, *params]
                 ).fetchall()
             for row in rows:  # parsed outside the lock
                 item = _item(row)
@@ -526,9 +655,10 @@ class SqliteStore:
         """Stored vectors by id (tombstoned ones too, until a compaction purges them)."""
         out: dict[int, Embedding] = {}
         for chunk in _chunks([int(v) for v in vector_ids], 500):  # the lock is free between chunks
-            marks = ",".join("?" * len(chunk))
             with self._reading() as db:
-                rows = db.execute(f"SELECT vector_id, embedding FROM vectors WHERE vector_id IN ({marks})", chunk)
+                rows = db.execute(
+                    f"SELECT vector_id, embedding FROM vectors WHERE vector_id IN ({_marks(chunk)})", chunk
+                )
                 found = rows.fetchall()
             if found:
                 vecs = self._decode([r[1] for r in found])
@@ -536,8 +666,8 @@ class SqliteStore:
         return out
 
     def item_vector(self, item_id: str) -> tuple[int, Embedding] | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT v.vector_id, v.embedding FROM items i JOIN vectors v ON v.vector_id = i.vector_id "
                 "WHERE i.id = ?",
                 (item_id,),
@@ -546,8 +676,8 @@ class SqliteStore:
 
     def item_ids(self, source: str | None = None, prefix: str = "") -> dict[str, str | None]:
         """id → sha256 of stored items (for reconciling a folder against the store)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT id, sha256 FROM items WHERE (? IS NULL OR source = ?) AND id >= ? AND id < ?",
                 (source, source, prefix, prefix + "\U0010ffff"),
             ).fetchall()
@@ -555,8 +685,8 @@ class SqliteStore:
 
     def items(self, source: str | None = None, prefix: str = "") -> list[Item]:
         """Every item (of one source, with ids starting with `prefix`), by id: what a folder reconciles."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 f"SELECT {_ITEM_COLUMNS} FROM items WHERE (? IS NULL OR source = ?) AND id >= ? AND id < ? ORDER BY id",
                 (source, source, prefix, prefix + "\U0010ffff"),
             ).fetchall()
@@ -601,7 +731,7 @@ class SqliteStore:
                     ).lastrowid
                     self._tag(vector_id, it.source, it.metadata)  # filtered searches find it by these
                 db.execute(
-                    f"INSERT OR REPLACE INTO items({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR REPLACE INTO items({_ITEM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         it.id,
                         it.source,
@@ -614,6 +744,7 @@ class SqliteStore:
                         vector_id,
                         it.created_at.timestamp(),
                         it.updated_at.timestamp(),
+                        int(it.retriable),
                     ),
                 )
             self._set_meta("seq", str(seq))
@@ -627,29 +758,57 @@ class SqliteStore:
         new = [d for d in letters if _letter_identity(d) not in have]
         with self._write() as db:
             db.executemany(
-                "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(d.source, d.item_id, d.payload, d.reason, d.tries, d.created_at.timestamp()) for d in new],
+                "INSERT INTO dead_letters(source, item_id, payload, reason, tries, created_at, retriable, attempts, "
+                "retry_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        d.source,
+                        d.item_id,
+                        d.payload,
+                        d.reason,
+                        d.tries,
+                        d.created_at.timestamp(),
+                        int(d.retriable),
+                        d.attempts,
+                        None if d.retry_at is None else d.retry_at.timestamp(),
+                    )
+                    for d in new
+                ],
             )
         return len(new)
 
     # -- dead letters and stats -------------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, source, item_id, payload, reason, tries, created_at FROM dead_letters "
-                "ORDER BY id DESC LIMIT ?",
-                (limit,),
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT {_LETTER_COLUMNS} FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], _dt(r[6])) for r in rows]
+        return [_letter(r) for r in rows]
+
+    def due_dead_letters(self, prefix: str, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT {_LETTER_COLUMNS} FROM dead_letters WHERE retry_at IS NOT NULL AND retry_at <= ? "
+                "AND item_id >= ? AND item_id < ? ORDER BY retry_at, id LIMIT ?",
+                (now.timestamp(), prefix, prefix + "\U0010ffff", limit),
+            ).fetchall()
+        return [_letter(r) for r in rows]
+
+    def schedule_dead_letters(self, ids: Sequence[int], at: datetime) -> int:
+        with self._write() as db:
+            total = 0
+            for chunk in _chunks([int(i) for i in ids], 500):
+                total += db.execute(
+                    f"UPDATE dead_letters SET retry_at = ? WHERE id IN ({_marks(chunk)})", [at.timestamp(), *chunk]
+                ).rowcount
+            return total
 
     def delete_dead_letters(self, ids: Sequence[int]) -> int:
         with self._write() as db:
             total = 0
             for chunk in _chunks([int(i) for i in ids], 500):
-                marks = ",".join("?" * len(chunk))
-                total += db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks})", chunk).rowcount
+                total += db.execute(f"DELETE FROM dead_letters WHERE id IN ({_marks(chunk)})", chunk).rowcount
             return total
 
     def stats(self) -> StoreStats:
@@ -660,6 +819,7 @@ class SqliteStore:
             vectors = db.execute("SELECT COUNT(*) FROM vectors WHERE tombstoned = 0").fetchone()[0]
             tombs = db.execute("SELECT COUNT(*) FROM vectors WHERE tombstoned = 1").fetchone()[0]
             dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            retrying = db.execute("SELECT COUNT(*) FROM dead_letters WHERE retry_at IS NOT NULL").fetchone()[0]
             newest = self._newest_vector_time(db)
             last_compaction = self._meta_opt("last_compaction_at")
             meta = self.index_meta()
@@ -677,12 +837,13 @@ class SqliteStore:
             delta_size=delta,
             delta_age_s=delta_age,
             changes=meta.seq,
+            retrying=int(retrying),
         )
 
     def newest_indexed_at(self) -> datetime | None:
         """When the newest vector was written. Cheap at any size: it reads one row by its key."""
-        with self._lock:
-            newest = self._newest_vector_time(self._db)
+        with self._reading() as db:
+            newest = self._newest_vector_time(db)
         return _dt(newest) if newest else None
 
     @staticmethod
@@ -693,8 +854,8 @@ class SqliteStore:
 
     def tombstone_count(self, *, upto: int, after_seq: int) -> int:
         """Vectors up to `upto` tombstoned after `after_seq`: the deleted vectors a main index still holds."""
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 # `+vector_id`: look rows up by the change counter (the few changed since main was built),
                 # not by the id range (every vector in main)
                 "SELECT COUNT(*) FROM vectors WHERE seq > ? AND tombstoned = 1 AND +vector_id <= ?",
@@ -703,15 +864,15 @@ class SqliteStore:
         return int(row[0])
 
     def delta_size(self, high_water: int) -> int:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT COUNT(*) FROM vectors WHERE tombstoned = 0 AND vector_id > ?", (high_water,)
             ).fetchone()
         return int(row[0])
 
     def oldest_uncompacted_age_s(self, high_water: int) -> float | None:
-        with self._lock:
-            row = self._db.execute("SELECT MIN(created_at) FROM vectors WHERE vector_id > ?", (high_water,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT MIN(created_at) FROM vectors WHERE vector_id > ?", (high_water,)).fetchone()
         return None if row[0] is None else max(0.0, time.time() - float(row[0]))
 
 
@@ -729,7 +890,10 @@ def _filter_sql(filters: Filters) -> tuple[str, list[Any]]:
     return where, params
 
 
-_ITEM_COLUMNS = "id, source, uri, sha256, metadata, status, reason, version, vector_id, created_at, updated_at"
+_ITEM_COLUMNS = (
+    "id, source, uri, sha256, metadata, status, reason, version, vector_id, created_at, updated_at, retriable"
+)
+_LETTER_COLUMNS = "id, source, item_id, payload, reason, tries, created_at, retriable, attempts, retry_at"
 
 
 def _item(row: Sequence[Any]) -> Item:
@@ -745,6 +909,22 @@ def _item(row: Sequence[Any]) -> Item:
         vector_id=row[8],
         created_at=_dt(row[9]),
         updated_at=_dt(row[10]),
+        retriable=bool(row[11]),
+    )
+
+
+def _letter(row: Sequence[Any]) -> DeadLetter:
+    return DeadLetter(
+        id=row[0],
+        source=row[1],
+        item_id=row[2],
+        payload=row[3],
+        reason=row[4],
+        tries=row[5],
+        created_at=_dt(row[6]),
+        retriable=bool(row[7]),
+        attempts=int(row[8]),
+        retry_at=None if row[9] is None else _dt(row[9]),
     )
 
 
@@ -756,6 +936,16 @@ def _letter_identity(d: DeadLetter) -> tuple[str, str | None, str, str, float]:
 def _older(version: int | None, stored: int | None) -> bool:
     """The rule of `indexer.resolve`, checked again inside the transaction: only two versions compare."""
     return version is not None and stored is not None and version < stored
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
 
 
 def _dt(ts: float) -> datetime:

@@ -102,7 +102,7 @@ def deployment(tmp_path: Path, kafka_bootstrap: str, kafka_topic: str) -> Iterat
         # three processes on two cores: OpenMP threads that spin while they wait starve each other
         "OMP_WAIT_POLICY": "PASSIVE",
     }
-    folder = _images(watched, seed=11, id_of=lambda p: f"folder:{p.name}")
+    folder = _images(watched, seed=11, id_of=lambda p: f"folder:watched/{p.name}")
     catalog = _images(catalog_dir, seed=23, id_of=lambda p: f"kafka:sku-{p.stem}")
     port = free_port()
     with ExitStack() as stack:

@@ -21,6 +21,7 @@ from clipdex.cli import build_parser
 from clipdex.synthetic import write_folder
 from shared.cliargs import setting_overrides
 from shared.config import load_settings
+from shared.errors import ClipdexError
 from shared.sqlite.store import SqliteStore
 from tests.conftest import TINY_MODEL, tiny_env
 
@@ -65,7 +66,7 @@ def test_index_prints_a_summary_exits_0_and_a_second_run_finds_nothing_to_do(
     first = clipdex(data, "index", str(folder))
     assert first.returncode == 0, first.stderr
     assert "indexed 5 (embedded 5, reused 0" in first.stdout
-    assert "failed 1" in first.stdout and "folder:broken.jpg: ImageRejected: not an image" in first.stdout
+    assert "failed 1" in first.stdout and "folder:photos/broken.jpg: ImageRejected: not an image" in first.stdout
     assert "6/6 (100%)" in first.stderr  # the progress bar
     assert "batch source=folder size=6" in first.stderr and "embed_ms=" in first.stderr  # one log line per batch
 
@@ -96,7 +97,7 @@ def test_a_fixed_file_is_indexed_by_dlq_retry_and_purge_empties_the_dead_letters
     assert code == 0
     code, out = in_process(data, monkeypatch, capsys, "dlq", "list", "--json")
     (letter,) = json.loads(out)
-    assert letter["item_id"] == "folder:broken.jpg" and "not an image" in letter["reason"]
+    assert letter["item_id"] == "folder:photos/broken.jpg" and "not an image" in letter["reason"]
 
     pixels = io.BytesIO()
     Image.new("RGB", (40, 30), (0, 90, 200)).save(pixels, format="JPEG")
@@ -107,9 +108,9 @@ def test_a_fixed_file_is_indexed_by_dlq_retry_and_purge_empties_the_dead_letters
     code, out = in_process(data, monkeypatch, capsys, "dlq", "retry", str(letter["id"]))
     assert code == 0 and "1 done, 0 failed again" in out
     with SqliteStore(data / "clipdex.sqlite3") as store:
-        item = store.get_item("folder:broken.jpg")
+        item = store.get_item("folder:photos/broken.jpg")
         assert item is not None and item.status == "indexed"
-        assert [d.item_id for d in store.dead_letters()] == ["folder:gone.jpg"]
+        assert [d.item_id for d in store.dead_letters()] == ["folder:photos/gone.jpg"]
     code, out = in_process(data, monkeypatch, capsys, "dlq", "purge", "--all")
     assert code == 0 and "purged 1" in out
     code, out = in_process(data, monkeypatch, capsys, "dlq", "list")
@@ -172,3 +173,69 @@ def test_watch_indexes_new_files_and_sigterm_exits_0(
     reader.join(timeout=10)
     assert "indexed 7" in out
     assert any("SIGTERM: finishing the batch in flight" in line for line in lines)
+
+
+def cli(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[int, str, str]:
+    """`clipdex ARGV` as `clipdex.cli.main` runs it (a ClipdexError: exit 2, its text on stderr), in this
+    process, without configuring its logging."""
+    try:
+        code, out = in_process(data, monkeypatch, capsys, *argv)
+    except ClipdexError as exc:
+        return 2, capsys.readouterr().out, f"clipdex: error: {exc}"
+    return code, out, ""
+
+
+def test_one_writer_per_source_beside_others_and_a_killed_writer_blocks_no_restart(
+    watch_process: tuple[subprocess.Popen[str], list[str], threading.Thread],
+    folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proc, lines, _ = watch_process
+    data = tmp_path / "data"
+    wait_for_line(lines, "the files found at start are indexed")
+
+    for argv in (("watch", str(folder)), ("index", str(folder))):  # the same folder: refused at once
+        code, _, err = cli(data, monkeypatch, capsys, *argv)
+        assert code == 2, err
+        assert f"another clipdex process is already indexing the folder {folder} into {data}" in err
+        assert f"pid {proc.pid} (`clipdex watch {folder}`)" in err and "stop it first" in err
+
+    other = tmp_path / "other"  # another folder into the same store: beside it
+    write_folder(other, 1, seed=5, size=(64, 64))
+    code, out, err = cli(data, monkeypatch, capsys, "index", "--no-progress", str(other))
+    assert code == 0 and "indexed 1" in out, err
+    code, out, _ = cli(data, monkeypatch, capsys, "compact")  # the two take turns
+    assert code == 0 and "compacted: main generation" in out
+    code, out, _ = cli(data, monkeypatch, capsys, "status", "--json")
+    (writer,) = json.loads(out)["writers"]
+    assert (writer["pid"], writer["writes"]) == (proc.pid, f"the folder {folder}")
+
+    code, out, _ = cli(data, monkeypatch, capsys, "dlq", "list", "--json")
+    (letter,) = json.loads(out)
+    assert (letter["item_id"], letter["attempts"], letter["retriable"], letter["retry_at"]) == (
+        "folder:photos/broken.jpg",
+        1,
+        False,
+        None,
+    )
+    code, out, _ = cli(data, monkeypatch, capsys, "dlq", "retry", "--all")  # handed to the running watcher
+    assert code == 0 and f"1 dead letters of the folder {folder} are retried" in out and f"pid {proc.pid}" in out
+    deadline = time.monotonic() + 60
+    while True:  # the watcher retries it (the file is still broken, so it fails again: attempt 2)
+        code, out, _ = cli(data, monkeypatch, capsys, "dlq", "list")
+        if "attempt 2, 1 fetch, permanent" in out:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+    wait_for_line(lines, "retried 1 dead letters: 0 indexed, 1 failed again")
+
+    proc.kill()  # SIGKILL: no chance to clean up; its lock file stays behind
+    proc.wait(timeout=30)
+    assert list(data.glob("writer-folder-*.lock"))
+    code, out, err = cli(data, monkeypatch, capsys, "index", "--no-progress", str(folder))
+    assert code == 0, err
+    assert "unchanged 5" in out

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer import pipeline as pipeline_module
+from indexer import service as service_module
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Record
 from indexer.service import consume
@@ -25,7 +27,7 @@ from indexer.sources.kafka import KafkaSource, SourceStats
 from indexer.sources.kafka_client import AioKafkaConsumer, KafkaDeadLetters
 from shared.config import Settings
 from shared.embedder import Embedder
-from shared.errors import StoreError
+from shared.errors import FetchFailed, StoreError
 from shared.search import SearchService
 from shared.sqlite.index import IndexParams, LiveIndex
 from shared.sqlite.search import IndexSearch
@@ -302,3 +304,44 @@ async def test_a_second_member_joining_mid_stream_takes_partitions_and_nothing_i
     assert all(s.records > 0 for s in stats), "the second member got no partition"
     assert live_vectors(settings.db_path) == {f"kafka:{i}": 1 for i in ids}
     assert await committed_offsets(kafka_bootstrap, kafka_topic, settings.kafka_group) == ends_of(positions)
+
+
+async def test_consume_retries_a_transient_failure_by_itself_and_commits_meanwhile(
+    tmp_path: Path, kafka_bootstrap: str, kafka_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CDN answers 503 for a while: the event is a dead letter at once (the offset moves on, nothing
+    waits behind it), and `clipdex consume` indexes it by itself once the CDN is back."""
+    images = tmp_path / "images"
+    write_image(images / "cdn.png", 1)
+    write_image(images / "ok.png", 2)
+    failing = {"cdn.png"}
+    real = pipeline_module.fetch_bytes
+
+    def fetch(uri: str, policy: Any) -> bytes:
+        if Path(uri).name in failing:
+            raise FetchFailed(f"{uri}: HTTP 503")
+        return real(uri, policy)
+
+    monkeypatch.setattr(pipeline_module, "fetch_bytes", fetch)
+    monkeypatch.setattr(service_module, "_REDELIVER_CHECK_S", 0.1)
+    settings = settings_for(tmp_path, kafka_bootstrap, kafka_topic, dlq_retry_delay_s=0.5)
+    positions = await publish(
+        kafka_bootstrap,
+        kafka_topic,
+        [(b"cdn", event("upsert", "cdn", images / "cdn.png")), (b"ok", event("upsert", "ok", images / "ok.png"))],
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume(settings, stop=stop))
+    try:
+        async with asyncio.timeout(60):
+            while await committed_offsets(kafka_bootstrap, kafka_topic, settings.kafka_group) != ends_of(positions):  # noqa: ASYNC110 (polling the broker)
+                await asyncio.sleep(0.1)
+            assert set(live_vectors(settings.db_path)) == {"kafka:ok"}  # committed with cdn a dead letter
+            failing.clear()
+            while "kafka:cdn" not in live_vectors(settings.db_path):  # noqa: ASYNC110 (polling the store)
+                await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+    with SqliteStore(settings.db_path) as store:
+        assert store.dead_letters() == [] and store.get_item("kafka:cdn").status == "indexed"  # type: ignore[union-attr]

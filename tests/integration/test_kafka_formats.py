@@ -14,6 +14,8 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -445,3 +447,61 @@ async def test_consume_killed_with_sigkill_over_a_debezium_stream_of_products_ap
     assert {r[0]: json.loads(r[1]) for r in rows} == expected
     assert {r[2] for r in rows} == {"indexed"} and dead_letters == 0
     assert searchable_ids(tiny_settings_for(tmp_path / "data"), tiny_embedder) == set(expected)
+
+
+async def test_dlq_retry_hands_a_debezium_products_dead_letter_to_the_running_consume_which_reads_it_again(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    kafka_topic: str,
+    consumer_for: Callable[..., Consumer],  # noqa: F811
+) -> None:
+    """One image of a product is missing: its dead letter holds the Debezium change. Once the file is
+    there, `clipdex dlq retry --all` hands the letter to the running `clipdex consume` (the Kafka writer),
+    which reads it again as a Debezium change of the product: the missing image is indexed, the other two
+    keep their vectors."""
+    images = tmp_path / "images"
+    paths = [images / f"g{i}.png" for i in range(3)]
+    for seed, path in enumerate(paths[:2]):
+        write_image(path, 60 + seed)
+    uris = [str(p) for p in paths]
+    ids = [f"kafka:{image_id('G-1', u)}" for u in uris]
+    map_file = tmp_path / "gallery.map.json"
+    map_file.write_text(json.dumps(GALLERY_MAP))
+    consumer = consumer_for(
+        kafka_bootstrap, kafka_topic, CLIPDEX_EVENT_FORMAT="debezium", CLIPDEX_EVENT_MAP=str(map_file)
+    )
+    proc = consumer.start()
+    db = tmp_path / "data" / "clipdex.sqlite3"
+    change = debezium("c", None, product_row(1, "G-1", "Gallery", images=uris), lsn=500)
+    await publish(kafka_bootstrap, kafka_topic, [(debezium_key(1), change)])
+    await wait_for(lambda: db.exists() and ids[2] in letters_by_item(db), 90, "the missing image's dead letter")
+    assert set(live_vectors(db)) == set(ids[:2])
+    before = vectors_ever(db, ids[0])
+
+    write_image(paths[2], 62)
+    retry = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "clipdex", "dlq", "retry", "--all"],
+        env=consumer.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "retried within a few seconds by the indexer" in retry.stdout, retry.stdout
+    await wait_for(lambda: not letters_by_item(db), 30, "the consumer to retry the letter")
+    assert live_vectors(db) == dict.fromkeys(ids, 1)
+    assert vectors_ever(db, ids[0]) == before  # the images it had were not embedded again
+    assert "retried 1 dead letters: 1 indexed, 0 failed again" in consumer.text()
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert "Traceback" not in consumer.text()
+
+
+def letters_by_item(db: Path) -> dict[str | None, str]:
+    """Dead letters: item id -> reason (an empty store, one being created: none)."""
+    try:
+        with sqlite3.connect(db, timeout=10) as conn:
+            return dict(conn.execute("SELECT item_id, reason FROM dead_letters").fetchall())
+    except sqlite3.OperationalError:
+        return {}

@@ -75,15 +75,15 @@ def test_run_indexes_watches_and_serves_http_and_mcp(running: Running) -> None:
     assert health.json()["items"] == 6
 
     shutil.copy(next(running.root.glob("*.jpg")), running.root / "dropped later.jpg")
-    item = _poll("the dropped file", lambda: httpx.get(f"{running.url}/items/folder:dropped later.jpg"), running)
+    item = _poll("the dropped file", lambda: httpx.get(f"{running.url}/items/folder:images/dropped later.jpg"), running)
     assert item.json()["uri"].endswith("dropped later.jpg")
 
     hits = httpx.get(f"{running.url}/search", params={"query": "a red circle", "top_k": 10}).json()["hits"]
-    assert {h["id"] for h in hits} >= {"folder:dropped later.jpg"}  # 7 items, top 10: all of them
+    assert {h["id"] for h in hits} >= {"folder:images/dropped later.jpg"}  # 7 items, top 10: all of them
 
-    hits = asyncio.run(_find_similar_over_mcp(running.url, "folder:dropped later.jpg"))
+    hits = asyncio.run(_find_similar_over_mcp(running.url, "folder:images/dropped later.jpg"))
     assert len(hits) == 3
-    assert "folder:dropped later.jpg" not in {h["id"] for h in hits}
+    assert "folder:images/dropped later.jpg" not in {h["id"] for h in hits}
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)  # its source file has the same pixels
 
     running.proc.send_signal(signal.SIGTERM)

@@ -63,8 +63,8 @@ SECRET_DIR = "/srv/private-catalog/2026"
 
 
 def what(item_id: str) -> tuple[str, str]:
-    """(colour, shape) from an item id like folder:red-circle-00003.jpg."""
-    colour, shape, _ = item_id.removeprefix("folder:").split("-", 2)
+    """(colour, shape) from an item id like folder:images/red-circle-00003.jpg."""
+    colour, shape, _ = item_id.rsplit("/", 1)[-1].split("-", 2)
     return colour, shape
 
 
@@ -601,7 +601,7 @@ def test_health_strip_and_the_read_only_dead_letters_view(tabs: Any, served: Ser
     rows = dialog.locator("tbody tr")
     expect(rows).to_have_count(3)
     text = dialog.inner_text()
-    assert "folder:broken-file-00999.jpg" in text and "not an image" in text
+    assert "folder:images/broken-file-00999.jpg" in text and "not an image" in text
     assert "https://cdn.example.com/sku-9.jpg?…" in text and "…/x.jpg: no such file" in text
     assert SECRET_QUERY not in text and SECRET_DIR not in text
     assert dialog.get_by_role("button").count() == 1, "read-only: the only button closes it"

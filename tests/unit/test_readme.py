@@ -401,6 +401,23 @@ def test_the_limits_table_states_the_limits_in_the_code() -> None:
     assert f"at most {cloudevents.MAX_HEADERS}, together at most {cloudevents.MAX_HEADER_BYTES:,} bytes" in section
 
 
+def test_the_limits_table_states_the_retry_policy_the_writer_lock_and_the_store_failure_as_coded() -> None:
+    from indexer.redeliver import MAX_DELAY_S
+    from shared.lockfile import PREFIX
+    from tools.http_api import STORE_RETRY_AFTER_S
+    from tools.redaction import STORE_UNAVAILABLE
+
+    defaults = Settings.model_fields
+    text = readme()
+    section = text[text.index("## Limits and security") :]
+    section = section[: section.index("\n## ", 1)]
+    retries, delay = defaults["dlq_retries"].default, defaults["dlq_retry_delay_s"].default
+    assert f"{retries} more attempts, the first after {delay:.0f} s" in section
+    assert f"at most {MAX_DELAY_S // 3600} hours" in section
+    assert f"`<data dir>/{PREFIX}folder-<digest>.lock`, `{PREFIX}kafka.lock`" in section
+    assert f"503 `{STORE_UNAVAILABLE}` with `Retry-After: {STORE_RETRY_AFTER_S}`" in section
+
+
 FORMAT_OF_SECTION = {
     "### Debezium change data": "debezium",
     "### CloudEvents": "cloudevents",

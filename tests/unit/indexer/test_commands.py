@@ -18,10 +18,11 @@ from PIL import Image
 from clipdex import cli
 from clipdex.cli import build_parser
 from clipdex.synthetic import write_folder
-from indexer.commands import retry_records
 from indexer.events import Event
 from indexer.formats import Incoming, event_format
 from indexer.products import Product
+from indexer.records import Redelivery
+from indexer.redeliver import retry_records
 from shared.cliargs import setting_overrides
 from shared.config import load_settings
 from shared.roles import DeadLetter
@@ -78,15 +79,15 @@ def test_index_status_dlq_and_searches_on_milvus(run: Run, tmp_path: Path) -> No
     code, out = run("search", "a photo", "--json", "--top-k", "10")
     hits = json.loads(out)
     assert {h["id"] for h in hits} == {
-        "folder:renamed.jpg",
-        *(f"folder:{p.name}" for p in root.glob("*.jpg") if p.name not in ("broken.jpg", "renamed.jpg")),
+        "folder:photos/renamed.jpg",
+        *(f"folder:photos/{p.name}" for p in root.glob("*.jpg") if p.name not in ("broken.jpg", "renamed.jpg")),
     }
-    code, out = run("similar", "--id", "folder:renamed.jpg", "--json")
-    assert "folder:renamed.jpg" not in {h["id"] for h in json.loads(out)} and len(json.loads(out)) == 2
+    code, out = run("similar", "--id", "folder:photos/renamed.jpg", "--json")
+    assert "folder:photos/renamed.jpg" not in {h["id"] for h in json.loads(out)} and len(json.loads(out)) == 2
 
     code, out = run("dlq", "list", "--json")
     (letter,) = json.loads(out)
-    assert letter["item_id"] == "folder:broken.jpg"
+    assert letter["item_id"] == "folder:photos/broken.jpg"
     pixels = io.BytesIO()
     Image.new("RGB", (40, 30), (0, 90, 200)).save(pixels, format="JPEG")
     (root / "broken.jpg").write_bytes(pixels.getvalue())  # the user fixes the file
@@ -114,7 +115,13 @@ def test_a_debezium_dead_letter_is_read_again_as_a_debezium_change() -> None:
     gallery = event_format("debezium", json.dumps(GALLERY_MAP))
     row = product_row(1, "A-1", "Shoe", images=["https://cdn.shop.example/a.jpg"])
     (record,) = retry_records(letter(debezium("c", None, row, lsn=43).decode(), "kafka:A-1#0123456789abcdef"), gallery)
-    assert isinstance(record.event, Product) and record.event.id == "A-1"
+    assert isinstance(record.event, Product) and record.event.id == "A-1"  # the whole product again
+    assert record.position == Redelivery(1, 2)  # its next delivery: automatic retries count it
+    renamed = product_row(1, "A-2", "Shoe", "https://cdn.shop.example/a.jpg")
+    old = product_row(1, "A-1", "Shoe", "https://cdn.shop.example/a.jpg")
+    records = retry_records(letter(debezium("u", old, renamed, lsn=44).decode(), "kafka:A-2"), fmt)
+    assert [(r.event.op, r.event.id) for r in records if r.event] == [("delete", "A-1"), ("upsert", "A-2")]
+    assert {r.position for r in records} == {Redelivery(1, 2)}  # one letter, read as two events
 
 
 def test_a_binary_cloudevent_dead_letter_is_kept_structured_and_read_back() -> None:

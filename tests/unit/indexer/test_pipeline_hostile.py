@@ -24,7 +24,7 @@ from indexer.events import Event
 from indexer.formats import event_format
 from indexer.products import image_id
 from indexer.records import BatchReport, Record
-from indexer.sources.folder import FileStat, upsert_record
+from indexer.sources.folder import FileStat, Folder, upsert_record
 from indexer.sources.kafka import Message, to_record, to_records
 from shared.embedder import Embedder
 from shared.fetch import FetchPolicy, fetch_bytes
@@ -197,8 +197,8 @@ async def test_a_folder_file_whose_name_is_not_utf8_is_a_dead_letter(
     pipeline = make_pipeline(store, tiny_embedder, root)
     good = put(root, "good.jpg", jpeg(1))
     records = [
-        upsert_record(root, name, FileStat(10, 1), 0.0),
-        upsert_record(root, "good.jpg", FileStat(len(jpeg(1)), 1), 0.0),
+        upsert_record(Folder(root, "images"), name, FileStat(10, 1), 0.0),
+        upsert_record(Folder(root, "images"), "good.jpg", FileStat(len(jpeg(1)), 1), 0.0),
     ]
     try:
         report = await pipeline.write(records)
@@ -207,7 +207,7 @@ async def test_a_folder_file_whose_name_is_not_utf8_is_a_dead_letter(
     assert (report.indexed, report.failed) == (1, 1)
     (letter,) = store.dead_letters()
     assert "caf\\udce9.jpg" in letter.payload  # kept, escaped: SQLite stores UTF-8 only
-    item = store.get_item("folder:good.jpg")
+    item = store.get_item("folder:images/good.jpg")
     assert item is not None and item.uri == good
 
 

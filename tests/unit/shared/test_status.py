@@ -17,8 +17,9 @@ from shared.status import read_status
 from shared.types import ModelIdentity
 
 CLI_KEYS = {
-    "data_dir", "store", "exists", "items", "failed", "dead_letters", "vectors", "tombstones", "delta_size",
-    "delta_age_s", "generation", "model", "newest_indexed_at", "last_compaction_at", "lag_s", "pending", "indexers",
+    "data_dir", "store", "exists", "items", "failed", "dead_letters", "dead_letters_retrying", "vectors",
+    "tombstones", "delta_size", "delta_age_s",
+    "generation", "model", "newest_indexed_at", "last_compaction_at", "lag_s", "pending", "indexers",
 }  # fmt: skip
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 
 from shared.config import Settings
-from shared.errors import ModelMismatchError, StoreError
+from shared.errors import ModelMismatchError
 from shared.roles import Delete, Failure, Upsert
 from shared.search import MAX_CANDIDATES
 from shared.stores import ReadSide, WriteSide, open_catalog, open_reader, open_writer
@@ -89,18 +90,18 @@ def test_the_same_hash_is_a_metadata_only_update_that_keeps_the_vector(store: Wr
     assert search(reader, vec(1), 1)[0].metadata == {"colour": "blue"}
 
 
-def test_a_metadata_only_update_of_changed_content_is_refused_and_the_batch_writes_nothing(
+def test_a_metadata_only_update_of_changed_content_is_a_conflict_and_the_rest_of_the_batch_is_written(
     store: WriteSide,
 ) -> None:
-    store.writer.apply(upserts=[up("a", "sha-a", vec(1))])
-    with pytest.raises(StoreError, match="no vector for that hash"):
-        store.writer.apply(
-            upserts=[up("b", "sha-b", vec(2)), up("a", "sha-other", None)],
-            deletes=[Delete("a")],
-            failures=[Failure("kafka", "raw", "why", id="c")],
-        )
-    assert store.catalog.get_item("b") is None and store.catalog.get_item("c") is None
-    assert store.catalog.get_item("a") is not None and store.catalog.dead_letters() == []
+    """Another writer replaced the image after the resolver read it: the metadata-only update is not
+    written (it would pair the new metadata with the other image); the caller embeds it again."""
+    store.writer.apply(upserts=[up("a", "sha-a", vec(1), colour="red")])
+    result = store.writer.apply(upserts=[up("b", "sha-b", vec(2)), up("a", "sha-other", None, colour="blue")])
+    assert result.conflicts == ["a"] and (result.indexed, result.updated) == (1, 0)
+    item = store.catalog.get_item("a")
+    assert item is not None and (item.sha256, item.metadata) == ("sha-a", {"colour": "red"})
+    assert store.catalog.get_item("b") is not None
+    assert store.writer.apply(upserts=[up("never-stored", "sha-n", None)]).conflicts == ["never-stored"]
 
 
 def test_a_known_hash_under_another_id_is_found_without_a_model(store: WriteSide) -> None:
@@ -268,6 +269,125 @@ def test_every_process_sees_the_dead_letters(store: WriteSide, store_settings: S
     with open_catalog(store_settings) as other:
         assert other is not None and [d.reason for d in other.dead_letters()] == ["InvalidEvent: not JSON"]
         assert other.model_identity() == MODEL
+
+
+def _at(seconds_from_now: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+
+
+def test_a_transient_failure_is_kept_with_its_attempts_and_when_it_is_retried(store: WriteSide) -> None:
+    soon = _at(60)
+    store.writer.apply(
+        failures=[
+            Failure("kafka", "{}", "FetchFailed: HTTP 503", id="kafka:a", retriable=True, attempts=2, retry_at=soon),
+            Failure("kafka", "{}", "SourceNotFound: HTTP 404", id="kafka:b"),
+        ]
+    )
+    letters = {d.item_id: d for d in store.catalog.dead_letters()}
+    a, b = letters["kafka:a"], letters["kafka:b"]
+    assert (a.retriable, a.attempts) == (True, 2) and a.retry_at is not None
+    assert abs((a.retry_at - soon).total_seconds()) < 0.01
+    assert (b.retriable, b.attempts, b.retry_at) == (False, 1, None)
+    item_a, item_b = store.catalog.get_item("kafka:a"), store.catalog.get_item("kafka:b")
+    assert item_a is not None and item_a.retriable and item_b is not None and not item_b.retriable
+    assert store.catalog.stats().retrying == 1
+
+
+def test_due_dead_letters_are_those_of_a_prefix_whose_time_has_come(store: WriteSide) -> None:
+    store.writer.apply(
+        failures=[
+            Failure("kafka", "{}", "r", id="kafka:late", retriable=True, retry_at=_at(3600)),
+            Failure("kafka", "{}", "r", id="kafka:due", retriable=True, retry_at=_at(-5)),
+            Failure("kafka", "{}", "r", id="kafka:older", retriable=True, retry_at=_at(-50)),
+            Failure("folder", "{}", "r", id="folder:images/x.jpg", retriable=True, retry_at=_at(-5)),
+            Failure("kafka", "{}", "r", id="kafka:permanent"),
+            Failure("kafka", "not json", "InvalidEvent: not JSON"),
+        ]
+    )
+    now = datetime.now(UTC)
+    due = store.catalog.due_dead_letters
+    assert [d.item_id for d in due("kafka:", now)] == ["kafka:older", "kafka:due"]
+    assert [d.item_id for d in due("folder:images/", now)] == ["folder:images/x.jpg"]
+    assert due("folder:other/", now) == []
+    assert [d.item_id for d in due("kafka:", now, limit=1)] == ["kafka:older"]
+
+
+def test_a_retried_dead_letter_is_removed_in_the_same_write_as_its_outcome(store: WriteSide) -> None:
+    failed = Failure("kafka", "{}", "FetchFailed: HTTP 503", id="a", retriable=True, retry_at=_at(-1))
+    store.writer.apply(failures=[failed])
+    (letter,) = store.catalog.dead_letters()
+    result = store.writer.apply(upserts=[up("a", "sha-a", vec(1))], retried=[letter.id])
+    assert result.indexed == 1 and store.catalog.dead_letters() == []
+    item = store.catalog.get_item("a")
+    assert item is not None and (item.status, item.reason, item.retriable) == ("indexed", None, False)
+
+    store.writer.apply(failures=[Failure("kafka", "{}", "FetchFailed: 503", id="b", retriable=True, retry_at=_at(-1))])
+    (first,) = store.catalog.dead_letters()
+    again = Failure("kafka", "{}", "FetchFailed: timed out", id="b", retriable=True, attempts=2, retry_at=_at(60))
+    store.writer.apply(failures=[again], retried=[first.id])
+    (second,) = store.catalog.dead_letters()
+    assert (second.id != first.id, second.attempts, second.reason) == (True, 2, "FetchFailed: timed out")
+
+
+def test_a_later_event_for_the_item_ends_the_automatic_retry_of_its_older_dead_letters(store: WriteSide) -> None:
+    """A retry must never bring back what a later event replaced or deleted."""
+    for item_id in ("up", "gone", "failed-again", "other"):
+        failure = Failure("kafka", item_id, "FetchFailed", id=item_id, retriable=True, retry_at=_at(-1))
+        store.writer.apply(failures=[failure])
+    store.writer.apply(
+        upserts=[up("up", "sha-up", vec(1))],
+        deletes=[Delete("gone")],
+        failures=[
+            Failure("kafka", "failed-again v2", "FetchFailed", id="failed-again", retriable=True, retry_at=_at(-1))
+        ],
+    )
+    due = store.catalog.due_dead_letters("", datetime.now(UTC))
+    assert sorted(d.payload for d in due) == ["failed-again v2", "other"]  # the newest failure only
+    assert len(store.catalog.dead_letters()) == 5  # nothing is forgotten: the older ones are listed, not retried
+    assert store.catalog.stats().retrying == 2
+
+
+def test_dead_letters_can_be_scheduled_for_a_retry_now_and_keep_their_ids(store: WriteSide) -> None:
+    store.writer.apply(failures=[Failure("kafka", "p", "SourceNotFound: HTTP 404", id="kafka:a")])
+    (letter,) = store.catalog.dead_letters()
+    assert store.catalog.due_dead_letters("kafka:", datetime.now(UTC)) == []
+    assert store.catalog.schedule_dead_letters([letter.id, 99], datetime.now(UTC)) == 1
+    assert [d.id for d in store.catalog.due_dead_letters("kafka:", datetime.now(UTC))] == [letter.id]
+
+
+# -- folders ------------------------------------------------------------------------------------------------------
+
+
+def test_each_folder_gets_a_name_of_its_own_and_keeps_it(store: WriteSide, store_settings: Settings) -> None:
+    first = store.writer.register_folder("/srv/a/images")
+    second = store.writer.register_folder("/srv/b/images")
+    odd = store.writer.register_folder("/srv/My Photos (2024)")
+    assert (first, second, odd) == ("images", "images-2", "My_Photos_2024")
+    assert store.writer.register_folder("/srv/a/images") == "images"
+    assert store.writer.register_folder("/") == "folder"
+    with open_writer(store_settings, MODEL) as reopened:
+        assert reopened.writer.register_folder("/srv/b/images") == "images-2"
+        assert reopened.catalog.folders()["images"] == "/srv/a/images"
+        assert set(reopened.catalog.folders()) == {"images", "images-2", "My_Photos_2024", "folder"}
+
+
+def test_renamed_items_keep_their_vectors_and_dead_letters(store: WriteSide, reader: ReadSide) -> None:
+    store.writer.apply(upserts=[Upsert("folder:a.jpg", "folder", "/r/a.jpg", "sha-a", {"k": 1}, vec(1), version=3)])
+    store.writer.apply(failures=[Failure("folder", "{}", "FetchFailed: EIO", id="folder:b.jpg", retriable=True)])
+    store.writer.apply(upserts=[Upsert("folder:r/c.jpg", "folder", "/r/c.jpg", "sha-c", {}, vec(3))])
+    store.writer.apply(upserts=[Upsert("folder:c.jpg", "folder", "/r/c.jpg", "sha-c", {}, vec(3))])
+    renames = {"folder:a.jpg": "folder:r/a.jpg", "folder:b.jpg": "folder:r/b.jpg", "folder:c.jpg": "folder:r/c.jpg"}
+    assert store.writer.rename_items(renames) == 2
+    item = store.catalog.get_item("folder:r/a.jpg")
+    assert item is not None and (item.version, item.metadata, item.sha256) == (3, {"k": 1}, "sha-a")
+    assert store.catalog.get_item("folder:a.jpg") is None
+    failed = store.catalog.get_item("folder:r/b.jpg")
+    assert failed is not None and (failed.status, failed.retriable) == ("failed", True)
+    assert [d.item_id for d in store.catalog.dead_letters()] == ["folder:r/b.jpg"]
+    assert store.catalog.get_item("folder:c.jpg") is None  # its new id was taken: the old one is deleted
+    assert sorted(search_ids(reader, vec(1))) == ["folder:r/a.jpg", "folder:r/c.jpg"]
+    np.testing.assert_allclose(reader.vectors.item_vector("folder:r/a.jpg"), vec(1), atol=1e-6)  # type: ignore[arg-type]
+    assert len(store.catalog.item_ids()) == 3
 
 
 # -- the catalog ------------------------------------------------------------------------------------------------

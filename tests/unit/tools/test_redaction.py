@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,12 @@ from shared.fetch import FetchPolicy
 from shared.roles import Failure
 from shared.stores import open_writer
 from tests.conftest import tiny_settings_for
-from tests.sample_store import Sample, fill_store
+from tests.sample_store import Sample, damage_store_file, fill_data_dir, fill_store, png_bytes
 from tools.app import build_app
 from tools.mcp_server import build_mcp_server
 from tools.metrics import Metrics
 from tools.queries import Queries
-from tools.redaction import Redactor
+from tools.redaction import STORE_UNAVAILABLE, Redactor
 
 BASE = "http://127.0.0.1:8765"
 
@@ -41,6 +42,7 @@ def closed_port() -> int:
 
 
 CLOSED_PORT = closed_port()  # allowlisted by port (only 80 and 443 need no port): nothing listens
+RETRY_AT = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 SIGNED = "https://bucket.s3.amazonaws.com/cat.jpg?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA"
 
 
@@ -66,7 +68,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder) -> 
                 Failure(
                     "kafka", "{}", "SourceNotFound: /srv/catalog/private/sku-1.jpg: no such file", id="kafka:sku-1"
                 ),
-                Failure("kafka", "{}", f"FetchFailed: {SIGNED}: HTTP 503", id="kafka:signed"),
+                Failure(
+                    "kafka",
+                    "{}",
+                    f"FetchFailed: {SIGNED}: HTTP 503",
+                    id="kafka:signed",
+                    retriable=True,
+                    attempts=2,
+                    retry_at=RETRY_AT,
+                ),
                 Failure("kafka", "{}", "FetchFailed: http://10.1.2.3:8080/a.jpg: HTTP 502", id="kafka:ten"),
             ]
         )
@@ -164,6 +174,46 @@ async def test_a_store_failure_is_a_503_that_names_no_file(
     assert status.is_error and "store" in text_of(status) and str(tmp_path) not in text_of(status)
 
 
+async def test_every_read_of_a_damaged_store_is_a_503_over_http_and_a_tool_error_over_mcp(
+    tmp_path: Path, tiny_embedder: Embedder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing disk under a running server: every route and tool that reads the store says the store is
+    unavailable (503, try again), never a 500 and never the file's path."""
+    settings = tiny_settings_for(tmp_path / "data", allowed_roots=[str(tmp_path)])
+    sample = fill_data_dir(settings, tiny_embedder, tmp_path / "images")
+    core = build_core(settings, embedder=tiny_embedder)
+    try:
+        damage_store_file(settings.db_path)
+        item = sample.image_ids["red"]
+        app = build_app(core, settings)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client:
+            responses = {
+                "search": await client.get("/search", params={"query": "a red square"}),
+                "similar": await client.get("/similar", params={"id": item}),
+                "upload": await client.post("/similar", files={"file": ("r.png", png_bytes((200, 0, 0)), "image/png")}),
+                "item": await client.get(f"/items/{item}"),
+                "thumbnail": await client.get(f"/items/{item}/thumbnail"),
+                "health": await client.get("/health"),
+                "metrics": await client.get("/metrics"),
+            }
+        for route, response in responses.items():
+            assert response.status_code == 503, (route, response.status_code, response.text)
+            assert response.json() == {"error": STORE_UNAVAILABLE}, route
+            assert response.headers["retry-after"] == "5", route
+        server = build_mcp_server(Queries(core, FetchPolicy.from_settings(settings), Metrics()))
+        for tool, arguments in (
+            ("search", {"query": "a red square"}),
+            ("find_similar", {"item_id": item}),
+            ("get_item", {"item_id": item}),
+            ("index_status", {}),
+        ):
+            result = await call(server, tool, **arguments)
+            assert result.is_error and text_of(result).endswith(STORE_UNAVAILABLE), (tool, text_of(result))
+        assert "malformed" in caplog.text  # the log keeps SQLite's own words
+    finally:
+        core.reader.close()
+
+
 async def test_an_unexpected_error_is_a_500_that_tells_nothing(
     world: tuple[Core, Sample], http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -196,6 +246,19 @@ async def test_index_status_and_items_show_reasons_without_absolute_paths_or_que
         over_http = (await http.get(f"/items/{item_id}")).json()
         assert over_http["reason"] == reasons[item_id]
     assert_discloses_nothing(json.dumps(status), core)
+
+
+async def test_index_status_and_items_say_which_dead_letters_are_retried_and_when(
+    mcp: Any, http: httpx.AsyncClient
+) -> None:
+    status = (await call(mcp, "index_status")).structured_content
+    assert status is not None and status["dead_letters_retrying"] == 1
+    letters = {d["item_id"]: d for d in status["recent_dead_letters"]}
+    signed, missing = letters["kafka:signed"], letters["kafka:sku-1"]
+    assert (signed["retriable"], signed["attempts"], signed["retry_at"]) == (True, 2, "2030-01-01T12:00:00Z")
+    assert (missing["retriable"], missing["attempts"], missing["retry_at"]) == (False, 1, None)
+    assert (await http.get("/items/kafka:signed")).json()["retriable"] is True
+    assert (await http.get("/items/kafka:sku-1")).json()["retriable"] is False
 
 
 # -- the Redactor itself --------------------------------------------------------------------------------------

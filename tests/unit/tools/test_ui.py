@@ -177,7 +177,7 @@ async def test_dead_letters_newest_first_with_reasons_fit_to_show(open_client: h
     assert "https://cdn.example.com/a/b.jpg?…: HTTP 503" in reasons and "abc123" not in reasons
     assert "…/cat.jpg: not an image" in reasons and "/srv/private" not in reasons
     assert "not an image (unrecognised format)" in reasons
-    assert set(letters[0]) == {"id", "item_id", "source", "reason", "tries", "at"}
+    assert set(letters[0]) == {"id", "item_id", "source", "reason", "tries", "at", "retriable", "attempts", "retry_at"}
     assert len((await open_client.get("/dead-letters", params={"limit": 1})).json()["dead_letters"]) == 1
 
 

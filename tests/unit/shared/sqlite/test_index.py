@@ -4,6 +4,8 @@ through writes, deletes and compactions."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import logging
 import os
 import random
@@ -344,6 +346,59 @@ def test_a_missing_or_corrupt_main_is_rebuilt_from_the_store_with_a_warning(
     assert faiss.read_index(str(main_path(tmp_path / "index", 2))).ntotal == len(oracle.live)
 
 
+def flip_vectors(path: Path) -> None:
+    """Damage the middle of a main file, where the vectors are, as a failing disk might: FAISS still
+    loads it, and one vector now scores 10 against anything that points its way."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4 * DIM] = np.full(DIM, 10.0, np.float32).tobytes()
+    path.write_bytes(bytes(data))
+    faiss.read_index(str(path))  # loads without complaint
+
+
+def test_a_main_file_whose_bytes_changed_on_disk_is_rebuilt_from_the_store_not_searched(
+    store: SqliteStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    oracle, p, queries = _seeded(store, tmp_path)
+    flip_vectors(main_path(tmp_path / "index", 1))
+    index = LiveIndex(store, DIM, p, tmp_path / "index")
+    with caplog.at_level(logging.WARNING, logger="shared.sqlite.index"):
+        index.refresh()
+    assert any("sha256" in r.getMessage() and "rebuilding it from the store" in r.getMessage() for r in caplog.records)
+    assert_exact(index, oracle, queries, 10)
+    result = compact(store, p, DIM, tmp_path / "index")  # the writer does not extend the damaged file either
+    assert result.rebuilt
+    index.refresh()
+    assert_exact(index, oracle, queries, 10)
+
+
+def test_each_main_file_s_sha256_is_recorded_with_its_generation(store: SqliteStore, tmp_path: Path) -> None:
+    _, p, _ = _seeded(store, tmp_path)
+    compact(store, p, DIM, tmp_path / "index")
+    meta = store.index_meta()
+    data = main_path(tmp_path / "index", meta.generation).read_bytes()
+    assert meta.checksum == hashlib.sha256(data).hexdigest()
+
+
+def test_a_write_that_fails_midway_leaves_no_temporary_file(
+    store: SqliteStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, p, _ = _seeded(store, tmp_path)
+    real = index_module.faiss.write_index
+
+    def disk_full(index: Any, path: str) -> None:
+        real(index, path)
+        with open(path, "r+b") as fh:
+            fh.truncate(100)  # part of it made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(index_module.faiss, "write_index", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        compact(store, p, DIM, tmp_path / "index")
+    assert sorted(f.name for f in (tmp_path / "index").iterdir()) == ["compact.lock", "main-1.faiss"]
+    assert store.index_meta().generation == 1
+
+
 # -- threads ----------------------------------------------------------------------------------------------------
 
 
@@ -469,8 +524,8 @@ def test_a_compaction_committed_while_a_reader_loads_main_is_not_missed(
     original = LiveIndex._load_main
     calls = []
 
-    def load_then_writer_compacts(self: LiveIndex, generation: int, high_water: int) -> Any:
-        index = original(self, generation, high_water)
+    def load_then_writer_compacts(self: LiveIndex, generation: int, high_water: int, checksum: str | None) -> Any:
+        index = original(self, generation, high_water, checksum)
         if not calls:  # the writer deletes the best match and compacts while this reader loads main
             oracle.delete(victim)
             compact(store, p, DIM, tmp_path / "index")

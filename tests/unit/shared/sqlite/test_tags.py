@@ -18,6 +18,7 @@ from shared.roles import Delete, Failure, Upsert
 from shared.sqlite import tags
 from shared.sqlite.store import SCHEMA_VERSION, SqliteStore
 from shared.types import Filters, Item
+from tests.unit.shared.sqlite.old_schemas import make_store
 
 DIM = 8
 
@@ -124,17 +125,13 @@ def test_tags_follow_updates_replacements_deletes_and_failures(store: SqliteStor
 
 
 def test_a_version_1_store_gains_its_tags_when_opened(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite3"
+    blue = "INSERT INTO items VALUES ('c', 'kafka', 'u', 'sha-c', '{\"colour\": \"blue\"}', 'indexed', NULL, NULL, "
+    blue += "2, 1, 1);"
+    blue += "INSERT INTO vectors VALUES (2, 'c', 'sha-c', zeroblob(32), 0, 2, 1.0);"
+    path = make_store(tmp_path / "db.sqlite3", 1, blue)  # what version 1 wrote: no tags
     with SqliteStore(path) as store:
-        store.apply(upserts=[up("a", colour="red"), up("b", colour="blue"), up("c", colour="red")])
-        store.apply(failures=[Failure("kafka", "{}", "broken", id="f")])
-    db = sqlite3.connect(path)  # what version 1 wrote: no tags
-    db.execute("DROP TABLE item_tags")
-    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
-    with SqliteStore(path) as store:
-        assert matching_ids(store, Filters({"colour": "red"})) == {"a", "c"}
+        assert matching_ids(store, Filters({"colour": "red"})) == {"folder:a.jpg"}
+        assert matching_ids(store, Filters({"colour": "blue"})) == {"c"}
         assert store._meta("schema_version") == str(SCHEMA_VERSION)
 
 
