@@ -23,6 +23,7 @@ from typing import Any
 
 from indexer import service
 from indexer.compaction import Compactor
+from indexer.formats import format_from_settings
 from indexer.progress import ProgressBar, format_eta
 from indexer.reembed import Progress as ReembedProgress
 from indexer.reembed import ReembedReport
@@ -77,7 +78,8 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     consume = sub.add_parser(
         "consume",
         help="index catalog change events from a Kafka topic (consumer group, at least once)",
-        description="Consume {op, id, uri, metadata, version} events from a Kafka topic and index them. "
+        description="Consume catalog events from a Kafka topic and index them: clipdex's own {op, id, uri, "
+        "metadata, version}, Debezium change events or CloudEvents (--format), with fields mapped by --map. "
         "Offsets are committed only after each micro-batch is durable in the store. SIGTERM or Ctrl-C "
         "finishes the batch in flight, commits it, and exits 0.",
     )
@@ -85,6 +87,8 @@ def register(sub: Any) -> None:  # argparse's _SubParsersAction is private
     add_setting_flag(consume, "--topic", "kafka_topic")
     add_setting_flag(consume, "--group", "kafka_group")
     add_setting_flag(consume, "--dlq-topic", "kafka_dlq_topic")
+    add_setting_flag(consume, "--format", "event_format", choices=["clipdex", "debezium", "cloudevents"])
+    add_setting_flag(consume, "--map", "event_map")
     _batch_flags(consume)
     consume.set_defaults(func=_cmd_consume)
 
@@ -216,6 +220,7 @@ def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     require_kafka(settings)  # before anything loads
+    format_from_settings(settings)
     return asyncio.run(service.consume(settings))
 
 

@@ -43,6 +43,9 @@ MAX_URI_BYTES = 8192
 MAX_METADATA_BYTES = 64 * 1024  # as compact JSON in UTF-8
 MAX_METADATA_DEPTH = 16  # {"a": 1} is 1 level; {"a": {"b": [1]}} is 3
 MAX_EVENT_DEPTH = MAX_METADATA_DEPTH + 1  # the event object around the metadata
+# Debezium and CloudEvents wrap the row in an envelope (Debezium's `schema` describes nested structs), and
+# a mapped row's own JSON columns may hold metadata of 16 levels: room for both, still a bounded parse.
+MAX_ENVELOPE_DEPTH = 32
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 URI_SCHEMES = ("file", "http", "https")
 
@@ -50,7 +53,6 @@ _HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", re.IGNORECASE)
 _IPV4ISH = re.compile(r"[0-9.]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode category Cc
 _INT_DIGITS = len(str(INT64_MIN))  # a longer integer literal is out of range without parsing it
-_STRING = re.compile(r'"(?>[^"\\]++|\\.)*+"', re.DOTALL)  # atomic: a hostile message cannot make it backtrack
 _NOT_BRACKET_BYTES = bytes(b for b in range(256) if b not in b"[]{}")
 _BRACKET_STEP = np.zeros(256, np.int8)
 _BRACKET_STEP[list(b"[{")] = 1
@@ -109,6 +111,25 @@ def parse_event(value: bytes | str | None, key: bytes | str | None = None) -> Ev
 def _parse(value: bytes | str | None, key: bytes | str | None) -> Event:
     if value is None:
         raise InvalidEvent("empty message (a tombstone record?): send {'op': 'delete', 'id': ...} instead")
+    data = load_json(value)
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"an event is a JSON object, got {type(data).__name__}")
+    if "id" not in data and key is not None:
+        data["id"] = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    return validated(data)
+
+
+def validated(data: dict[str, Any]) -> Event:
+    """An event from parsed JSON, through the schema; InvalidEvent says what is wrong."""
+    try:
+        return Event.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEvent(f"invalid event: {_reasons(exc)}") from exc
+
+
+def load_json(value: bytes | str, max_depth: int = MAX_EVENT_DEPTH) -> Any:
+    """JSON text a stranger sent, parsed within every bound (size, UTF-8, nesting, 64-bit integers,
+    finite numbers); InvalidEvent otherwise. Each event format reads its messages through this."""
     size = len(value) if isinstance(value, bytes) else len(_utf8(value, "surrogatepass"))
     if size > MAX_EVENT_BYTES:
         raise InvalidEvent(f"the event is {size:,} bytes, over the limit of {MAX_EVENT_BYTES:,} bytes")
@@ -116,26 +137,15 @@ def _parse(value: bytes | str | None, key: bytes | str | None) -> Event:
         text = value.decode(json.detect_encoding(value)) if isinstance(value, bytes) else value
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"not JSON: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    depth = nesting_depth(text, MAX_EVENT_DEPTH)
-    if depth > MAX_EVENT_DEPTH:
-        raise InvalidEvent(
-            f"not a valid event: JSON nested deeper than {MAX_EVENT_DEPTH} levels (metadata may nest "
-            f"{MAX_METADATA_DEPTH})"
-        )
+    if nesting_depth(text, max_depth) > max_depth:
+        metadata = f" (metadata may nest {MAX_METADATA_DEPTH})" if max_depth == MAX_EVENT_DEPTH else ""
+        raise InvalidEvent(f"not a valid event: JSON nested deeper than {max_depth} levels{metadata}")
     try:
-        data = json.loads(text, parse_int=_int64, parse_float=_finite, parse_constant=_no_constant)
+        return json.loads(text, parse_int=_int64, parse_float=_finite, parse_constant=_no_constant)
     except InvalidEvent:
         raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidEvent(f"not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidEvent(f"an event is a JSON object, got {type(data).__name__}")
-    if "id" not in data and key is not None:
-        data["id"] = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-    try:
-        return Event.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidEvent(f"invalid event: {_reasons(exc)}") from exc
 
 
 def raw_text(value: bytes | None) -> str:
@@ -158,10 +168,16 @@ def nesting_depth(text: str, limit: int) -> int:
 
     Every step runs in C or numpy: strings are cut out, then everything but brackets, then the running
     count of open brackets is a cumulative sum. A Python loop over each bracket took 0.8 s for 1 MiB of
-    `[]`, on the event loop."""
+    `[]`, on the event loop.
+
+    Strings are cut out by dropping escaped backslashes, then escaped quotes, and keeping what lies between
+    string quotes: exact for valid JSON (a backslash only occurs in a string), and 13 times faster than a
+    regular expression on a Debezium event with its schema (37 µs against 487 µs for 3.5 KB; 1.5 ms for
+    the 256 KiB worst case)."""
     if text.count("[") + text.count("{") <= limit:
         return 0
-    brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKET_BYTES)
+    outside_strings = "".join(text.replace("\\\\", "").replace('\\"', "").split('"')[::2])
+    brackets = outside_strings.encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKET_BYTES)
     open_brackets = np.cumsum(_BRACKET_STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int32)
     return int(open_brackets.max(initial=0))
 

@@ -34,13 +34,13 @@ from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_with
 from indexer.embed import decode_and_embed
 from indexer.records import BatchReport, FailedRecord, Record, Redelivery, attempt_of
 from indexer.redeliver import RetryPolicy
-from indexer.resolve import Classified, Fetched, Work, classify, item_id_of, pending_ids, plan
+from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, pending_products, plan
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import ItemError, ModelSwitched
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.images import decode_budget
-from shared.roles import Failure, Upsert, Writer
+from shared.roles import Failure, StoredState, Upsert, Writer
 from shared.types import Embedding
 
 logger = logging.getLogger(__name__)
@@ -165,10 +165,10 @@ class Pipeline:
         for _ in range(rounds - 1):
             if not report.conflicted:
                 break
-            again = await self._write(report.conflicted)
+            again = await self._write(_records_of(report.conflicted))
             report.merge(again)
         if report.conflicted:  # still changing under us after three rounds: try later, as for a timeout
-            failed = [FailedRecord(r, _CHANGING, item_id_of(r), retriable=True) for r in report.conflicted]
+            failed = [_changing(w) for w in report.conflicted]
             await asyncio.to_thread(self.writer.apply, failures=[self._dead_letter(f) for f in failed])
             report.failed += len(failed)
             report.failures += failed
@@ -180,7 +180,7 @@ class Pipeline:
         report = BatchReport(records=len(records))
         if not records:
             return report
-        stored = await asyncio.to_thread(self.writer.states, pending_ids(records))
+        stored = await asyncio.to_thread(self._stored, records)
         batch = plan(records, stored)
         report.skipped, report.superseded = len(batch.skipped), batch.superseded
         failures = list(batch.invalid)
@@ -206,7 +206,8 @@ class Pipeline:
 
         write_started = time.perf_counter()
         dead_letters = [self._dead_letter(f) for f in failures]
-        retried = [r.position.dead_letter for r in records if isinstance(r.position, Redelivery)]
+        # a letter read again as several records (a Debezium rename: a delete and an upsert) is one id
+        retried = sorted({r.position.dead_letter for r in records if isinstance(r.position, Redelivery)})
         try:
             result = await asyncio.to_thread(self.writer.apply, upserts, batch.store_deletes, dead_letters, retried)
         except ModelSwitched as exc:
@@ -218,7 +219,7 @@ class Pipeline:
         report.write_ms = (time.perf_counter() - write_started) * 1000
 
         changed = set(result.conflicts)
-        report.conflicted = [w.record for w in batch.upserts if w.item_id in changed]
+        report.conflicted = [w for w in batch.upserts if w.item_id in changed]
         report.indexed = max(0, result.indexed - len(sorted_.reused))
         report.unchanged = len(sorted_.unchanged) - len(changed)
         report.reused = len(sorted_.reused)
@@ -236,6 +237,14 @@ class Pipeline:
         return failed.dead_letter(retry_at if failed.retriable else None)
 
     # -- stages ---------------------------------------------------------------------------------------------
+
+    def _stored(self, records: Sequence[Record]) -> dict[str, StoredState]:
+        """What the store holds for the batch's ids, and for every stored image of its products."""
+        stored = self.writer.states(pending_ids(records))
+        products = pending_products(records)
+        if products:
+            stored.update(self.writer.product_images(products))
+        return stored
 
     async def _fetch_one(self, work: Work) -> Fetched | FailedRecord:
         """Read and hash one image; a transient failure is retried with backoff, then dead-lettered."""
@@ -292,7 +301,19 @@ def _upsert(item: Fetched, vector: Embedding | None) -> Upsert:
 
 
 def _failure(work: Work, exc: ItemError, tries: int) -> FailedRecord:
-    return FailedRecord(work.record, f"{type(exc).__name__}: {exc}", work.item_id, tries, exc.retriable)
+    return FailedRecord(
+        work.record, f"{type(exc).__name__}: {exc}", work.item_id, tries, uri=work.event.uri, retriable=exc.retriable
+    )
+
+
+def _changing(work: Work) -> FailedRecord:
+    """An item another writer kept changing while its event was indexed: tried again later, as a timeout."""
+    return FailedRecord(work.record, _CHANGING, work.item_id, uri=work.event.uri, retriable=True)
+
+
+def _records_of(works: Sequence[Work]) -> list[Record]:
+    """The records of these items, each once (a product's images share its record), in order."""
+    return list({id(w.record): w.record for w in works}.values())
 
 
 _CHANGING = "ItemChanged: the item changed in the store while this event was indexed; tried again later"

@@ -13,17 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from indexer.events import Event
+from indexer.products import Product
 from shared.roles import Failure
+
+if TYPE_CHECKING:
+    from indexer.resolve import Work
 
 
 @dataclass(frozen=True)
 class Record:
     source: str  # "kafka" | "folder"
     raw: str  # the raw message or path, kept in the dead letter if this record fails
-    event: Event | None  # None when the message could not be parsed
+    event: Event | Product | None  # None when the message could not be parsed; a Product: one item per image
     error: str | None = None  # why it could not be parsed
     position: object = None  # the source's own position (a Kafka (partition, offset), a file mtime, ...)
 
@@ -50,6 +54,7 @@ class FailedRecord:
     reason: str
     item_id: str | None = None  # None when the record is not a valid event
     tries: int = 1
+    uri: str | None = None  # the image that failed, when there was one
     retriable: bool = False  # the failure was transient: trying again later may succeed
 
     @property
@@ -59,14 +64,12 @@ class FailedRecord:
 
     def dead_letter(self, retry_at: datetime | None = None) -> Failure:
         """The dead letter to store; `retry_at`: when the indexer tries a retriable one again."""
-        event = self.record.event
-        uri = None if event is None or self.item_id is None else event.uri
         return Failure(
             source=self.record.source,
             payload=storable(self.record.raw),
             reason=storable(self.reason),
             id=self.item_id,
-            uri=None if uri is None else storable(uri),
+            uri=None if self.uri is None or self.item_id is None else storable(self.uri),
             tries=self.tries,
             retriable=self.retriable,
             attempts=attempt_of(self.record),
@@ -99,8 +102,8 @@ class BatchReport:
     embed_ms: float = 0.0
     write_ms: float = 0.0
     total_ms: float = 0.0
-    # Records of items another writer changed while this batch read them: written again (the pipeline)
-    conflicted: list[Record] = field(default_factory=list)
+    # Items another writer changed while this batch read them: their records are written again (the pipeline)
+    conflicted: list[Work] = field(default_factory=list)
 
     def merge(self, again: BatchReport) -> None:
         """Fold in the report of this batch's conflicted records, written again."""
@@ -110,6 +113,11 @@ class BatchReport:
             setattr(self, name, getattr(self, name) + getattr(again, name))
         self.failures += again.failures
         self.conflicted = again.conflicted
+
+    def add(self, other: BatchReport) -> None:
+        """Count `other` (a later write of the same fetched batch) into this report."""
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)  # counts and timings add up, lists join
 
     def log_fields(self) -> str:
         """The counts and stage timings as key=value pairs, for the one log line of each batch."""

@@ -13,6 +13,10 @@ watched folder). Reading the due letters and writing them happen under the pipel
 write of this process comes between; any later event of an item ends its older letters' retries in the
 store (`Writer.apply`), so a retry never brings back what a later event replaced or deleted.
 `clipdex dlq retry` beside a running indexer makes the chosen letters due now, and this loop picks them up.
+
+A Kafka letter holds the message as the consumer read it and is read again in the consumer's event format
+(`retry_records`): a Debezium or CloudEvents letter is that change again, and the letter of one image of a
+product is the whole product again (its other images are unchanged: no model call, no new vector).
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from indexer.events import parse_event
+from indexer.events import Event
+from indexer.formats import EventFormat, Incoming
 from indexer.records import BatchReport, Record, Redelivery
+from indexer.sources.kafka import CLIPDEX_FORMAT
+from indexer.sources.kafka import SOURCE as KAFKA_SOURCE
 from shared.config import Settings
 from shared.errors import ClipdexError, InvalidEvent, StoreUnavailable
 from shared.roles import Catalog, DeadLetter
@@ -53,18 +60,30 @@ class RetryPolicy:
         return now + timedelta(seconds=min(MAX_DELAY_S, self.first_delay_s * 2 ** (attempt - 1)))
 
 
-def retry_record(letter: DeadLetter) -> Record:
-    """A dead letter as a record again, as its source first sent it, under the item id it was recorded
-    with (a rename moves a letter along), as its next delivery."""
+def retry_records(letter: DeadLetter, event_format: EventFormat | None = None) -> list[Record]:
+    """A dead letter as records again, as its source first sent it, as its next delivery: a Kafka
+    message read by the consumer's event format (CLIPDEX_EVENT_FORMAT; a Debezium rename is two
+    records, a product one record for all its images), a folder's file as clipdex's own event. A
+    clipdex event keeps the item id it was recorded with (a folder rename moves a letter along)."""
     position = Redelivery(letter.id, letter.attempts + 1)
     key = letter.item_id.removeprefix(f"{letter.source}:") if letter.item_id else None
+    reader = event_format if event_format is not None and letter.source == KAFKA_SOURCE else CLIPDEX_FORMAT
     try:
-        event = parse_event(letter.payload, key)
+        events = reader.parse(Incoming(letter.payload.encode("utf-8", "surrogatepass"), _key(key, reader)))
     except InvalidEvent as exc:
-        return Record(letter.source, letter.payload, None, str(exc), position)
-    if key is not None and event.id != key:
-        event = event.model_copy(update={"id": key})
-    return Record(letter.source, letter.payload, event, None, position)
+        return [Record(letter.source, letter.payload, None, str(exc), position)]
+    (first, *rest) = events or (None,)
+    if key is not None and reader.mapping is None and not rest and isinstance(first, Event) and first.id != key:
+        events = (first.model_copy(update={"id": key}),)
+    return [Record(letter.source, letter.payload, event, None, position) for event in events]
+
+
+def _key(item_id: str | None, reader: EventFormat) -> bytes | None:
+    """The message key a retried event is read with: the item id, for clipdex's own events (whose id may
+    be the key); a mapped format reads its ids from the event."""
+    if item_id is None or reader.mapping is not None:
+        return None
+    return item_id.encode("utf-8", "surrogatepass")
 
 
 class DueWriter(Protocol):
@@ -79,11 +98,19 @@ class Redeliverer:
     """Tries the due dead letters of items whose ids start with one of `prefixes` again, every `check_s`."""
 
     def __init__(
-        self, catalog: Catalog, writer: DueWriter, prefixes: Sequence[str], *, check_s: float = 2.0, batch: int = 64
+        self,
+        catalog: Catalog,
+        writer: DueWriter,
+        prefixes: Sequence[str],
+        *,
+        event_format: EventFormat | None = None,
+        check_s: float = 2.0,
+        batch: int = 64,
     ) -> None:
         self.catalog = catalog
         self.writer = writer
         self.prefixes = tuple(prefixes)
+        self.event_format = event_format  # how the Kafka messages of the letters read (None: clipdex's own)
         self.check_s = check_s
         self.batch = batch
         self.retried = 0  # totals, for tests and logs
@@ -97,7 +124,7 @@ class Redeliverer:
             letters += self.catalog.due_dead_letters(prefix, now, limit=self.batch - len(letters))
             if len(letters) >= self.batch:
                 break
-        return [retry_record(d) for d in letters]
+        return [record for d in letters for record in retry_records(d, self.event_format)]
 
     async def redeliver_due(self) -> BatchReport | None:
         """Try the due letters once; the report of their write, or None when none was due."""

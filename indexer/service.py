@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.compaction import Compactor
+from indexer.formats import EventFormat, format_from_settings
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Sink
-from indexer.redeliver import Redeliverer, retry_record
+from indexer.redeliver import Redeliverer, retry_records
 from indexer.reembed import Progress as ReembedProgress
 from indexer.reembed import Reembedder, ReembedReport, background_reembed, holder_of_lock, reembed_lock
 from indexer.sources import folder, kafka
@@ -69,11 +70,16 @@ class Indexer:
         return self.pipeline.embedder  # the store's model: another one after a re-embed switched it
 
     @asynccontextmanager
-    async def redelivering(self, prefix: str, source: str, scope: str = "") -> AsyncIterator[Redeliverer]:
-        """Retry the due dead letters of the items whose ids start with `prefix` while the block runs,
-        and tell `clipdex dlq retry` in other processes (through the lock of `source`/`scope`) it does."""
+    async def redelivering(
+        self, prefix: str, source: str, scope: str = "", event_format: EventFormat | None = None
+    ) -> AsyncIterator[Redeliverer]:
+        """Retry the due dead letters of the items whose ids start with `prefix` while the block runs (their
+        messages read in `event_format`, clipdex's own by default), and tell `clipdex dlq retry` in other
+        processes (through the lock of `source`/`scope`) it does."""
         announce_retries(self.settings, source, scope, [prefix])
-        redeliverer = Redeliverer(self.store.catalog, self.pipeline, [prefix], check_s=_REDELIVER_CHECK_S)
+        redeliverer = Redeliverer(
+            self.store.catalog, self.pipeline, [prefix], event_format=event_format, check_s=_REDELIVER_CHECK_S
+        )
         async with redeliverer.running():
             yield redeliverer
 
@@ -146,7 +152,11 @@ async def open_indexer(
 async def open_pipeline(settings: Settings) -> AsyncIterator[Sink]:
     """The sink that `consume` writes to: a pipeline over its own model and store, compacting beside it
     and retrying the transient dead letters of Kafka items."""
-    async with open_indexer(settings) as indexer, indexer.redelivering(kafka.SOURCE + ":", kafka.SOURCE):
+    event_format = format_from_settings(settings)
+    async with (
+        open_indexer(settings) as indexer,
+        indexer.redelivering(kafka.SOURCE + ":", kafka.SOURCE, event_format=event_format),
+    ):
         yield indexer.pipeline
 
 
@@ -232,14 +242,17 @@ async def consume(settings: Settings, open_sink: OpenSink = open_pipeline, stop:
     """`clipdex consume`: the pipeline (store + model) and a consumer group member, until a signal (or
     until `stop` is set, when given)."""
     servers, topic = require_kafka(settings)
+    event_format = format_from_settings(settings)  # a wrong map is a ConfigError before anything loads
     if stop is None:
         stop = asyncio.Event()
         stop_on_signals(stop)  # from here on: a signal while the model loads is a clean exit too
     with kafka_lock(settings):
-        return await _consume(settings, open_sink, stop, servers, topic)
+        return await _consume(settings, open_sink, stop, servers, topic, event_format)
 
 
-async def _consume(settings: Settings, open_sink: OpenSink, stop: asyncio.Event, servers: str, topic: str) -> int:
+async def _consume(
+    settings: Settings, open_sink: OpenSink, stop: asyncio.Event, servers: str, topic: str, event_format: EventFormat
+) -> int:
     async with open_sink(settings) as sink:
         dead_letters = KafkaDeadLetters(servers, settings.kafka_dlq_topic) if settings.kafka_dlq_topic else None
         heartbeat = Heartbeat(settings.data_dir, kafka.SOURCE, topic=topic, group=settings.kafka_group, servers=servers)
@@ -251,7 +264,9 @@ async def _consume(settings: Settings, open_sink: OpenSink, stop: asyncio.Event,
             dead_letters=dead_letters,
             heartbeat=heartbeat,
             stop=stop,
-            describe=f"Kafka broker {servers} (topic {topic}, group {settings.kafka_group})",
+            describe=f"Kafka broker {servers} (topic {topic}, group {settings.kafka_group}, "
+            f"{event_format.name} events)",
+            event_format=event_format,
         )
         try:
             await source.run()
@@ -342,7 +357,9 @@ async def drop_previous(settings: Settings, stop: asyncio.Event, say: Callable[[
 async def retry(settings: Settings, letters: Sequence[DeadLetter]) -> BatchReport:
     """Write the dead letters again, as their sources first sent them; the old letters go in the same
     transaction as the outcome (indexed, or a new dead letter)."""
-    records = [retry_record(d) for d in letters]
+    kafka_letters = any(d.source == kafka.SOURCE for d in letters)
+    event_format = format_from_settings(settings) if kafka_letters else None  # a wrong map: before any lock
+    records = [record for d in letters for record in retry_records(d, event_format)]
     roots = sorted({root for r in records if (root := folder.root_of(r)) is not None})
     with ExitStack() as locks:  # the writer lock of every source whose items these letters write
         for root in roots:

@@ -37,11 +37,17 @@ class MemoryBroker:
         self.fail_commits = 0
         self.lose_commits = 0  # commits refused because the group rebalanced
 
-    def produce(self, value: bytes | None, key: bytes | None = None, partition: int | None = None) -> Message:
+    def produce(
+        self,
+        value: bytes | None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> Message:
         if partition is None:
             partition = zlib.crc32(key) % len(self.partitions) if key is not None else 0
         log = self.partitions[partition]
-        message = Message(self.topic, partition, len(log), key, value, int(time.time() * 1000))
+        message = Message(self.topic, partition, len(log), key, value, int(time.time() * 1000), tuple(headers))
         log.append(message)
         return message
 
@@ -144,7 +150,10 @@ class FakeSink:
             if r.event is None:
                 report.failures.append(FailedRecord(r, r.error or "?"))
             elif r.event.id in self.fail_ids:
-                report.failures.append(FailedRecord(r, self.fail_ids[r.event.id], namespaced_id(r.source, r.event.id)))
+                item_id = namespaced_id(r.source, r.event.id)
+                report.failures.append(
+                    FailedRecord(r, self.fail_ids[r.event.id], item_id, uri=getattr(r.event, "uri", None))
+                )
             else:
                 report.indexed += 1
         report.failed = len(report.failures)

@@ -168,6 +168,16 @@ class Settings(BaseSettings):
     kafka_topic: str | None = Field(None, description="Topic of catalog change events.")
     kafka_group: str = Field("clipdex-indexer", description="Kafka consumer group.")
     kafka_dlq_topic: str | None = Field(None, description="Topic that dead letters are also published to.")
+    event_format: Literal["clipdex", "debezium", "cloudevents"] = Field(
+        "clipdex",
+        description="What the topic's messages are: clipdex's own events, Debezium change events of a catalog "
+        "table, or CloudEvents (structured or binary mode). README: Event formats.",
+    )
+    event_map: str | None = Field(
+        None,
+        description="Which fields are the item's id, image (`uri`), images (`uris`), metadata and version: a JSON "
+        "object of JSON Pointers, or a path to a file holding one. Required for `debezium`. README: Event formats.",
+    )
     kafka_session_timeout_ms: int = Field(
         10_000,
         ge=1_000,

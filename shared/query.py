@@ -83,10 +83,13 @@ Term = TextTerm | ItemTerm | ImageTerm
 class Collapse(StrEnum):
     """How copies are shown: `hash` folds items with the same content hash into the best-ranked one,
     listing the others in its `duplicates`; `near` also folds items whose vectors are at least
-    CLIPDEX_NEAR_DUPLICATE_COSINE alike (re-encoded or resized copies); `none` shows every item."""
+    CLIPDEX_NEAR_DUPLICATE_COSINE alike (re-encoded or resized copies); `parent` folds a product's images
+    (`shared.types.parent_of`) into its best-ranked one, and other items as `hash` does; `none` shows
+    every item."""
 
     HASH = "hash"
     NEAR = "near"
+    PARENT = "parent"
     NONE = "none"
 
 
@@ -116,7 +119,7 @@ class SearchOptions:
                 f"max_drop is how far below the best score a result may fall, from 0 to 2 (got {self.max_drop})"
             )
         if self.collapse not in tuple(Collapse):
-            raise InvalidRequest(f"collapse must be hash, near or none (got {self.collapse!r})")
+            raise InvalidRequest(f"collapse must be hash, near, parent or none (got {self.collapse!r})")
         if self.order not in ("asc", "desc"):
             raise InvalidRequest(f"order must be asc or desc (got {self.order!r})")
         if self.sort_by is not None and self.sort_key is None:

@@ -1,6 +1,6 @@
 """From a backend's ranked candidates to one page: the relative cutoff, copies folded, the order, the page.
 
-    hits, best first ─▶ drop_tail (max_drop) ─▶ collapse (hash | near | none) ─▶ order (score | metadata)
+    hits, best first ─▶ drop_tail (max_drop) ─▶ collapse (hash | near | parent | none) ─▶ order (score | metadata)
                      ─▶ page_after (the cursor's place) ─▶ top_k hits + whether more follow
 
 Pure functions of lists: no store, no model. Each step keeps what a prefix of the candidates decides
@@ -17,7 +17,7 @@ from functools import cmp_to_key
 import numpy as np
 
 from shared.query import Collapse, Place, compare
-from shared.types import Embedding, Hit
+from shared.types import Embedding, Hit, parent_of
 
 
 def drop_tail(hits: Sequence[Hit], max_drop: float | None) -> tuple[list[Hit], bool]:
@@ -30,18 +30,21 @@ def drop_tail(hits: Sequence[Hit], max_drop: float | None) -> tuple[list[Hit], b
 
 
 def collapse(hits: Sequence[Hit], mode: Collapse, vectors: Embedding | None = None, near: float = 1.0) -> list[Hit]:
-    """One hit per group of copies, the best-ranked of each, with the others' ids in `duplicates`.
+    """One hit per group, the best-ranked of each, with the others' ids in `duplicates`.
 
     `hash`: the same content hash. `near`: that, or a vector at cosine >= `near` to the hit that leads the
     group (each item joins the best-ranked leader it is that close to; leaders are never merged with each
-    other, so groups do not chain). `hits` are best first; `vectors` (for `near`) row by row with them."""
+    other, so groups do not chain). `parent`: the images of one product (the id says whose: `parent_of`);
+    an item that is no product's image groups by its hash. `hits` are best first; `vectors` (for `near`)
+    row by row with them."""
     if mode == Collapse.NONE or not hits:
         return list(hits)
     leader_of: list[int] = list(range(len(hits)))
-    by_hash: dict[str, int] = {}
+    by_key: dict[tuple[str, str], int] = {}
     for i, hit in enumerate(hits):
-        if hit.sha256 is not None:
-            leader_of[i] = by_hash.setdefault(hit.sha256, i)
+        key = _group_key(hit, mode)
+        if key is not None:
+            leader_of[i] = by_key.setdefault(key, i)
     if mode == Collapse.NEAR:
         assert vectors is not None and len(vectors) == len(hits), "near-duplicate collapsing needs the hits' vectors"
         free = np.array([leader_of[i] == i for i in range(len(hits))])
@@ -66,6 +69,17 @@ def collapse(hits: Sequence[Hit], mode: Collapse, vectors: Embedding | None = No
         for i, hit in enumerate(hits)
         if leader_of[i] == i
     ]
+
+
+def _group_key(hit: Hit, mode: Collapse) -> tuple[str, str] | None:
+    """What the hits of one group share before any vector is compared (None: a group of its own)."""
+    if mode == Collapse.PARENT:
+        # Two products may show the same picture (a placeholder, a shared lifestyle shot): each product
+        # still gets its hit, so a product's images never fold by hash into another product's.
+        product = parent_of(hit.id)
+        if product is not None:
+            return ("parent", product)
+    return None if hit.sha256 is None else ("sha256", hit.sha256)
 
 
 def order(hits: Sequence[Hit], sort_key: str | None, descending: bool) -> list[Hit]:

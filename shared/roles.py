@@ -120,6 +120,11 @@ class Writer(Protocol):
         """What is stored for these item ids (absent ids are not in the result)."""
         ...
 
+    def product_images(self, products: Sequence[str]) -> dict[str, StoredState]:
+        """What is stored for the images of these products (item ids `shared.types.image_id` made, failed
+        ones too), so an update that no longer names one can delete it."""
+        ...
+
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
         """Stored embeddings of these contents: a renamed or copied image needs no model call."""
         ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -19,6 +21,27 @@ MetaValue = str | int | float | bool | None
 def namespaced_id(source: str, raw_id: str) -> str:
     """Item ids are namespaced by source, so a catalog id never collides with a folder path."""
     return f"{source}:{raw_id}"
+
+
+# A product's images are items of their own: `<product id>#<the first 16 hex digits of sha256(URL)>`. The
+# same URL keeps its item wherever it moves in the product's list; a store finds a product's images by
+# their ids (`parent_of`), and the indexer deletes the ones a product no longer names.
+IMAGE_KEY_DIGITS = 16
+IMAGE_SUFFIX_LENGTH = 1 + IMAGE_KEY_DIGITS  # "#" and the key
+_IMAGE_SUFFIX = re.compile(rf"#[0-9a-f]{{{IMAGE_KEY_DIGITS}}}")
+
+
+def image_id(product_id: str, uri: str) -> str:
+    """The item id of one image of a product (namespaced or not, the same way)."""
+    key = hashlib.sha256(uri.encode("utf-8", "surrogatepass")).hexdigest()[:IMAGE_KEY_DIGITS]
+    return f"{product_id}#{key}"
+
+
+def parent_of(item_id: str) -> str | None:
+    """The product id of an image's item id, or None for an item that is not a product's image."""
+    if len(item_id) > IMAGE_SUFFIX_LENGTH and _IMAGE_SUFFIX.fullmatch(item_id, len(item_id) - IMAGE_SUFFIX_LENGTH):
+        return item_id[:-IMAGE_SUFFIX_LENGTH]
+    return None
 
 
 @dataclass(frozen=True)

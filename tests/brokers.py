@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -184,14 +185,21 @@ async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
 SESSION_TIMEOUT_MS = 6000 if EXTERNAL_BOOTSTRAP else 2000
 
 
-async def publish(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> list[Position]:
-    """Send (key, value) messages, wait until the broker has them all, and say where each one went."""
+Outgoing = tuple[bytes | None, bytes | None] | tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+
+async def publish(bootstrap: str, topic: str, messages: Sequence[Outgoing]) -> list[Position]:
+    """Send (key, value) or (key, value, headers) messages, wait until the broker has them all, and say
+    where each one went."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
-        sent = [await producer.send(topic, value=value, key=key) for key, value in messages]
+        sent = [
+            await producer.send(topic, value=m[1], key=m[0], headers=m[2] if len(m) > 2 else None)  # type: ignore[misc]
+            for m in messages
+        ]
         written = await asyncio.gather(*sent)
     finally:
         await producer.stop()

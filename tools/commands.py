@@ -103,7 +103,8 @@ def _result_flags(parser: argparse.ArgumentParser) -> None:
         "--collapse",
         choices=[c.value for c in Collapse],
         default="hash",
-        help="copies of one image: hash (default: the same file shows once), near (also re-encoded copies), none",
+        help="copies of one image: hash (default: the same file shows once), near (also re-encoded copies), "
+        "parent (one hit per product, its best image), none",
     )
     parser.add_argument("--sort-by", metavar="metadata.KEY", help="order the results by this metadata value")
     parser.add_argument("--order", choices=["asc", "desc"], default="desc", help="with --sort-by (default desc)")

@@ -69,7 +69,7 @@ MaxDrop = Annotated[
         "score depends on the model and the query, so look at the first page's scores before choosing."
     ),
 ]
-CollapseArg = Annotated[Literal["hash", "near", "none"], Field(description=COLLAPSE)]
+CollapseArg = Annotated[Literal["hash", "near", "parent", "none"], Field(description=COLLAPSE)]
 SortBy = Annotated[str | None, Field(description=SORT_BY)]
 Order = Annotated[Literal["asc", "desc"], Field(description="With sort_by: desc (largest or newest first) or asc.")]
 CursorArg = Annotated[
@@ -137,7 +137,8 @@ def build_mcp_server(queries: Queries) -> MCPServer:
         looks like it lower; it never guarantees its absence.
 
         Copies of one image show once, the others' ids in `duplicates` (collapse="near" also folds
-        re-encoded or resized copies; "none" shows all). sort_by="metadata.date" with order="desc" lists
+        re-encoded or resized copies; "parent" shows one hit per product, its best image, listing its
+        other images; "none" shows all). sort_by="metadata.date" with order="desc" lists
         the relevant results newest first: set max_drop or min_score so that only good matches are sorted.
         For more results, call again with cursor=<next_cursor>.
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from shared.query import MAX_DEPTH, MAX_TOP_K
+from shared.query import MAX_DEPTH, MAX_TOP_K, Collapse
 from tools.queries import MAX_DEAD_LETTERS, UNLIKE_WEIGHT
 from tools.schemas import COLLAPSE, SORT_BY, DeadLettersOut, ErrorOut, IndexStatusOut, ItemOut, SearchIn, SearchOutput
 
@@ -41,7 +41,7 @@ _SEARCH_PARAMS: list[dict[str, Any]] = [
     {
         "name": "collapse",
         "in": "query",
-        "schema": {"type": "string", "enum": ["hash", "near", "none"], "default": "hash"},
+        "schema": {"type": "string", "enum": [c.value for c in Collapse], "default": "hash"},
         "description": COLLAPSE,
     },
     {"name": "sort_by", "in": "query", "schema": {"type": "string"}, "description": SORT_BY},

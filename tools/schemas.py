@@ -24,7 +24,9 @@ FilterValue = str | int | float | bool | None
 COLLAPSE = (
     "How copies show: hash (default) folds items with the same image file into the best-ranked one and "
     "lists the others in its duplicates; near also folds re-encoded or resized copies (vectors at least "
-    "CLIPDEX_NEAR_DUPLICATE_COSINE alike); none shows every item."
+    "CLIPDEX_NEAR_DUPLICATE_COSINE alike); parent shows one hit per product, its best-ranked image, and lists "
+    "the product's other images that matched in duplicates (other items fold as with hash); none shows every "
+    "item."
 )
 SORT_BY = (
     "metadata.KEY: order the results by that metadata value (numbers before text; items without it last), "
@@ -72,8 +74,8 @@ class HitOut(BaseModel):
     metadata: dict[str, Any] = Field(description="The item's metadata as the catalog or folder gave it.")
     duplicates: list[str] = Field(
         default_factory=list,
-        description="Ids of copies of this image folded into this hit (collapse=hash: the same file; "
-        "collapse=near: also re-encoded or resized copies).",
+        description="Ids of the items folded into this hit: copies of this image (collapse=hash: the same file; "
+        "collapse=near: also re-encoded or resized copies), or the product's other images (collapse=parent).",
     )
 
     @classmethod
@@ -207,7 +209,7 @@ class SearchIn(BaseModel):
     max_drop: float | None = Field(
         None, description="Drop results scoring more than this below the best result (0 to 2); off by default."
     )
-    collapse: Literal["hash", "near", "none"] = Field("hash", description=COLLAPSE)
+    collapse: Literal["hash", "near", "parent", "none"] = Field("hash", description=COLLAPSE)
     sort_by: str | None = Field(None, description=SORT_BY)
     order: Literal["asc", "desc"] = Field("desc", description="With sort_by: desc (largest, newest first) or asc.")
     cursor: str | None = Field(None, description="A previous page's next_cursor, to get the next page.")

@@ -202,7 +202,7 @@ def delete_record(folder: Folder, rel: str, seen_at: float) -> Record:
 def root_of(record: Record) -> Path | None:
     """The watched folder a folder record came from: its uri minus its relative path."""
     event = record.event
-    if event is None or not event.uri:
+    if record.source != SOURCE or not isinstance(event, Event) or not event.uri:
         return None
     return root_from(record.source, event.uri, event.metadata)
 

@@ -29,7 +29,9 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from indexer.events import parse_event, raw_text
+from indexer.formats import EventFormat, Headers, Incoming
+from indexer.formats.clipdex import ClipdexFormat
+from indexer.products import Product
 from indexer.records import BatchReport, FailedRecord, Record, Sink
 from shared.errors import ClipdexError, InvalidEvent, StoreError
 from shared.heartbeat import Heartbeat
@@ -65,6 +67,7 @@ class Message:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
+    headers: Headers = ()
 
 
 class Consumer(Protocol):
@@ -98,9 +101,11 @@ class DeadLetterMessage:
     topic: str
     partition: int
     offset: int
+    original_headers: Headers = ()  # kept: a binary-mode CloudEvent is still one on the dead-letter topic
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [
+            *((name, value or b"") for name, value in self.original_headers if not name.startswith("clipdex.")),
             ("clipdex.reason", self.reason.encode()),
             ("clipdex.topic", self.topic.encode()),
             ("clipdex.partition", str(self.partition).encode()),
@@ -128,7 +133,9 @@ def dead_letters_for(messages: Sequence[Message], failures: Sequence[FailedRecor
         if position is None or m is None:
             logger.debug("a failure of %r has no message in the batch (position %r)", failed.name, position)
         elif position not in letters:
-            letters[position] = DeadLetterMessage(m.key, m.value, failed.reason, m.topic, m.partition, m.offset)
+            letters[position] = DeadLetterMessage(
+                m.key, m.value, failed.reason, m.topic, m.partition, m.offset, m.headers
+            )
     return [letters[p] for p in sorted(letters)]
 
 
@@ -159,15 +166,41 @@ class SourceStats:
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
-def to_record(message: Message) -> Record:
-    """A message becomes a record; a message that is not a valid event becomes one with its reason."""
-    raw = raw_text(message.value)
+CLIPDEX_FORMAT = ClipdexFormat()
+
+
+def to_record(message: Message, event_format: EventFormat = CLIPDEX_FORMAT) -> list[Record]:
+    """A message becomes a record per event it carries (usually one; none for a message the format
+    skips, such as Debezium's tombstone after a delete); a message that is not a valid event becomes one
+    record with its reason. Each has the message's position."""
+    incoming = Incoming(message.value, message.key, message.headers)
+    raw = event_format.raw(incoming)
     position = (message.partition, message.offset)
     try:
-        event = parse_event(message.value, message.key)
+        events = event_format.parse(incoming)
     except InvalidEvent as exc:
-        return Record(SOURCE, raw, None, str(exc), position)
-    return Record(SOURCE, raw, event, None, position)
+        return [Record(SOURCE, raw, None, str(exc), position)]
+    return [Record(SOURCE, raw, event, None, position) for event in events]
+
+
+def to_records(messages: Sequence[Message], event_format: EventFormat = CLIPDEX_FORMAT) -> list[Record]:
+    return [record for m in messages for record in to_record(m, event_format)]
+
+
+def micro_batches(records: Sequence[Record], images: int) -> Iterator[list[Record]]:
+    """Consecutive runs of records holding about `images` items each (a product counts its images), so
+    a batch of products holds no more images than CLIPDEX_BATCH_SIZE allows, give or take one product."""
+    batch: list[Record] = []
+    weight = 0
+    for record in records:
+        size = len(record.event.images) if isinstance(record.event, Product) else 1
+        if batch and weight + size > images:
+            yield batch
+            batch, weight = [], 0
+        batch.append(record)
+        weight += size
+    if batch:
+        yield batch
 
 
 def next_offsets(messages: Sequence[Message]) -> dict[tuple[str, int], int]:
@@ -197,8 +230,10 @@ class KafkaSource:
         heartbeat: Heartbeat | None = None,
         stop: asyncio.Event | None = None,
         describe: str = "the Kafka broker",
+        event_format: EventFormat = CLIPDEX_FORMAT,
     ) -> None:
         self._consumer = consumer
+        self._format = event_format
         self._sink = sink
         self._batch_size = batch_size
         self._max_wait_ms = max_wait_ms
@@ -284,10 +319,14 @@ class KafkaSource:
             return []
 
     async def _process(self, messages: list[Message]) -> None:
-        records = [to_record(m) for m in messages]
-        report = await self._write(records)  # durable when it returns; a StoreError propagates
-        if report is None:
-            return  # stopped while the store was away: not committed, the batch replays on restart
+        # Parsed in a thread: a batch of big envelopes costs tens of milliseconds that heartbeats need.
+        records = await asyncio.to_thread(to_records, messages, self._format)
+        report = BatchReport()
+        for batch in micro_batches(records, self._batch_size):
+            written = await self._write(batch)  # durable when it returns; a StoreError propagates
+            if written is None:
+                return  # stopped while the store was away: not committed, the batch replays on restart
+            report.add(written)
         if self._dead_letters is not None:
             letters = dead_letters_for(messages, report.failures)
             if letters:

@@ -142,7 +142,7 @@ class AioKafkaConsumer:
         except KafkaError as exc:
             raise BrokerError(f"{exc}", retriable=bool(exc.retriable)) from exc
         messages = [
-            Message(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+            Message(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp, tuple(m.headers or ()))
             for tp in sorted(batches, key=lambda tp: tp.partition)
             for m in batches[tp]
         ]

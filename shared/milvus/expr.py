@@ -4,6 +4,7 @@
     content   ─blake2b─▶ 32 hex digits     `content in ["1b7e…", …]`       a known image under another id
     source, metadata key, (key, value) ─blake2b─▶ 63-bit integers in the row's `tags` array:
               `array_contains(tags, 4021…)`, and for `key: null`, `not array_contains(tags, 7730…)`
+    the product of a product's image (`shared.types.parent_of`) ─▶ a tag too: its images, failed ones too
 
 A string from a stranger (an event's id or metadata, a query's filter) never reaches Milvus's expression
 parser: only the digits of its hash do, so there is nothing to escape and nothing to get wrong on any Milvus
@@ -25,7 +26,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from shared.types import Filters
+from shared.types import Filters, parent_of
 
 _KEY_BYTES = 16  # 128 bits: no two ids of any catalog that fits in one Milvus share a key
 _TAG_BYTES = 8
@@ -53,6 +54,21 @@ def row_pk(key: str, version: int) -> str:
 
 def source_tag(source: str) -> int:
     return _tag(["source", source])
+
+
+def product_tag(product_id: str) -> int:
+    return _tag(["product", product_id])
+
+
+def row_tags(item_id: str, source: str, metadata: Mapping[str, Any]) -> list[int]:
+    """An item row's tags: `tags`, and its product's when the item is a product's image."""
+    product = parent_of(item_id)
+    return tags(source, metadata) + ([] if product is None else [product_tag(product)])
+
+
+def any_tag(tags_: Iterable[int]) -> str:
+    """`array_contains(tags, …) or …`: rows holding any of these tags."""
+    return checked(" or ".join(f"array_contains(tags, {int(t)})" for t in tags_))
 
 
 def tags(source: str, metadata: Mapping[str, Any]) -> list[int]:

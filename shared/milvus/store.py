@@ -67,7 +67,7 @@ from shared.roles import (
     Upsert,
     folder_name,
 )
-from shared.types import Embedding, Item, ModelIdentity
+from shared.types import Embedding, Item, ModelIdentity, parent_of
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +291,20 @@ class MilvusStore:
         return {
             item_id: StoredState(row["sha256"] or None, _version(row), row["status"], row["status"] == "indexed")
             for item_id, row in self._current(ids, vectors=False).items()
+        }
+
+    def product_images(self, products: Sequence[str]) -> dict[str, StoredState]:
+        """The rows tagged with each product (`expr.row_tags`), a few products to a query."""
+        rows: list[dict[str, Any]] = []
+        wanted = sorted(set(products))
+        for start in range(0, len(wanted), 64):
+            chunk = wanted[start : start + 64]
+            rows += self.milvus.rows(self.names.items, ex.any_tag(ex.product_tag(p) for p in chunk), _STATE_FIELDS)
+        mine = set(wanted)
+        return {
+            item_id: StoredState(row["sha256"] or None, _version(row), row["status"], row["status"] == "indexed")
+            for item_id, row in newest_rows(rows).items()
+            if parent_of(item_id) in mine
         }
 
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:
@@ -574,7 +588,7 @@ def _row(up: Upsert, version: int, vector: list[float], *, created_at: float, no
         "sha256": up.sha256,
         "content": ex.content_key(up.sha256),
         "metadata": up.metadata,
-        "tags": ex.tags(up.source, up.metadata),
+        "tags": ex.row_tags(up.id, up.source, up.metadata),
         "status": "indexed",
         "reason": "",
         "version": version,
@@ -599,7 +613,7 @@ def _failed_row(fail: Failure, now: float, dim: int) -> dict[str, Any]:
         "sha256": "",
         "content": "",
         "metadata": {},
-        "tags": [ex.source_tag(fail.source)],
+        "tags": ex.row_tags(fail.id, fail.source, {}),
         "status": "failed",
         "reason": _text(fail.reason),
         "version": NO_VERSION,
@@ -615,7 +629,7 @@ def _too_big(up: Upsert) -> str | None:
     size = len(json.dumps(up.metadata, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
     if size > MAX_METADATA_BYTES:
         return f"metadata of {size:,} bytes: the Milvus store keeps at most {MAX_METADATA_BYTES:,}"
-    if len(ex.tags(up.source, up.metadata)) > MAX_TAGS:
+    if len(ex.row_tags(up.id, up.source, up.metadata)) > MAX_TAGS:
         return f"{len(up.metadata):,} metadata keys: the Milvus store filters on at most {(MAX_TAGS - 1) // 2:,}"
     for name, value in (("id", up.id), ("uri", up.uri)):
         if len(value.encode("utf-8", "surrogatepass")) > MAX_TEXT:

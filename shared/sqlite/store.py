@@ -49,7 +49,7 @@ from shared.roles import (
 )
 from shared.sqlite import schema, tags
 from shared.sqlite.feed import SpaceFeed
-from shared.types import Embedding, Filters, Item, Metadata, ModelIdentity
+from shared.types import Embedding, Filters, Item, Metadata, ModelIdentity, parent_of
 
 logger = logging.getLogger(__name__)
 
@@ -468,6 +468,21 @@ class SqliteStore:
                     [space, *chunk],
                 ):
                     out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
+        return out
+
+    def product_images(self, products: Sequence[str]) -> dict[str, StoredState]:
+        out: dict[str, StoredState] = {}
+        space = self.view_space()
+        with self.read() as db:
+            for product in products:  # its images' ids start with "<product>#": a range of the primary key
+                for row in db.execute(
+                    """SELECT i.id, i.sha256, i.version, i.status, v.vector_id FROM items i
+                       LEFT JOIN vectors v ON v.item_id = i.id AND v.space = ? AND v.tombstoned = 0
+                       WHERE i.id >= ? AND i.id < ?""",
+                    (space, f"{product}#", f"{product}#\U0010ffff"),
+                ):
+                    if parent_of(row[0]) == product:  # not another product's, whose id starts with "<product>#"
+                        out[row[0]] = StoredState(row[1], row[2], row[3], row[4] is not None)
         return out
 
     def embeddings_by_sha(self, hashes: Sequence[str]) -> dict[str, Embedding]:

@@ -4,8 +4,9 @@ item resources and thumbnails under a byte budget.
 
 Generated images of known colour and shape are embedded with the shapes model and written to the store
 as an indexer would (with metadata: colour, shape, year, and keys that look like SQL or expressions);
-a file copied byte for byte and one re-encoded and resized stand in for duplicates. Every check reads the
-colour and shape from the hit's metadata.
+a file copied byte for byte and one re-encoded and resized stand in for duplicates; the yellow crosses are
+the images of two products (Y-1 with four, Y-2 with two), written as the indexer writes a product's images.
+Every check reads the colour and shape from the hit's metadata.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from clipdex import synthetic
 from shared.embedder import Embedder, ModelSpec
 from shared.roles import Upsert
 from shared.sqlite.store import SqliteStore
+from shared.types import image_id
 from tests.brokers import free_port, stop_process
 from tests.conftest import SHAPES_MODELS, clipdex_command
 
@@ -91,13 +93,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     ids: dict[tuple[str, str], list[str]] = {}
     ups = []
     for n, ((path, colour, shape), vector) in enumerate(zip(files, vectors, strict=True)):
-        item_id = f"folder:{path.relative_to(root)}"
-        ids.setdefault((colour, shape), []).append(item_id)
+        item_id, source = f"folder:{path.relative_to(root)}", "folder"
         metadata: dict[str, Any] = {"colour": colour, "shape": shape, ODD_KEY: ODD_VALUE if n % 3 == 0 else "x"}
+        if (colour, shape) == ("yellow", "cross"):
+            product = "Y-1" if len(ids.get((colour, shape), [])) < 4 else "Y-2"
+            item_id, source, metadata["parent"] = image_id(f"kafka:{product}", str(path)), "kafka", product
+        ids.setdefault((colour, shape), []).append(item_id)
         if n % 7:
             metadata["year"] = 2000 + (n * 37) % 23  # every seventh has none
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        ups.append(Upsert(item_id, "folder", str(path), digest, metadata, vector))
+        ups.append(Upsert(item_id, source, str(path), digest, metadata, vector))
     with SqliteStore(data / "clipdex.sqlite3") as store:
         store.bind_model(embedder.identity)
         store.apply(upserts=ups)
@@ -277,6 +282,28 @@ async def test_near_collapses_a_reencoded_copy(served: Served, api: httpx.AsyncC
     groups = [{h["id"], *h["duplicates"]} for h in near["hits"]]
     assert any({original, reencoded} <= g for g in groups)
     assert sum(original in g or reencoded in g for g in groups) == 1
+
+
+async def test_parent_shows_each_product_once_its_best_image_listing_the_others(
+    served: Served, api: httpx.AsyncClient
+) -> None:
+    every = await post(api, terms=[{"text": "a yellow cross"}], top_k=100, collapse="none")
+    images = [h for h in every["hits"] if "parent" in h["metadata"]]
+    assert len(every["hits"]) == served.items and len(images) == 6
+    params = {"query": "a yellow cross", "top_k": 100, "collapse": "parent"}
+    folded = (await api.get("/search", params=params)).json()
+    products = [h for h in folded["hits"] if "parent" in h["metadata"]]
+    assert sorted(h["metadata"]["parent"] for h in products) == ["Y-1", "Y-2"]
+    for hit in products:
+        mine = [h["id"] for h in images if h["metadata"]["parent"] == hit["metadata"]["parent"]]  # best first
+        assert hit["id"] == mine[0] and hit["duplicates"] == mine[1:]
+    assert len(folded["hits"]) == served.items - 4 - 1  # four images folded into their products, a copy by hash
+    one = await post(api, terms=[{"text": "a yellow cross"}], collapse="parent", filters={"parent": "Y-2"})
+    assert [(h["metadata"]["parent"], len(h["duplicates"])) for h in one["hits"]] == [("Y-2", 1)]
+    async with mcp_client(served.url) as client:
+        result = await client.call_tool("search", {"query": "a yellow cross", "top_k": 3, "collapse": "parent"})
+    mcp_hits = result.structured_content["hits"]  # type: ignore[index]
+    assert [(h["id"], h["duplicates"]) for h in mcp_hits] == [(h["id"], h["duplicates"]) for h in folded["hits"][:3]]
 
 
 # -- order, and keys that look like code -------------------------------------------------------------------------

@@ -535,6 +535,38 @@ def test_example_events_are_valid_and_point_at_readable_images(tmp_path: Path) -
         assert event.metadata["colour"] in event.metadata["caption"]
 
 
+@pytest.mark.parametrize("fmt", ["clipdex", "debezium", "cloudevents-structured", "cloudevents-binary", "products"])
+def test_example_events_of_every_format_parse_with_the_settings_the_producer_names(tmp_path: Path, fmt: str) -> None:
+    from indexer.formats import Incoming, format_from_settings
+    from indexer.products import Product
+    from shared.config import load_settings
+
+    module = produce_events_module()
+    assert fmt in module.FORMATS
+    events = module.build_events(tmp_path / "images", count=6, fmt=fmt)
+    env = module.consumer_settings(fmt)
+    settings = load_settings(
+        event_format=env.get("CLIPDEX_EVENT_FORMAT", "clipdex"), event_map=env.get("CLIPDEX_EVENT_MAP")
+    )
+    reader = format_from_settings(settings)
+    parsed = []
+    for example in events:
+        key, value = example.encoded()
+        parsed += reader.parse(Incoming(value, key, tuple(example.headers)))
+    images = [i for p in parsed if isinstance(p, Product) for i in p.images] + [
+        p for p in parsed if not isinstance(p, Product) and p.op == "upsert"
+    ]
+    for image in images:
+        assert image.uri is not None and Path(image.uri).is_file()
+        assert image.metadata["colour"] in image.metadata.get("caption", image.metadata.get("title"))
+    if fmt == "products":
+        assert [len(p.images) for p in parsed] == [3, 3]  # type: ignore[union-attr]
+    if fmt == "debezium":  # a snapshot, a title-only update, a new image, a delete and its tombstone (skipped)
+        assert len(events) == 10 and [p.op for p in parsed] == ["upsert"] * 8 + ["delete"]
+    if fmt == "cloudevents-binary":
+        assert all(dict(e.headers)["ce_specversion"] == b"1.0" for e in events)
+
+
 def test_seed_service_writes_where_the_indexer_may_read(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -567,18 +599,30 @@ async def test_example_producer_publishes_to_a_real_broker(tmp_path: Path) -> No
         await create_topic(broker.bootstrap, topic, partitions=1)
         events = module.build_events(tmp_path / "images", count=3)
         await module.publish(broker.bootstrap, topic, events, wait_s=10)
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            got: list[tuple[bytes, bytes]] = []
-            for _ in range(50):
-                batch = await consumer.getmany(timeout_ms=200)
-                got += [(r.key, r.value) for records in batch.values() for r in records]
-                if len(got) >= 3:
-                    break
-        finally:
-            await consumer.stop()
+        binary_topic = unique_topic("examples-ce")
+        await create_topic(broker.bootstrap, binary_topic, partitions=1)
+        binary = module.build_events(tmp_path / "ce", count=2, fmt="cloudevents-binary")
+        await module.publish(broker.bootstrap, binary_topic, binary, wait_s=10)
+        got: list[tuple[bytes, bytes]] = []
+        headers: list[list[tuple[str, bytes]]] = []
+        for name, expected in ((topic, 3), (binary_topic, 2)):
+            consumer = AIOKafkaConsumer(name, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
+            await consumer.start()
+            try:
+                read: list[Any] = []
+                for _ in range(50):
+                    batch = await consumer.getmany(timeout_ms=200)
+                    read += [r for records in batch.values() for r in records]
+                    if len(read) >= expected:
+                        break
+            finally:
+                await consumer.stop()
+            if name == topic:
+                got = [(r.key, r.value) for r in read]
+            else:
+                headers = [list(r.headers) for r in read]
     finally:
         broker.close()
     assert sorted(got) == sorted(e.encoded() for e in events)
     assert all(parse_event(value, key).op == "upsert" for key, value in got)
+    assert headers == [e.headers for e in binary]  # binary-mode CloudEvents keep their ce_* headers

@@ -292,10 +292,18 @@ def test_documented_metrics_and_batch_log_fields_exist() -> None:
 # -- JSON examples --------------------------------------------------------------------------------------
 
 
+def section(markdown: str, heading: str) -> str:
+    """The text under `heading` (a line starting with it), up to the next heading of the same level."""
+    level = len(heading.split(" ", 1)[0])
+    start = markdown.index("\n" + heading) + 1
+    end = re.compile(rf"^#{{1,{level}}} ", re.MULTILINE).search(markdown, start + len(heading))
+    return markdown[start : end.start() if end else len(markdown)]
+
+
 def test_event_examples_parse_with_the_real_event_schema() -> None:
     lines = [ln for ln in (ROOT / "examples" / "events.jsonl").read_text(encoding="utf-8").splitlines() if ln]
     readme_events = []
-    for block in code_blocks(readme()):
+    for block in code_blocks(section(readme(), "## Events")):
         if block.lang == "json" and '"op"' in block.text:
             # One event per line, or one event spread over lines.
             try:
@@ -385,6 +393,12 @@ def test_the_limits_table_states_the_limits_in_the_code() -> None:
         assert f"{value:,}" in section, f"{value:,} is a limit in the code but not in README's Limits table"
     assert f"nests at most {events.MAX_EVENT_DEPTH} levels" in section
     assert f"its `metadata` {events.MAX_METADATA_DEPTH}" in section
+    from indexer import products
+    from indexer.formats import cloudevents
+
+    assert f"nests at most {events.MAX_ENVELOPE_DEPTH} levels" in section
+    assert f"at most {products.MAX_IMAGES} images; its id at most {products.MAX_PRODUCT_ID_BYTES:,} bytes" in section
+    assert f"at most {cloudevents.MAX_HEADERS}, together at most {cloudevents.MAX_HEADER_BYTES:,} bytes" in section
 
 
 def test_the_limits_table_states_the_retry_policy_the_writer_lock_and_the_store_failure_as_coded() -> None:
@@ -402,3 +416,40 @@ def test_the_limits_table_states_the_retry_policy_the_writer_lock_and_the_store_
     assert f"at most {MAX_DELAY_S // 3600} hours" in section
     assert f"`<data dir>/{PREFIX}folder-<digest>.lock`, `{PREFIX}kafka.lock`" in section
     assert f"503 `{STORE_UNAVAILABLE}` with `Retry-After: {STORE_RETRY_AFTER_S}`" in section
+
+
+FORMAT_OF_SECTION = {
+    "### Debezium change data": "debezium",
+    "### CloudEvents": "cloudevents",
+    "### A product with several images": "clipdex",
+}
+
+
+@pytest.mark.parametrize("heading", sorted(FORMAT_OF_SECTION))
+def test_event_format_examples_parse_with_their_map(heading: str) -> None:
+    """Each example event of an Event formats section parses, with the section's map, into events (a
+    binary-mode CloudEvent: its headers block, then its value)."""
+    from indexer.formats import Incoming, event_format
+
+    blocks = code_blocks(section(readme(), heading))
+    maps = [
+        json.loads(b.text) for b in blocks if b.lang == "json" and str(json.loads(b.text).get("id", "")).startswith("/")
+    ]
+    assert len(maps) == 1, f"{heading}: one map"
+    fmt = event_format(FORMAT_OF_SECTION[heading], json.dumps(maps[0]))  # type: ignore[arg-type]
+    parsed = []
+    headers: tuple[tuple[str, bytes], ...] = ()
+    for block in blocks:
+        if block.lang == "text":
+            headers = tuple(
+                (k.strip(), v.strip().encode()) for k, v in (ln.split(":", 1) for ln in block.text.splitlines())
+            )
+        elif block.lang == "json" and json.loads(block.text) is not maps[0] and json.loads(block.text) != maps[0]:
+            (event,) = fmt.parse(Incoming(json.dumps(json.loads(block.text)).encode(), None, headers))
+            parsed.append(event)
+            headers = ()
+    assert parsed, heading
+    if heading == "### A product with several images":
+        assert len(parsed[0].images) == 3  # type: ignore[union-attr]
+    if heading == "### CloudEvents":
+        assert [p.op for p in parsed] == ["upsert", "delete"]  # type: ignore[union-attr]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer.events import MAX_EVENT_BYTES, MAX_METADATA_DEPTH, Event, parse_event
+from indexer.events import MAX_EVENT_BYTES, MAX_METADATA_DEPTH, Event, nesting_depth, parse_event
 from shared.errors import InvalidEvent
 
 
@@ -247,3 +247,27 @@ def test_random_json_never_raises(value: object) -> None:
 def test_random_events_wrapped_in_deep_nesting_never_raise(value: object, depth: int, opener: str) -> None:
     closer = "]" if opener == "[" else "}"
     parses_or_refuses(opener * depth + json.dumps(value) + closer * depth)
+
+
+def depth_of(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    return 0
+
+
+BRACKETY_TEXT = st.text(alphabet=st.sampled_from(list('[]{}"\\\\/ab\\n')), max_size=12)
+BRACKETY_JSON = st.recursive(
+    st.none() | st.integers() | BRACKETY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(BRACKETY_TEXT, inner, max_size=3),
+    max_leaves=15,
+)
+
+
+@FUZZ
+@given(BRACKETY_JSON, st.booleans())
+def test_the_nesting_count_is_exact_for_valid_json_whatever_its_strings_hold(value: object, ascii_only: bool) -> None:
+    """Brackets, quotes and backslashes inside strings (and keys) never count."""
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    assert nesting_depth(text, 0) == depth_of(value)

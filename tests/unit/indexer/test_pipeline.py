@@ -23,11 +23,14 @@ from PIL import Image
 
 from indexer.events import Event
 from indexer.pipeline import Pipeline, PipelineOptions, embed_batch_for
+from indexer.products import image_id, product
 from indexer.records import Record
+from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import FetchFailed, SourceNotFound, StoreError
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.sqlite.store import SqliteStore
+from shared.stores import open_writer
 
 MAX_PIXELS = 10_000_000
 
@@ -360,3 +363,91 @@ def _png(seed: int) -> bytes:
     out = io.BytesIO()
     Image.open(io.BytesIO(jpeg(seed))).save(out, format="PNG")
     return out.getvalue()
+
+
+# -- products with several images -----------------------------------------------------------------------------
+
+
+def product_record(pid: str, uris: list[str], *, op: str = "upsert", version: int | None = None, **meta: Any) -> Record:
+    return Record("kafka", f"product {pid} v{version}", product(op, pid, uris, meta, version))  # type: ignore[arg-type]
+
+
+def images_of(store: SqliteStore, pid: str) -> dict[str, Any]:
+    """The product's stored images: item id -> (uri, metadata, version)."""
+    return {i.id: (i.uri, i.metadata, i.version) for i in store.items("kafka", f"kafka:{pid}#")}
+
+
+async def test_a_product_with_three_images_then_two_then_deleted(
+    pipeline: Pipeline, store: SqliteStore, root: Path
+) -> None:
+    uris = [put(root, f"p{i}.jpg", jpeg(i)) for i in range(3)]
+    report = await pipeline.write([product_record("p", uris, version=1, title="Shoe")])
+    assert (report.indexed, report.deleted) == (3, 0)
+    stored = images_of(store, "p")
+    assert stored == {f"kafka:{image_id('p', u)}": (u, {"title": "Shoe", "parent": "p"}, 1) for u in uris}
+    vector_of_first = store.item_vector(f"kafka:{image_id('p', uris[0])}")
+
+    calls = pipeline.model_calls
+    report = await pipeline.write([product_record("p", uris[:2], version=2, title="Trail shoe")])
+    assert (report.unchanged, report.indexed, report.deleted) == (2, 0, 1)
+    assert pipeline.model_calls == calls, "a title change is no new embedding"
+    assert images_of(store, "p") == {
+        f"kafka:{image_id('p', u)}": (u, {"title": "Trail shoe", "parent": "p"}, 2) for u in uris[:2]
+    }
+    first_now = store.item_vector(f"kafka:{image_id('p', uris[0])}")
+    assert first_now is not None and vector_of_first is not None and first_now[0] == vector_of_first[0]
+
+    replay = await pipeline.write([product_record("p", uris, version=1, title="Shoe")])  # the first event again
+    assert (replay.skipped, replay.indexed, replay.deleted) == (1, 0, 0)
+    assert len(images_of(store, "p")) == 2
+
+    report = await pipeline.write([product_record("p", [], op="delete", version=3)])
+    assert report.deleted == 2 and images_of(store, "p") == {}
+    assert store.stats().vectors == 0
+
+
+async def test_a_refused_image_is_its_own_dead_letter_and_the_others_are_indexed(
+    pipeline: Pipeline, store: SqliteStore, root: Path
+) -> None:
+    good = put(root, "good.jpg", jpeg(1))
+    missing = str(root / "missing.jpg")
+    report = await pipeline.write([product_record("p", [good, "http://[::1/x.jpg", missing], version=1)])
+    assert (report.indexed, report.failed) == (1, 2)
+    letters = {d.item_id: d.reason for d in store.dead_letters()}
+    assert set(letters) == {f"kafka:{image_id('p', 'http://[::1/x.jpg')}", f"kafka:{image_id('p', missing)}"}
+    assert all(d.payload == "product p v1" for d in store.dead_letters())
+    item = store.get_item(f"kafka:{image_id('p', missing)}")
+    assert item is not None and item.status == "failed" and item.uri == missing
+
+    # Once the product no longer names them, the failed images go too.
+    report = await pipeline.write([product_record("p", [good], version=2)])
+    assert report.deleted == 2 and set(images_of(store, "p")) == {f"kafka:{image_id('p', good)}"}
+
+
+async def test_two_products_sharing_an_image_embed_it_once(pipeline: Pipeline, store: SqliteStore, root: Path) -> None:
+    shared_uri = put(root, "shared.jpg", jpeg(5))
+    report = await pipeline.write([product_record("p", [shared_uri]), product_record("q", [shared_uri])])
+    assert report.indexed == 2 and pipeline.images_embedded == 1
+    assert {i.metadata["parent"] for i in store.items("kafka")} == {"p", "q"}
+
+
+async def test_a_product_of_three_images_then_two_then_deleted_on_every_backend(
+    store_settings: Settings, tiny_embedder: Embedder, root: Path
+) -> None:
+    uris = [put(root, f"p{i}.jpg", jpeg(i)) for i in range(3)]
+    with open_writer(store_settings, tiny_embedder.identity) as side:
+        pipeline = make_pipeline(side.writer, tiny_embedder, root)  # type: ignore[arg-type]
+        try:
+            await pipeline.write([product_record("p", uris, version=1, title="Shoe")])
+            assert {i.id for i in side.catalog.items("kafka")} == {f"kafka:{image_id('p', u)}" for u in uris}
+            report = await pipeline.write([product_record("p", uris[:2], version=2, title="Trail shoe")])
+            assert (report.unchanged, report.indexed, report.deleted) == (2, 0, 1)
+            items = side.catalog.items("kafka")
+            assert {i.id for i in items} == {f"kafka:{image_id('p', u)}" for u in uris[:2]}
+            assert {i.metadata["title"] for i in items} == {"Trail shoe"} and {i.version for i in items} == {2}
+            stale = await pipeline.write([product_record("p", uris, version=1, title="Shoe")])
+            assert stale.skipped == 1 and len(side.catalog.items("kafka")) == 2
+            await pipeline.write([product_record("p", [], op="delete", version=3)])
+            assert side.catalog.items("kafka") == []
+        finally:
+            pipeline.close()

@@ -21,12 +21,15 @@ from PIL import Image
 
 from indexer.decode import sha256_of
 from indexer.events import Event
+from indexer.formats import event_format
+from indexer.products import image_id
 from indexer.records import BatchReport, Record
 from indexer.sources.folder import FileStat, Folder, upsert_record
-from indexer.sources.kafka import Message, to_record
+from indexer.sources.kafka import Message, to_record, to_records
 from shared.embedder import Embedder
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.sqlite.store import SqliteStore
+from tests.unit.indexer.formats.test_hostile import hostile_documents
 from tests.unit.indexer.test_events import EVENTS, JSON_VALUES, MALFORMED, nested
 from tests.unit.indexer.test_pipeline import jpeg, make_pipeline, put, record
 
@@ -46,7 +49,8 @@ POISON = {
 
 
 def kafka_record(offset: int, value: bytes | None, key: bytes | None = None) -> Record:
-    return to_record(Message("catalog", 0, offset, key, value))
+    (record,) = to_record(Message("catalog", 0, offset, key, value))
+    return record
 
 
 def good_event(root: Path, name: str, seed: int) -> tuple[bytes, str]:
@@ -237,6 +241,85 @@ def test_random_messages_between_good_events_never_raise_and_the_good_events_are
             report: BatchReport = asyncio.run(pipeline.write(records))
             assert report.records == len(records)
             assert_stored(store, {f"good-{i}": sha for i, (_, sha) in enumerate(goods)})
+
+        try:
+            run()
+        finally:
+            pipeline.close()
+
+
+def good_product_messages(
+    root: Path, n: int
+) -> tuple[list[tuple[bytes, tuple[tuple[str, bytes], ...]]], dict[str, str]]:
+    """`n` Debezium-shaped, CloudEvent-shaped and flat product messages of two images each; their image ids."""
+    messages: list[tuple[bytes, tuple[tuple[str, bytes], ...]]] = []
+    expected: dict[str, str] = {}
+    for i in range(n):
+        sku = f"good-{i}"
+        images = []
+        for side in range(2):
+            data = jpeg(10 * i + side)
+            images.append(put(root, f"{sku}-{side}.jpg", data))
+            expected[image_id(sku, images[-1])] = sha256_of(data)
+        row = {"sku": sku, "images": json.dumps([{"url": u} for u in images]), "title": "t", "rev": i}
+        messages.append((json.dumps({"op": "c", "after": row, "source": {"lsn": 5}}).encode(), ()))
+        messages.append((json.dumps(row).encode(), CE_HEADERS))
+        messages.append((json.dumps({"sku": sku, "images": [{"url": u} for u in images], "title": "t"}).encode(), ()))
+    return messages, expected
+
+
+CE_HEADERS = (("ce_specversion", b"1.0"), ("ce_id", b"e"), ("ce_source", b"/shop"), ("ce_type", b"product.updated"))
+PRODUCT_FORMATS = {
+    "debezium": event_format("debezium", json.dumps({"id": "/sku", "uris": "/images/*/url", "version": "/rev"})),
+    "cloudevents": event_format("cloudevents", json.dumps({"id": "/sku", "uris": "/images/*/url"})),
+    "clipdex": event_format(
+        "clipdex", json.dumps({"id": "/sku", "uris": "/images/*/url", "op": {"pointer": "/op", "default": "upsert"}})
+    ),
+}
+HOSTILE_ENVELOPES = st.one_of(
+    st.binary(max_size=256),
+    hostile_documents().map(lambda d: json.dumps({"op": "c", "after": d, "source": {"lsn": 1}}).encode()),
+    hostile_documents().map(lambda d: json.dumps(d).encode()),
+    st.sampled_from(list(POISON.values())),
+    st.just(None),
+)
+
+
+@pytest.mark.parametrize("name", sorted(PRODUCT_FORMATS))
+def test_random_messages_of_every_format_between_good_products_never_raise_and_the_good_images_are_stored(
+    tmp_path: Path, tiny_embedder: Embedder, name: str
+) -> None:
+    fmt = PRODUCT_FORMATS[name]
+    root = tmp_path / "images"
+    root.mkdir()
+    goods, expected = good_product_messages(root, 2)
+    with SqliteStore(tmp_path / "data" / "clipdex.sqlite3") as store:
+        pipeline = make_pipeline(store, tiny_embedder, root)
+
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.lists(st.tuples(HOSTILE_ENVELOPES, st.sampled_from([(), CE_HEADERS])), max_size=6), st.randoms())
+        def run(hostile: list[tuple[bytes | None, tuple[tuple[str, bytes], ...]]], rng: random.Random) -> None:
+            messages = goods + hostile
+            rng.shuffle(messages)
+            records = to_records(
+                [
+                    Message("catalog", 0, offset, None, value, None, headers)
+                    for offset, (value, headers) in enumerate(messages)
+                ],
+                fmt,
+            )
+            for r in records:  # the good products are ours alone: a random event may not change them
+                if (
+                    r.event is not None
+                    and r.event.id.startswith("good-")
+                    and r.raw not in {g.decode() for g, _ in goods}
+                ):
+                    return
+            asyncio.run(pipeline.write(records))
+            stored = {i.id.removeprefix("kafka:"): i.sha256 for i in store.items("kafka", "kafka:good-")}
+            assert {k: v for k, v in stored.items() if k in expected} == expected
+            for k in expected:
+                assert store.item_vector(f"kafka:{k}") is not None
 
         try:
             run()

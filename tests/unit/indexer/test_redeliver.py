@@ -12,20 +12,26 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from indexer import service
+from indexer.formats import event_format
 from indexer.pipeline import Pipeline
-from indexer.records import Redelivery
-from indexer.redeliver import MAX_DELAY_S, Redeliverer, RetryPolicy, retry_record
+from indexer.products import image_id
+from indexer.records import Record, Redelivery
+from indexer.redeliver import MAX_DELAY_S, Redeliverer, RetryPolicy, retry_records
+from indexer.sources.kafka import Message, to_records
+from shared.config import Settings
 from shared.embedder import Embedder
 from shared.errors import FetchFailed, SourceNotFound, WriterBusy
 from shared.roles import DeadLetter, Failure, Upsert
 from shared.sqlite.store import SqliteStore
+from shared.stores import open_writer
+from tests.catalog_events import GALLERY_MAP, debezium, debezium_key, product_row
 from tests.conftest import tiny_settings_for
 from tests.unit.indexer.test_pipeline import jpeg, make_pipeline, record
 
@@ -207,10 +213,10 @@ def test_a_letter_is_retried_under_the_item_id_it_was_recorded_with() -> None:
     letter = DeadLetter(
         7, "folder", "folder:photos/a.jpg", payload, "FetchFailed: EIO", 1, datetime.now(UTC), attempts=2
     )
-    again = retry_record(letter)
+    (again,) = retry_records(letter)
     assert again.event is not None and again.event.id == "photos/a.jpg"
     assert again.position == Redelivery(7, 3)
-    junk = retry_record(DeadLetter(8, "kafka", None, "{not json", "InvalidEvent", 1, datetime.now(UTC)))
+    (junk,) = retry_records(DeadLetter(8, "kafka", None, "{not json", "InvalidEvent", 1, datetime.now(UTC)))
     assert junk.event is None and junk.position == Redelivery(8, 2)
 
 
@@ -308,3 +314,102 @@ async def test_dlq_retry_beside_a_running_consumer_retries_invalid_events_but_no
         await service.retry(settings, [item])
     report = await service.retry(settings, [junk])
     assert report.failed == 1  # still not JSON: a new letter replaces the old one
+
+
+# -- products with several images, on every backend ---------------------------------------------------------------
+
+
+def gallery_change(sku: str, uris: list[str], lsn: int, *, offset: int = 0) -> list[Record]:
+    """A Debezium change of a product with these images, as the consumer reads it (GALLERY_MAP)."""
+    value = debezium("c", None, product_row(1, sku, "Shoe", images=uris), lsn=lsn)
+    return to_records([Message("shop.public.products", 0, offset, debezium_key(1), value)], GALLERY)
+
+
+GALLERY = event_format("debezium", json.dumps(GALLERY_MAP))
+
+
+async def test_a_products_image_that_failed_transiently_is_retried_as_its_debezium_change_on_every_backend(
+    store_settings: Settings, tiny_embedder: Embedder, tmp_path: Path, flaky: Flaky
+) -> None:
+    """The letter of one image holds the whole change: the redeliverer reads it in the consumer's format,
+    the product's other images are unchanged (no model call), the failed one is indexed, the letter goes.
+    A later change of the product ends the retries; a letter retried after it changes nothing."""
+    uris = [f"http://cdn/{i}" for i in (21, 22, 23)]
+    ids = [f"kafka:{image_id('A-1', u)}" for u in uris]
+    flaky.down.add(uris[2])
+    with open_writer(store_settings, tiny_embedder.identity) as side:
+        pipeline = make_pipeline(
+            side.writer, tiny_embedder, tmp_path, fetch=flaky, fetch_retries=0, redelivery=RetryPolicy(3, 60)
+        )
+        catalog = side.catalog
+        redeliverer = Redeliverer(catalog, pipeline, ["kafka:"], event_format=GALLERY, batch=8)
+        try:
+            report = await pipeline.write(gallery_change("A-1", uris, lsn=100))
+            assert (report.indexed, report.failed) == (2, 1)
+            (letter,) = catalog.dead_letters()
+            assert (letter.item_id, letter.retriable, letter.attempts) == (ids[2], True, 1)
+            assert letter.retry_at is not None and json.loads(letter.payload)["op"] == "c"
+
+            flaky.down.clear()  # the CDN is back
+            catalog.schedule_dead_letters([letter.id], datetime.now(UTC))  # what time passing does
+            embedded = pipeline.images_embedded
+            report = await redeliverer.redeliver_due()
+            assert report is not None and (report.records, report.indexed, report.unchanged) == (1, 1, 2)
+            assert report.failed == 0 and pipeline.images_embedded == embedded + 1
+            assert catalog.dead_letters() == []
+            items = {i.id: (i.status, i.version) for i in catalog.items("kafka")}
+            assert items == dict.fromkeys(ids, ("indexed", 100))
+
+            flaky.down.add(uris[2])  # fails again on an update...
+            await pipeline.write(gallery_change("A-1", uris, lsn=110, offset=1))
+            (stale,) = catalog.dead_letters()
+            assert stale.retry_at is not None
+            await pipeline.write(gallery_change("A-1", uris[:2], lsn=120, offset=2))  # ...that a later one drops
+            (stale,) = catalog.dead_letters()
+            assert stale.retry_at is None  # the later change ended its retries
+            assert catalog.due_dead_letters("kafka:", datetime.now(UTC) + timedelta(days=1)) == []
+            flaky.down.clear()
+            catalog.schedule_dead_letters([stale.id], datetime.now(UTC))  # `clipdex dlq retry` all the same
+            report = await redeliverer.redeliver_due()
+            assert report is not None and report.skipped == 1  # the change at 110 is older than the one at 120
+            assert catalog.dead_letters() == []
+            assert {i.id: i.version for i in catalog.items("kafka")} == dict.fromkeys(ids[:2], 120)
+        finally:
+            pipeline.close()
+
+
+async def test_a_products_image_changed_by_another_writer_meanwhile_is_written_again_on_every_backend(
+    store_settings: Settings, tiny_embedder: Embedder, tmp_path: Path, flaky: Flaky
+) -> None:
+    """Versions in the write: the resolver read the product's images, another writer replaced one of them,
+    then this batch writes a metadata-only update of it: a conflict, so the product is read again and that
+    image embedded again; nothing is stopped, nothing is a dead letter."""
+    uris = [f"http://cdn/{i}" for i in (31, 32)]
+    ids = [f"kafka:{image_id('B-1', u)}" for u in uris]
+    with open_writer(store_settings, tiny_embedder.identity) as side:
+        pipeline = make_pipeline(side.writer, tiny_embedder, tmp_path, fetch=flaky, fetch_retries=0)
+        writer = side.writer
+        try:
+            await pipeline.write(gallery_change("B-1", uris, lsn=200))
+            real = writer.product_images
+            interleaved: list[str] = []
+
+            def read_then_another_writer(products: Any) -> Any:
+                seen = real(products)
+                interleaved.extend(products)
+                vector = tiny_embedder.encode_images(pipeline._decode(jpeg(39)).unsqueeze(0))[0]
+                writer.apply(upserts=[Upsert(ids[0], "kafka", "http://cdn/39", "sha-39", {}, vector)])
+                writer.product_images = real  # type: ignore[method-assign]
+                return seen
+
+            writer.product_images = read_then_another_writer  # type: ignore[method-assign]
+            report = await pipeline.write(gallery_change("B-1", uris, lsn=210, offset=1))
+            assert interleaved == ["kafka:B-1"] and report.failed == 0 and report.conflicted == []
+            assert side.catalog.dead_letters() == []
+            items = {i.id: i for i in side.catalog.items("kafka")}
+            assert {i: (items[i].uri, items[i].version) for i in ids} == {
+                i: (u, 210) for i, u in zip(ids, uris, strict=True)
+            }
+            assert items[ids[0]].sha256 != "sha-39"
+        finally:
+            pipeline.close()

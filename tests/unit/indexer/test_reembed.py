@@ -19,7 +19,7 @@ from indexer.decode import sha256_of
 from indexer.events import Event
 from indexer.progress import ProgressBar, format_eta
 from indexer.records import Record
-from indexer.redeliver import retry_record
+from indexer.redeliver import retry_records
 from indexer.reembed import Progress, Reembedder, ReembedReport, Throttle, reembed_lock
 from indexer.service import index_folder, open_indexer
 from shared.cliargs import setting_overrides
@@ -207,7 +207,7 @@ def test_a_source_gone_is_a_dead_letter_a_failed_item_after_the_switch_and_retri
         assert "SourceNotFound" in letter.reason
         item = store.catalog.get_item("folder:images/img-07.png")
         assert item is not None and item.status == "failed" and item.vector_id is None
-        record = retry_record(letter)  # `clipdex dlq retry` sends it through the pipeline again
+        [record] = retry_records(letter)  # `clipdex dlq retry` sends it through the pipeline again
         assert record.event is not None and record.event.uri == str(root / "img-07.png")
         assert record.event.metadata["path"] == "img-07.png"
 

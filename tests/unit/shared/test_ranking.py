@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from shared import ranking
 from shared.query import Collapse, Place
-from shared.types import Hit
+from shared.types import Hit, image_id
 
 
 def hit(item_id: str, score: float, sha: str | None = None, **metadata: object) -> Hit:
@@ -61,13 +61,36 @@ def test_a_hash_copy_follows_its_leader_into_a_near_group() -> None:
     assert ids(folded) == ["a"] and folded[0].duplicates == ("b", "c")
 
 
+def test_parent_folds_a_products_images_into_its_best_one_and_other_items_by_hash() -> None:
+    shoe = [image_id("kafka:A-1", f"https://cdn/a-{n}.jpg") for n in range(3)]
+    boot = image_id("kafka:B-2", "https://cdn/b.jpg")
+    hits = [
+        hit(shoe[1], 0.9, "s1", parent="A-1"),
+        hit("kafka:loose", 0.85, "x"),
+        hit(boot, 0.8, "placeholder", parent="B-2"),
+        hit(shoe[0], 0.7, "placeholder", parent="A-1"),  # the same picture as B-2's: still A-1's image
+        hit("kafka:loose-copy", 0.6, "x"),
+        hit(shoe[2], 0.5, "s3", parent="A-1"),
+        hit("kafka:A-1", 0.4, "s9"),  # the product's id itself is no image of it
+    ]
+    folded = ranking.collapse(hits, Collapse.PARENT)
+    assert ids(folded) == [shoe[1], "kafka:loose", boot, "kafka:A-1"]
+    assert folded[0].duplicates == (shoe[0], shoe[2]) and folded[0].score == 0.9
+    assert folded[1].duplicates == ("kafka:loose-copy",) and folded[2].duplicates == ()
+    by_hash = ranking.collapse(hits, Collapse.HASH)  # by hash, A-1's images show apart; one joins B-2's
+    assert ids(by_hash) == [shoe[1], "kafka:loose", boot, shoe[2], "kafka:A-1"]
+
+
 @settings(max_examples=200, deadline=None, database=None)
 @given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), min_size=1, max_size=30), st.integers(1, 30))
 def test_folding_a_prefix_is_a_prefix_of_folding_all(rows: list[tuple[int, int]], cut: int) -> None:
     """What pages rely on: reading deeper never regroups what was already shown."""
-    hits = [hit(f"i{n}", 1 - n / 100, f"h{h}") for n, (h, _) in enumerate(rows)]
+    # d: the direction of the hit's vector (`near`), and its product (`parent`; 3: none)
+    hits = [
+        hit(image_id(f"p{d}", f"u{n}") if d < 3 else f"i{n}", 1 - n / 100, f"h{h}") for n, (h, d) in enumerate(rows)
+    ]
     vectors = np.stack([np.eye(4, dtype=np.float32)[d] for _, d in rows])
-    for mode in (Collapse.HASH, Collapse.NEAR):
+    for mode in (Collapse.HASH, Collapse.NEAR, Collapse.PARENT):
         whole = ranking.collapse(hits, mode, vectors, near=0.97)
         part = ranking.collapse(hits[:cut], mode, vectors[:cut], near=0.97)
         assert ids(part) == ids(whole)[: len(part)]

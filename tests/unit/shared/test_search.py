@@ -26,7 +26,7 @@ from shared.roles import Delete, Failure, Upsert
 from shared.search import MAX_QUERY_CHARS, SearchService, cap_query
 from shared.sqlite.index import IndexParams
 from shared.stores import open_reader, open_writer
-from shared.types import Filters, Hit
+from shared.types import Filters, Hit, image_id
 
 DIM = 32
 PARAMS = IndexParams("flat", 200_000, None, None, 16, 64, 10**6, 1e9)
@@ -413,6 +413,92 @@ def test_a_cursor_from_another_search_is_refused(crowded: World) -> None:
     first = crowded.search.search([TextTerm("anything")], SearchOptions(top_k=5))
     with pytest.raises(InvalidRequest, match="another search"):
         crowded.search.search([TextTerm("something else")], SearchOptions(top_k=5, cursor=first.next_cursor))
+
+
+# -- collapse=parent: one hit per product ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def shop(world: World) -> World:
+    """Products as the indexer writes them (an item per image, `<product>#<key>`, `parent` in metadata):
+    P-00 with 60 images that all rank above everything else, P-01 .. P-24 with 1 to 5 images each (some
+    showing the same picture as another product's), and 30 loose items, every third a copy of the one before."""
+    rng = np.random.default_rng(5)
+    shoes = combine([1.0], [world.search.embedder.encode_text("shoes").vector])  # what the tests search for
+    ups: list[Upsert] = []
+
+    def image(product: str, n: int, vector: np.ndarray, sha: str, **meta: Any) -> Upsert:
+        uri = f"https://cdn.example/{product}/{n}.jpg"
+        metadata = {"parent": product, **meta}
+        return Upsert(image_id(f"kafka:{product}", uri), "kafka", uri, sha, metadata, vector)
+
+    for n in range(60):
+        ups.append(image("P-00", n, towards(shoes, 0.99 - 0.001 * n, seed=9000 + n), f"sha-P-00-{n}", year=2020))
+    for p in range(1, 25):
+        for n in range(1 + p % 5):
+            sha = "sha-shared" if (p % 7, n) == (3, 0) else f"sha-P-{p:02d}-{n}"
+            vector = towards(shoes, float(rng.uniform(-0.3, 0.9)), seed=20_000 + 100 * p + n)
+            ups.append(image(f"P-{p:02d}", n, vector, sha, year=2000 + p % 9))
+    for i in range(30):
+        copy = i % 3 == 2
+        vector = ups[-1].embedding if copy else towards(shoes, float(rng.uniform(-0.3, 0.9)), seed=5000 + i)
+        sha = ups[-1].sha256 if copy else f"sha-loose-{i}"
+        ups.append(Upsert(f"kafka:loose-{i:02d}", "kafka", f"https://x/{i}", sha, {"year": 2000 + i % 11}, vector))
+    world.store.apply(upserts=ups)
+    world.refresh()
+    return world
+
+
+def test_parent_shows_each_product_once_its_best_image_listing_the_others(shop: World) -> None:
+    vector = combine([1.0], [shop.search.embedder.encode_text("shoes").vector])
+    result = shop.search.search([TextTerm("shoes")], SearchOptions(top_k=100, collapse=Collapse.PARENT))
+    images: dict[str, list[tuple[float, str]]] = {}
+    for item in shop.reader.catalog.items():
+        if "parent" in item.metadata:
+            score = float(shop.vectors.item_vector(item.id) @ vector)  # type: ignore[operator]
+            images.setdefault(str(item.metadata["parent"]), []).append((score, item.id))
+    shown = [h for h in result.hits if "parent" in h.metadata]
+    assert sorted(h.metadata["parent"] for h in shown) == sorted(images)  # every product once (each matched)
+    for hit in shown:
+        mine = images[str(hit.metadata["parent"])]
+        assert hit.id == max(mine)[1] and hit.score == pytest.approx(max(mine)[0], abs=1e-5)  # its best image
+        assert sorted((hit.id, *hit.duplicates)) == sorted(i for _, i in mine)  # the others listed
+    loose = [h for h in result.hits if "parent" not in h.metadata]
+    assert len(loose) == 20 and sorted(len(h.duplicates) for h in loose) == [0] * 10 + [1] * 10  # copies fold by hash
+    assert len(result.hits) == 24 + 1 + 20 and result.next_cursor is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SearchOptions(collapse=Collapse.PARENT),
+        SearchOptions(collapse=Collapse.PARENT, sort_by="metadata.year", order="asc", max_drop=1.0),
+        SearchOptions(collapse=Collapse.PARENT, filters=Filters({"year": 2020})),
+    ],
+)
+def test_pages_of_products_never_overlap_and_concatenate(shop: World, options: SearchOptions) -> None:
+    """P-00's 60 images fill the top of the ranking: a page of products must read past them (the candidates
+    widen), and never show P-00 twice. A page lists the other images among the candidates it read (a
+    deep search may list more of them: those ranking far below), in rank order."""
+    want = oracle(shop, combine([1.0], [shop.search.embedder.encode_text("shoes").vector]), options)
+    got = all_pages(shop.search, [TextTerm("shoes")], options, [3, 1, 8])
+    assert [h.id for h in got] == [h.id for h in want]
+    for shown, whole in zip(got, want, strict=True):
+        assert shown.duplicates == tuple(i for i in whole.duplicates if i in shown.duplicates)
+    if options.sort_key is None:
+        assert got[0].metadata["parent"] == "P-00" and len(got[0].duplicates) == 59  # read past all of P-00
+    products = [h.metadata["parent"] for h in got if "parent" in h.metadata]
+    assert len(products) == len(set(products)) and "P-00" in products
+
+
+def test_a_products_images_are_filtered_by_parent(shop: World) -> None:
+    """The indexer's `parent` is metadata like any other: a filter on it finds exactly that product's images."""
+    options = SearchOptions(top_k=100, collapse=Collapse.NONE, filters=Filters({"parent": "P-04"}))
+    hits = shop.search.search([TextTerm("shoes")], options).hits
+    assert len(hits) == 5 and {h.metadata["parent"] for h in hits} == {"P-04"}
+    assert all(h.id.startswith("kafka:P-04#") for h in hits)
+    one = shop.search.search([TextTerm("shoes")], SearchOptions(collapse=Collapse.PARENT, filters=options.filters))
+    assert len(one.hits) == 1 and len(one.hits[0].duplicates) == 4
 
 
 def test_liked_and_unliked_items_move_the_ranking_and_are_left_out(ranked: World) -> None:

@@ -19,7 +19,7 @@ from shared.errors import ModelMismatchError
 from shared.roles import Coverage, Delete, Failure, Upsert
 from shared.search import MAX_CANDIDATES
 from shared.stores import ReadSide, WriteSide, open_catalog, open_reader, open_writer
-from shared.types import Filters, Hit, ModelIdentity
+from shared.types import Filters, Hit, ModelIdentity, image_id
 
 DIM = 8
 MODEL = ModelIdentity("clipdex-contract", "none", DIM, "c0ffee" + "0" * 58)
@@ -440,3 +440,29 @@ def test_the_active_space_holds_the_model_that_answers(
         assert catalog.coverage(active.id) == Coverage(total=2, done=2, failed=0)
     reader.vectors.refresh()
     assert reader.model == reader.vectors.info().model == reader.vectors.state().model == MODEL
+
+
+# -- a product's images --------------------------------------------------------------------------------------
+
+
+def test_a_products_images_are_found_failed_ones_too_and_no_other_products(store: WriteSide) -> None:
+    a, b = image_id("kafka:p", "https://img.example/a.jpg"), image_id("kafka:p", "https://img.example/b.jpg")
+    bad = image_id("kafka:p", "ftp://x/c.jpg")
+    other = image_id("kafka:p#x", "https://img.example/a.jpg")  # another product, whose id starts with "p#"
+    store.writer.apply(
+        upserts=[
+            up(a, "s1", vec(1), 4, parent="p"),
+            up(b, "s2", vec(2), 4),
+            up(other, "s3", vec(3)),
+            up("kafka:p", "s4", vec(4)),
+        ],
+        failures=[Failure("kafka", "{}", "refused", id=bad, uri="ftp://x/c.jpg")],
+    )
+    found = store.writer.product_images(["kafka:p", "kafka:none"])
+    assert sorted(found) == sorted([a, b, bad])
+    assert found[a].version == 4 and found[a].has_vector and found[a].sha256 == "s1"
+    assert found[bad].status == "failed" and not found[bad].has_vector
+    assert store.writer.product_images(["kafka:p#x"]).keys() == {other}
+    assert store.writer.product_images([]) == {}
+    store.writer.apply(deletes=[Delete(a), Delete(bad)])
+    assert store.writer.product_images(["kafka:p"]).keys() == {b}

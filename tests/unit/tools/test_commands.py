@@ -9,7 +9,9 @@ import pytest
 
 from clipdex import cli
 from shared.embedder import Embedder
+from shared.roles import Upsert
 from shared.sqlite.store import SqliteStore
+from shared.types import image_id
 from tests.conftest import tiny_env
 from tests.sample_store import Sample, fill_store
 
@@ -92,3 +94,22 @@ def test_pages_by_number_or_cursor_never_repeat(catalog: Sample, capsys: pytest.
     assert [h["id"] for h in json.loads(capsys.readouterr().out)] == pages[1]
     assert cli.main(["search", "x", "--top-k", "10", "--page", "101"]) == 2
     assert "--page is from 1 to 100" in capsys.readouterr().err
+
+
+def test_collapse_parent_shows_a_product_once(
+    catalog: Sample, tiny_embedder: Embedder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uris = [f"https://cdn.example/p-7/{side}.jpg" for side in ("front", "side", "back")]
+    images = [image_id("kafka:P-7", uri) for uri in uris]
+    with SqliteStore(tmp_path / "data" / "clipdex.sqlite3") as store:
+        store.apply(
+            upserts=[
+                Upsert(i, "kafka", u, f"sha-{i}", {"parent": "P-7"}, tiny_embedder.encode_text(u).vector)
+                for i, u in zip(images, uris, strict=True)
+            ]
+        )
+    assert cli.main(["search", "x", "--top-k", "100", "--collapse", "parent", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    (product,) = [h for h in hits if h["metadata"].get("parent") == "P-7"]
+    assert sorted([product["id"], *product["duplicates"]]) == sorted(images)
+    assert len(hits) + sum(len(h["duplicates"]) for h in hits) == catalog.searchable + 3  # each shown once

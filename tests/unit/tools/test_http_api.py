@@ -374,3 +374,7 @@ async def test_the_openapi_description_lists_exactly_the_parameters_search_takes
     assert {"terms", "top_k", "cursor", "max_drop", "collapse", "sort_by", "order"} <= set(
         spec["components"]["schemas"]["SearchIn"]["properties"]
     )
+    collapse = next(p for p in spec["paths"]["/search"]["get"]["parameters"] if p["name"] == "collapse")
+    modes = ["hash", "near", "parent", "none"]
+    assert collapse["schema"]["enum"] == modes and "one hit per product" in collapse["description"]
+    assert spec["components"]["schemas"]["SearchIn"]["properties"]["collapse"]["enum"] == modes

@@ -124,6 +124,9 @@ async def test_tools_are_listed_read_only_with_docs_and_output_schemas(server: A
         similar_args
     )
     assert "hits" in tools["search"].output_schema["properties"]  # type: ignore[index]
+    for name in ("search", "find_similar"):
+        assert tools[name].input_schema["properties"]["collapse"]["enum"] == ["hash", "near", "parent", "none"]
+    assert "one hit per product" in tools["search"].description  # type: ignore[operator]
 
 
 # -- search ----------------------------------------------------------------------------------------------

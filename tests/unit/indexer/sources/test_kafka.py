@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 
 from clipdex.cli import main
+from indexer.formats import event_format
+from indexer.products import product
 from indexer.records import FailedRecord, Record
 from indexer.sources.kafka import (
     Backoff,
     KafkaSource,
     Message,
     dead_letters_for,
+    micro_batches,
     next_offsets,
     to_record,
+    to_records,
 )
 from indexer.testing import FakeSink, MemoryBroker, MemoryConsumer, MemoryDeadLetters
 from shared.errors import StoreError
@@ -66,8 +70,8 @@ async def run_until(source: KafkaSource, done: Callable[[], bool]) -> None:
 
 
 def test_the_message_key_is_the_id_when_the_event_has_none() -> None:
-    record = to_record(Message("t", 0, 7, b"sku-1", b'{"op": "delete"}'))
-    assert record.event is not None and record.event.id == "sku-1"
+    (record,) = to_record(Message("t", 0, 7, b"sku-1", b'{"op": "delete"}'))
+    assert record is not None and record.event is not None and record.event.id == "sku-1"
     assert record.position == (0, 7) and record.source == "kafka"
 
 
@@ -82,8 +86,8 @@ def test_the_message_key_is_the_id_when_the_event_has_none() -> None:
     ],
 )
 def test_a_bad_message_becomes_a_record_with_its_reason(value: bytes | None, reason: str) -> None:
-    record = to_record(Message("t", 0, 3, None, value))
-    assert record.event is None
+    (record,) = to_record(Message("t", 0, 3, None, value))
+    assert record is not None and record.event is None
     assert record.error is not None and reason in record.error
 
 
@@ -168,7 +172,7 @@ async def test_items_the_sink_failed_are_published_as_dead_letters_with_the_sink
 
 def test_dead_letters_are_the_failed_records_messages_found_by_position() -> None:
     messages = [Message("t", p, o, None, upsert("same", uri=f"/{p}-{o}.jpg")) for p in (0, 1) for o in range(3)]
-    records = [to_record(m) for m in messages]
+    records = to_records(messages)
     tried = records[4]  # partition 1, offset 1: the same id as the others, and the same raw value as none
     letters = dead_letters_for(messages, [FailedRecord(tried, "not an image", "kafka:same")])
     assert [(m.partition, m.offset, m.reason) for m in letters] == [(1, 1, "not an image")]
@@ -308,6 +312,17 @@ def test_consume_without_a_broker_or_a_topic_says_which_flag_to_pass(capsys: pyt
     assert "CLIPDEX_KAFKA_TOPIC" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("_keep_logging")
+def test_consume_with_a_wrong_or_missing_map_stops_at_start_naming_the_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broker = ["consume", "--bootstrap-servers", "127.0.0.1:9", "--topic", "t"]
+    assert main([*broker, "--format", "debezium"]) == 2
+    assert "CLIPDEX_EVENT_FORMAT=debezium needs CLIPDEX_EVENT_MAP" in capsys.readouterr().err
+    assert main([*broker, "--format", "cloudevents", "--map", '{"id": "sku", "uri": "/image"}']) == 2
+    assert "invalid CLIPDEX_EVENT_MAP: 'sku' is not a JSON Pointer" in capsys.readouterr().err
+
+
 async def test_clipdex_status_hears_from_the_consumer_through_its_heartbeat(tmp_path: Path) -> None:
     broker = MemoryBroker()
     for i in range(3):
@@ -321,3 +336,89 @@ async def test_clipdex_status_hears_from_the_consumer_through_its_heartbeat(tmp_
     (state,) = read_heartbeats(tmp_path)
     assert state["source"] == "kafka" and state["topic"] == "events" and state["state"] == "stopped"
     assert state["last_batch"]["failed"] == 1 and state["pending"] == 0
+
+
+# -- event formats ---------------------------------------------------------------------------------------------
+
+
+def debezium_source(broker: MemoryBroker, sink: FakeSink, **options: object) -> KafkaSource:
+    mapping = json.dumps({"id": "/sku", "uri": "/image_url"})
+    return KafkaSource(
+        MemoryConsumer(broker),
+        sink,
+        max_wait_ms=5,
+        backoff=FAST,
+        event_format=event_format("debezium", mapping),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_debezium_tombstone_is_skipped_and_committed_not_a_dead_letter() -> None:
+    broker = MemoryBroker()
+    row = {"sku": "A-1", "image_url": "/img/a.jpg"}
+    broker.produce(json.dumps({"op": "c", "after": row, "source": {"lsn": 10}}).encode(), key=b'{"id": 1}')
+    broker.produce(json.dumps({"op": "d", "before": row, "source": {"lsn": 11}}).encode(), key=b'{"id": 1}')
+    broker.produce(None, key=b'{"id": 1}')  # the tombstone
+    sink = FakeSink()
+    letters = MemoryDeadLetters()
+    source = debezium_source(broker, sink, batch_size=64, dead_letters=letters)
+    await run_until(source, lambda: broker.committed.get(("events", 0)) == 3)
+    assert [(r.event.op, r.event.id, r.event.version) for r in sink.batches[0] if r.event is not None] == [
+        ("upsert", "A-1", 10),
+        ("delete", "A-1", 11),
+    ]
+    assert len(sink.batches[0]) == 2 and letters.published == [] and source.stats.records == 2
+
+
+async def test_headers_reach_the_format_and_stay_on_the_dead_letter() -> None:
+    broker = MemoryBroker()
+    headers = [("ce_specversion", b"1.0"), ("ce_id", b"e-1"), ("ce_source", b"/shop"), ("ce_type", b"t")]
+    broker.produce(json.dumps({"op": "upsert", "id": "a", "uri": "/img/a.jpg"}).encode(), headers=headers)
+    broker.produce(b'{"op": "upsert"}', headers=headers)  # no id: a dead letter
+    sink = FakeSink()
+    letters = MemoryDeadLetters()
+    source = KafkaSource(
+        MemoryConsumer(broker),
+        sink,
+        batch_size=64,
+        max_wait_ms=5,
+        backoff=FAST,
+        dead_letters=letters,
+        event_format=event_format("cloudevents"),
+    )
+    await run_until(source, lambda: broker.committed.get(("events", 0)) == 2)
+    assert sink.ids == ["a"]
+    (letter,) = letters.published
+    assert letter.headers()[: len(headers)] == headers and dict(letter.headers())["clipdex.offset"] == b"1"
+    assert json.loads(sink.batches[0][1].raw)["id"] == "e-1"  # the dead letter's text: the structured event
+
+
+def test_micro_batches_count_a_products_images() -> None:
+    def rec(n: int) -> Record:
+        return Record("kafka", "", product("upsert", f"p{n}", [f"{i}.jpg" for i in range(n)]))
+
+    records = [rec(3), rec(3), Record("kafka", "", None, "bad"), rec(5), rec(1)]
+    assert [[len(r.event.images) if r.event else 0 for r in b] for b in micro_batches(records, 6)] == [
+        [3, 3],
+        [0, 5],
+        [1],
+    ]
+    assert [len(b) for b in micro_batches([rec(9)], 4)] == [1]  # one product is never split
+
+
+async def test_a_fetch_of_products_is_written_in_batches_of_about_batch_size_images_then_committed_once() -> None:
+    broker = MemoryBroker()
+    mapping = json.dumps({"id": "/sku", "uris": "/images"})
+    for n in range(4):
+        broker.produce(json.dumps({"sku": f"p{n}", "images": [f"/img/{n}-{i}.jpg" for i in range(3)]}).encode())
+    sink = FakeSink()
+    source = KafkaSource(
+        MemoryConsumer(broker),
+        sink,
+        batch_size=6,
+        max_wait_ms=5,
+        backoff=FAST,
+        event_format=event_format("clipdex", mapping),
+    )
+    await run_until(source, lambda: broker.committed.get(("events", 0)) == 4)
+    assert [len(b) for b in sink.batches] == [2, 2] and broker.commits == [{("events", 0): 4}]
