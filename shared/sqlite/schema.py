@@ -18,7 +18,8 @@ Versions, each reached from the one before by its own step (`MIGRATIONS`), all i
     1  one model per store: the main index's state in `meta`, the item's vector in `items.vector_id`
     2  `add_item_tags`: the filter tags (issue 14)
     3  `add_retries_and_folders`: dead letters retried by themselves, items.retriable, folders (issue 9)
-    4  `add_spaces`: embedding spaces (issue 15): one active space holding every vector
+    4  `add_spaces`: embedding spaces (issue 15): one active space holding every vector (and the tags
+       of a metadata value -0.0 made those of 0, which equals it)
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def add_spaces(db: sqlite3.Connection, now: float) -> None:
     Live vectors that no item points to (none should exist) are tombstoned, so that "one live vector per
     item and space" holds from here on."""
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    _retag_negative_zero(db)
     db.execute("ALTER TABLE vectors ADD COLUMN space INTEGER NOT NULL DEFAULT 1")
     execute_script(db, TABLES)
     has_vectors = db.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is not None
@@ -238,6 +240,20 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection, float], None]] = {
     3: add_retries_and_folders,
     4: add_spaces,
 }
+
+
+def _retag_negative_zero(db: sqlite3.Connection) -> None:
+    """Versions 2 and 3 tagged a metadata value -0.0 apart from 0, which equals it (a filter on 0 missed
+    the item): tag again the few items whose metadata holds -0.0 (a superset: LIKE on the JSON text)."""
+    rows = db.execute(
+        "SELECT vector_id, source, metadata FROM items WHERE vector_id IS NOT NULL AND metadata LIKE '%-0.0%'"
+    ).fetchall()
+    for vector_id, source, metadata in rows:
+        db.execute("DELETE FROM item_tags WHERE vector_id = ?", (vector_id,))
+        db.executemany(
+            "INSERT OR IGNORE INTO item_tags(tag, vector_id) VALUES (?, ?)",
+            [(t, vector_id) for t in item_tags(source, json.loads(metadata))],
+        )
 
 
 def move_index_files(index_dir: Path, space_dir: Path) -> None:

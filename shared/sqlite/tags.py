@@ -41,9 +41,9 @@ def source_tag(source: str) -> int:
 def value_tag(key: str, value: Any) -> int | None:
     """The tag of `key == value`, or None for a value no tag stands for (null, a list, an object)."""
     if isinstance(value, bool | int | float):
-        # true and 1, 2021 and 2021.0 hash alike; the exact check tells them apart
+        # true and 1, 2021 and 2021.0, 0 and -0.0 hash alike; the exact check tells them apart
         try:
-            number: float | str = float(value)
+            number: float | str = float(value) + 0.0  # + 0.0: -0.0 is 0.0 (they are equal)
         except OverflowError:  # an integer beyond any float: no stored value equals it
             number = str(value)
         if isinstance(number, float) and not math.isfinite(number):

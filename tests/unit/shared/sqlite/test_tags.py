@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shared.roles import Delete, Failure, Upsert
@@ -135,6 +135,19 @@ def test_a_version_1_store_gains_its_tags_when_opened(tmp_path: Path) -> None:
         assert store._meta("schema_version") == str(SCHEMA_VERSION)
 
 
+def test_an_item_whose_metadata_holds_minus_zero_is_found_by_a_filter_on_zero_after_the_migration(
+    tmp_path: Path,
+) -> None:
+    old_tag = tags.tag(["meta", "z", ["n", -0.0]])  # how versions 2 and 3 tagged -0.0: apart from 0
+    rows = "INSERT INTO items(id, source, uri, sha256, metadata, status, version, vector_id, created_at, updated_at) "
+    rows += "VALUES ('m', 'kafka', 'u', 'sha-m', '{\"z\": -0.0}', 'indexed', NULL, 2, 1, 1);"
+    rows += "INSERT INTO vectors VALUES (2, 'm', 'sha-m', zeroblob(32), 0, 2, 1.0);"
+    rows += f"INSERT INTO item_tags VALUES ({tags.source_tag('kafka')}, 2), ({old_tag}, 2);"
+    with SqliteStore(make_store(tmp_path / "db.sqlite3", 3, rows)) as store:
+        assert matching_ids(store, Filters({"z": 0})) == matching_ids(store, Filters({"z": -0.0})) == {"m"}
+        assert matching_ids(store, Filters({"colour": "red"})) == {"folder:a.jpg"}  # the others kept theirs
+
+
 def test_a_newer_store_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     SqliteStore(path).close()
@@ -166,6 +179,8 @@ keys = st.sampled_from(["a", "b", "", "x'y", "é"])
     st.sampled_from(["kafka", "folder"]),
     st.sampled_from([None, "kafka", "folder"]),
 )
+@example({"a": 0}, {"a": -0.0}, "kafka", None)  # found by this test: -0.0 == 0, once tagged apart
+@example({"a": -0.0}, {"a": 0}, "kafka", None)
 def test_every_item_that_passes_holds_every_tag_of_the_filter(
     metadata: dict[str, Any], wanted: dict[str, Any], source: str, wanted_source: str | None
 ) -> None:
