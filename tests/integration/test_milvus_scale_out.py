@@ -12,6 +12,7 @@ with no local index, all on the Milvus store.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -72,6 +73,27 @@ class Proc:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def assignment(self) -> set[int]:
+        """The partitions this consumer was last assigned, as its log says (empty before the first)."""
+        lines = ASSIGNED.findall(self.text())
+        return {int(p) for p in PARTITION.findall(lines[-1])} if lines else set()
+
+
+ASSIGNED = re.compile(r"assigned partitions \[(.*)\]")
+PARTITION = re.compile(r"\[(\d+)\]'")
+
+
+def group_settled(consumers: list[Proc]) -> bool:
+    """Every consumer alive and a member of the same generation: their last assignments are non-empty,
+    disjoint, and cover every partition. A member still joining would leave another holding everything."""
+    assigned = [c.assignment() for c in consumers]
+    return (
+        all(c.alive() for c in consumers)
+        and all(assigned)
+        and sum(len(a) for a in assigned) == PARTITIONS
+        and set().union(*assigned) == set(range(PARTITIONS))
+    )
+
 
 @dataclass
 class Cluster:
@@ -104,7 +126,12 @@ class Cluster:
             await asyncio.sleep(0.3)
 
     def logs(self) -> str:
-        return "\n----\n".join(p.text()[-3000:] for p in [*self.consumers, *self.replicas])
+        state = ", ".join(
+            f"consumer-{n} {'alive' if c.alive() else 'dead'} assigned {sorted(c.assignment())}"
+            for n, c in enumerate(self.consumers)
+        )
+        head = f"published {len(self.positions)} messages so far; {state}\n"
+        return head + "\n----\n".join(p.text()[-3000:] for p in [*self.consumers, *self.replicas])
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +178,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> I
     try:
         for port, replica in zip(ports, replicas, strict=True):
             wait_for_port(port, 120, replica.proc)
+        # Both consumers in the group before any test publishes: a stream of ~100 events is consumed in
+        # about 2 s, and a consumer still loading its model (slow under load) joined once it was all read,
+        # got no batch, and the first test waited for one forever.
+        deadline = time.monotonic() + 120
+        while not group_settled(consumers):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the consumer group never settled with both members\n{made.logs()}")
+            time.sleep(0.2)
         yield made
     finally:
         for p in [*consumers, *replicas]:
@@ -274,7 +309,12 @@ async def test_a_consumer_killed_mid_stream_loses_nothing_and_the_replicas_agree
 
     joined = victim.text().count("consuming from")
     victim.start()  # back to two members for the next test
-    await wait_until(lambda: victim.text().count("consuming from") > joined, 120, "the restarted consumer", cluster)
+    await wait_until(
+        lambda: victim.text().count("consuming from") > joined and group_settled(cluster.consumers),
+        120,
+        "the restarted consumer",
+        cluster,
+    )
 
 
 async def test_milvus_stopped_mid_stream_consumers_wait_replicas_say_503_and_nothing_is_lost(cluster: Cluster) -> None:
