@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_with_retries
-from indexer.embed import decode_and_embed
+from indexer.embed import Decode, decode_and_embed
 from indexer.records import BatchReport, FailedRecord, Record, Redelivery, attempt_of
 from indexer.redeliver import RetryPolicy
 from indexer.resolve import Classified, Fetched, Work, classify, pending_ids, pending_products, plan
@@ -68,6 +68,16 @@ class PipelineOptions:
             embed_batch=embed_batch_for(settings.batch_size, device),
             fetch_retries=settings.fetch_retries,
             redelivery=RetryPolicy.from_settings(settings),
+        )
+
+    def decoder(self, embedder: Embedder) -> Decode:
+        """Bytes to this model's input tensor, within the pixel limit and the process's decode budget."""
+        return functools.partial(
+            decode_and_preprocess,
+            max_pixels=self.max_pixels,
+            preprocess=embedder.preprocess,
+            input_side=max(embedder.image_size),
+            budget=decode_budget(self.decode_memory_mb),
         )
 
 
@@ -134,13 +144,7 @@ class Pipeline:
 
     def _use(self, embedder: Embedder) -> None:
         self.embedder = embedder
-        self._decode = functools.partial(
-            decode_and_preprocess,
-            max_pixels=self.options.max_pixels,
-            preprocess=embedder.preprocess,
-            input_side=max(embedder.image_size),
-            budget=decode_budget(self.options.decode_memory_mb),
-        )
+        self._decode = self.options.decoder(embedder)
 
     def close(self) -> None:
         for pool in (self._fetch_pool, self._decode_pool, self._model_pool):

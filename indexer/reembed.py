@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.compaction import Compactor
-from indexer.decode import Fetch, decode_and_preprocess, decode_pool, fetch_with_retries
+from indexer.decode import Fetch, decode_pool, fetch_with_retries
 from indexer.embed import decode_and_embed
 from indexer.pipeline import PipelineOptions
 from indexer.sources import folder
@@ -38,7 +38,6 @@ from shared.embedder import Embedder
 from shared.errors import ItemError
 from shared.fetch import FetchPolicy, fetch_bytes
 from shared.heartbeat import Heartbeat
-from shared.images import decode_budget
 from shared.roles import Catalog, Coverage, Pending, Space, SpaceFailure, Spaces, SpaceVector
 from shared.types import Embedding
 
@@ -108,13 +107,7 @@ class Reembedder:
         self.compactor = compactor
         self.on_progress = on_progress
         self.heartbeat = heartbeat
-        self._decode = functools.partial(
-            decode_and_preprocess,
-            max_pixels=self.options.max_pixels,
-            preprocess=embedder.preprocess,
-            input_side=max(embedder.image_size),
-            budget=decode_budget(self.options.decode_memory_mb),
-        )
+        self._decode = self.options.decoder(embedder)
         self._policies: dict[tuple[Path, ...], FetchPolicy] = {}
 
     async def run(self, stop: asyncio.Event) -> ReembedReport:
