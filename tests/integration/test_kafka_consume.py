@@ -20,10 +20,11 @@ from PIL import Image
 
 from indexer import pipeline as pipeline_module
 from indexer import service as service_module
+from indexer.formats import EventFormat
 from indexer.pipeline import Pipeline
 from indexer.records import BatchReport, Record
 from indexer.service import consume
-from indexer.sources.kafka import KafkaSource, SourceStats
+from indexer.sources.kafka import CLIPDEX_FORMAT, KafkaSource, SourceStats
 from indexer.sources.kafka_client import AioKafkaConsumer, KafkaDeadLetters
 from shared.config import Settings
 from shared.embedder import Embedder
@@ -83,10 +84,12 @@ def settings_for(tmp_path: Path, bootstrap: str, topic: str, **overrides: Any) -
     return tiny_settings_for(tmp_path / "data", **values)
 
 
-async def consume_until(
-    settings: Settings, embedder: Embedder, done: Callable[[SourceStats], bool], *, timeout_s: float = 60
-) -> SourceStats:
-    """Run the real source and pipeline until `done(stats)`, then stop it (finishing its batch)."""
+@asynccontextmanager
+async def running_source(
+    settings: Settings, embedder: Embedder, event_format: EventFormat = CLIPDEX_FORMAT
+) -> AsyncIterator[tuple[KafkaSource, asyncio.Task[SourceStats]]]:
+    """The real source and pipeline on a SQLite store, running; stopped (its batch finished) and closed
+    on the way out."""
     dlq = KafkaDeadLetters(settings.kafka_bootstrap_servers or "", settings.kafka_dlq_topic or "")
     store = SqliteStore(settings.db_path)
     store.bind_model(embedder.identity)
@@ -97,22 +100,30 @@ async def consume_until(
         batch_size=settings.batch_size,
         max_wait_ms=settings.max_batch_wait_ms,
         dead_letters=dlq if settings.kafka_dlq_topic else None,
+        event_format=event_format,
     )
     task = asyncio.create_task(source.run())
     try:
-        async with asyncio.timeout(timeout_s):
-            while not done(source.stats):
-                if task.done():
-                    await task
-                await asyncio.sleep(0.05)
-            source.request_stop()
-            return await task
+        yield source, task
     finally:
         if not task.done():
             source.request_stop()
             await asyncio.wait_for(task, 30)
         pipeline.close()
         store.close()
+
+
+async def consume_until(
+    settings: Settings, embedder: Embedder, done: Callable[[SourceStats], bool], *, timeout_s: float = 60
+) -> SourceStats:
+    """Run the real source and pipeline until `done(stats)`, then stop it (finishing its batch)."""
+    async with running_source(settings, embedder) as (source, task), asyncio.timeout(timeout_s):
+        while not done(source.stats):
+            if task.done():
+                await task
+            await asyncio.sleep(0.05)
+        source.request_stop()
+        return await task
 
 
 def committed_all(total: int) -> Callable[[SourceStats], bool]:

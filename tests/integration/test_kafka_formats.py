@@ -25,10 +25,8 @@ from typing import Any
 import pytest
 
 from indexer.formats import EventFormat, event_format
-from indexer.pipeline import Pipeline
 from indexer.products import image_id
-from indexer.sources.kafka import KafkaSource, SourceStats
-from indexer.sources.kafka_client import AioKafkaConsumer, KafkaDeadLetters
+from indexer.sources.kafka import SourceStats
 from shared.config import Settings
 from shared.embedder import Embedder
 from shared.sqlite.store import SqliteStore
@@ -36,7 +34,13 @@ from tests.brokers import Outgoing, Position, committed_offsets, ends_of, publis
 from tests.catalog_events import GALLERY_MAP, PRODUCTS_MAP, cloudevent, debezium, debezium_key, product_row
 from tests.conftest import tiny_settings_for
 from tests.integration.test_kafka_cli import Consumer, consumer_for, wait_for  # noqa: F401  (a fixture)
-from tests.integration.test_kafka_consume import live_vectors, searchable_ids, settings_for, write_image
+from tests.integration.test_kafka_consume import (
+    live_vectors,
+    running_source,
+    searchable_ids,
+    settings_for,
+    write_image,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,40 +59,20 @@ async def consume_phases(
 ) -> SourceStats:
     """Publish each phase once the previous one is committed (so it is durable before the next starts),
     with the real source and pipeline consuming throughout; `after_each(n)` checks the store after phase n."""
-    store = SqliteStore(settings.db_path)
-    store.bind_model(embedder.identity)
-    pipeline = Pipeline.from_settings(store, embedder, settings)
-    dead_letters = KafkaDeadLetters(bootstrap, settings.kafka_dlq_topic) if settings.kafka_dlq_topic else None
-    source = KafkaSource(
-        AioKafkaConsumer.from_settings(settings),
-        pipeline,
-        batch_size=settings.batch_size,
-        max_wait_ms=settings.max_batch_wait_ms,
-        dead_letters=dead_letters,
-        event_format=fmt,
-    )
-    task = asyncio.create_task(source.run())
     published = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            for n, phase in enumerate(phases):
-                await publish(bootstrap, topic, phase)
-                published += len(phase)
-                while sum(source.stats.committed.values()) < published:  # a fresh topic: offsets count messages
-                    if task.done():
-                        await task
-                    await asyncio.sleep(0.05)
-                result = after_each(n)
-                if isinstance(result, Awaitable):
-                    await result
+    async with running_source(settings, embedder, fmt) as (source, task), asyncio.timeout(timeout_s):
+        for n, phase in enumerate(phases):
+            await publish(bootstrap, topic, phase)
+            published += len(phase)
+            while sum(source.stats.committed.values()) < published:  # a fresh topic: offsets count messages
+                if task.done():
+                    await task
+                await asyncio.sleep(0.05)
+            result = after_each(n)
+            if isinstance(result, Awaitable):
+                await result
         source.request_stop()
         return await task
-    finally:
-        if not task.done():
-            source.request_stop()
-            await asyncio.wait_for(task, 30)
-        pipeline.close()
-        store.close()
 
 
 def vectors_ever(db: Path, item_id: str) -> list[tuple[int, int]]:
