@@ -88,9 +88,7 @@ class SqliteSpaces:
         written = 0
         now = time.time()
         with self.store.write() as db:
-            shadow = _shadow(self.store, db)
-            if shadow is None or shadow.id != space:
-                raise SpaceGone(f"embedding space {space} is no longer being re-embedded (aborted, or switched to)")
+            shadow = _the_shadow(self.store, db, space)
             active = _active_id(self.store, db)
             seq = self.store.seq()
             for vec in vectors:
@@ -132,9 +130,7 @@ class SqliteSpaces:
     def switch(self, space: int) -> bool:
         now = time.time()
         with self.store.write() as db:
-            shadow = _shadow(self.store, db)
-            if shadow is None or shadow.id != space:
-                raise SpaceGone(f"embedding space {space} is no longer being re-embedded (aborted, or switched to)")
+            shadow = _the_shadow(self.store, db, space)
             active = _active_id(self.store, db)
             remaining = db.execute(
                 f"SELECT COUNT(*) {_PENDING}", {"active": active, "shadow": space, "after": ""}
@@ -211,6 +207,14 @@ class SpaceLedgers:
 def _shadow(store: SqliteStore, db: sqlite3.Connection) -> Space | None:
     row = db.execute("SELECT id FROM spaces WHERE state = 'shadow'").fetchone()
     return None if row is None else store.space_in(db, int(row[0]))
+
+
+def _the_shadow(store: SqliteStore, db: sqlite3.Connection, space: int) -> Space:
+    """The shadow space `space`; SpaceGone when it no longer is one."""
+    shadow = _shadow(store, db)
+    if shadow is None or shadow.id != space:
+        raise SpaceGone(f"embedding space {space} is no longer being re-embedded (aborted, or switched to)")
+    return shadow
 
 
 def _active_id(store: SqliteStore, db: sqlite3.Connection) -> int:
